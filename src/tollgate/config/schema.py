@@ -1,0 +1,325 @@
+"""The `aidial.config.json` schema (spec auth-limits 2, proxy 1), validated with pydantic.
+
+Field names are snake_case here; every field also accepts DIAL's camelCase spelling. Unknown
+fields are kept (DIAL grew many over its versions) so that a newer file still loads.
+Integers may be given as numeric strings, as DIAL documents (`"minute": "100000"`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+UNLIMITED = 9223372036854775807  # Java's Long.MAX_VALUE: DIAL's "no limit" (spec auth-limits 2.2)
+UNLIMITED_COST = Decimal(UNLIMITED)
+
+
+def _both_spellings(name: str) -> AliasChoices:
+    return AliasChoices(to_camel(name), name)
+
+
+class DialModel(BaseModel):
+    """Base of every config object: camelCase or snake_case, unknown fields kept, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=_both_spellings),
+        populate_by_name=True,
+        extra="allow",
+        frozen=True,
+    )
+
+
+def _null_is_zero(value: Any) -> Any:
+    # DIAL binds JSON null on a primitive long to 0, which makes the limit non-positive (spec 2).
+    return 0 if value is None else value
+
+
+LimitValue = Annotated[int, BeforeValidator(_null_is_zero)]
+
+
+def _decimal_text(value: Any) -> Any:
+    if value is None or isinstance(value, dict):
+        return value  # newer DIAL (>= 0.49) allows decision-tree rates; kept as given
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("Expected a JSON string")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise ValueError("Expected a JSON string with a valid double") from exc
+    if not number.is_finite():
+        raise ValueError("Expected a JSON string with a valid double")
+    return str(value)
+
+
+PriceRate = Annotated[str | dict[str, Any] | None, BeforeValidator(_decimal_text)]
+
+
+class Upstream(DialModel):
+    endpoint: str | None = None
+    key: str | None = Field(default=None, repr=False)
+    extra_data: Any = None
+    weight: int = 1
+    tier: int = 0
+
+
+class Features(DialModel):
+    """Deployment feature flags; `None` means "not set" so assistants can inherit (spec proxy 1)."""
+
+    rate_endpoint: str | None = None
+    tokenize_endpoint: str | None = None
+    truncate_prompt_endpoint: str | None = None
+    configuration_endpoint: str | None = None
+    system_prompt_supported: bool | None = None
+    tools_supported: bool | None = None
+    seed_supported: bool | None = None
+    url_attachments_supported: bool | None = None
+    folder_attachments_supported: bool | None = None
+    allow_resume: bool | None = None
+    accessible_by_per_request_key: bool | None = None
+
+
+class TokenLimits(DialModel):
+    """Model context limits: advertised in listings only, never enforced (spec auth-limits 2.4)."""
+
+    max_total_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class Pricing(DialModel):
+    unit: str | None = None
+    prompt: PriceRate = None
+    completion: PriceRate = None
+    cache_read: PriceRate = None
+    cache_write: PriceRate = None
+
+
+class Deployable(DialModel):
+    """Fields shared by models, applications, assistants, addons and interceptors."""
+
+    endpoint: str | None = None
+    display_name: Any = None
+    display_version: str | None = None
+    icon_url: str | None = None
+    description: str | None = None
+    reference: str | None = None
+    user_roles: list[str] | None = None
+    forward_auth_token: bool = False
+    features: Features | None = None
+    input_attachment_types: list[str] | None = None
+    max_input_attachments: int | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    interceptors: list[str] = Field(default_factory=list)
+    description_keywords: list[str] = Field(default_factory=list)
+    max_retry_attempts: int | None = None
+
+
+class Model(Deployable):
+    type: Literal["chat", "completion", "embedding"] = "chat"
+    upstreams: list[Upstream] = Field(default_factory=list)
+    override_name: str | None = None
+    tokenizer_model: str | None = None
+    limits: TokenLimits | None = None
+    pricing: Pricing | None = None
+    lifecycle_status: str | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type_any_case(cls, value: Any) -> Any:
+        # DIAL's ModelType binds case-insensitively.
+        return value.lower() if isinstance(value, str) else value
+
+
+class Application(Deployable):
+    pass
+
+
+class Addon(Deployable):
+    token: str | None = Field(default=None, repr=False)
+
+
+class Assistant(Deployable):
+    prompt: str | None = None
+    addons: list[str] = Field(default_factory=list)
+
+
+class AssistantSection(DialModel):
+    endpoint: str | None = None
+    features: Features | None = None
+    assistants: dict[str, Assistant] = Field(default_factory=dict)
+
+
+class Interceptor(Deployable):
+    pass
+
+
+class RouteResponse(DialModel):
+    status: int = 200
+    body: str = ""
+
+
+class Route(DialModel):
+    paths: list[str] = Field(default_factory=list)
+    methods: list[str] = Field(default_factory=list)
+    user_roles: list[str] | None = None
+    rewrite_path: bool = False
+    upstreams: list[Upstream] = Field(default_factory=list)
+    response: RouteResponse | None = None
+    order: int | None = None
+    max_retry_attempts: int | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_compile(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            try:
+                re.compile(path)
+            except re.error as exc:
+                raise ValueError(f"Invalid route path regex {path!r}: {exc}") from exc
+        return paths
+
+
+def _validate_cidr(text: str) -> str:
+    """DIAL's IP range rules and messages (spec auth-limits 3.7)."""
+    if "/" not in text:
+        raise ValueError(f"Invalid CIDR: {text}")
+    base, _, prefix = text.partition("/")
+    try:
+        address = ipaddress.ip_address(base)
+    except ValueError as exc:
+        raise ValueError(f"Invalid CIDR base address in '{text}': {exc}") from exc
+    try:
+        length = int(prefix)
+    except ValueError as exc:
+        raise ValueError(f"Invalid CIDR prefix in '{text}': {prefix}") from exc
+    if not 0 <= length <= address.max_prefixlen:
+        raise ValueError(
+            f"Invalid prefix length {length} for {address.max_prefixlen}-bit address in '{text}'"
+        )
+    return text
+
+
+class Key(DialModel):
+    project: str | None = None
+    role: str | None = None
+    roles: list[str] = Field(default_factory=list)
+    secured: bool = False
+    allowed_ip_address_ranges: list[str] | None = None
+    key: str | None = Field(default=None, repr=False)
+
+    @field_validator("allowed_ip_address_ranges", mode="before")
+    @classmethod
+    def _ranges(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise ValueError("Expected a JSON array of client IP ranges")
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("Expected a JSON string of client IP range")
+            _validate_cidr(item)
+        return value
+
+    @model_validator(mode="after")
+    def _project_and_role(self) -> Key:
+        # DIAL's key validation messages, verbatim (spec auth-limits 2.1).
+        if not self.project:
+            raise ValueError("Project key is undefined")
+        if not self.role and not any(self.roles):
+            raise ValueError(
+                f"Invalid key: at least one role must be assigned to the key {self.project}"
+            )
+        return self
+
+    def merged_roles(self) -> tuple[str, ...]:
+        """`roles` in order, then `role` (duplicates kept, as DIAL does)."""
+        return (*self.roles, self.role) if self.role else tuple(self.roles)
+
+
+class Limit(DialModel):
+    minute: LimitValue = UNLIMITED
+    day: LimitValue = UNLIMITED
+    week: LimitValue = UNLIMITED
+    month: LimitValue = UNLIMITED
+    request_hour: LimitValue = UNLIMITED
+    request_day: LimitValue = UNLIMITED
+
+
+class CostLimit(DialModel):
+    minute: Decimal = UNLIMITED_COST
+    day: Decimal = UNLIMITED_COST
+    week: Decimal = UNLIMITED_COST
+    month: Decimal = UNLIMITED_COST
+
+
+class Role(DialModel):
+    limits: dict[str, Limit] = Field(default_factory=dict)
+    cost_limit: CostLimit | None = None
+    share: Any = None
+
+
+WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
+
+
+class RateLimitSchedule(DialModel):
+    timezone: str = "UTC"
+    week_start_day: str = "MONDAY"
+    reset_time: str = "00:00"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"Unknown timezone: {value}") from exc
+        return value
+
+    @field_validator("week_start_day")
+    @classmethod
+    def _weekday(cls, value: str) -> str:
+        upper = value.upper()
+        match = next((day for day in WEEKDAYS if day.startswith(upper) and len(upper) >= 3), None)
+        if match is None:
+            raise ValueError(f"Invalid weekStartDay: {value}")
+        return match
+
+    @field_validator("reset_time")
+    @classmethod
+    def _reset(cls, value: str) -> str:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError(f"Invalid resetTime (expected HH:mm): {value}")
+        return value
+
+
+class Config(DialModel):
+    """The whole dynamic settings document. Unknown top-level keys are ignored, as in DIAL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    routes: dict[str, Route] = Field(default_factory=dict)
+    models: dict[str, Model] = Field(default_factory=dict)
+    addons: dict[str, Addon] = Field(default_factory=dict)
+    applications: dict[str, Application] = Field(default_factory=dict)
+    assistant: AssistantSection = Field(default_factory=AssistantSection)
+    keys: dict[str, Key] = Field(default_factory=dict)
+    roles: dict[str, Role] = Field(default_factory=dict)
+    retriable_error_codes: list[int] = Field(default_factory=list)
+    interceptors: dict[str, Interceptor] = Field(default_factory=dict)
+    rate_limit_schedule: RateLimitSchedule = Field(default_factory=RateLimitSchedule)

@@ -1,0 +1,209 @@
+"""An immutable, precomputed view of one config: what the request path reads (STYLE).
+
+Building a snapshot does all the work that does not depend on a request: the key table, the
+deployment lookup (with DIAL's precedence), each deployment's access set, upstream headers,
+and listing payloads. A reload builds a new snapshot and swaps one reference.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from yarl import URL
+
+from tollgate import listings
+from tollgate.config.schema import Assistant, Config, Deployable, Model
+from tollgate.security.ip_ranges import IpRanges
+from tollgate.security.keys import (
+    KeyTable,
+    ProjectKey,
+    digest_of_name,
+    fingerprint_of_digest,
+)
+from tollgate.security.principal import Principal
+
+BASE_ASSISTANT = "assistant"  # synthesised when `assistant.endpoint` is set (spec proxy 1)
+
+
+class Kind(enum.Enum):
+    MODEL = "model"
+    APPLICATION = "application"
+    ASSISTANT = "assistant"
+
+
+def may_use(user_roles: frozenset[str] | None, role_set: frozenset[str]) -> bool:
+    """DIAL's access rule (spec auth-limits 4.1, DECISIONS 3).
+
+    `userRoles` absent or null admits everyone; `[]` admits nobody; otherwise one shared role.
+    """
+    if user_roles is None:
+        return True
+    return not user_roles.isdisjoint(role_set)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A callable deployment (model, application or assistant), ready for the request path."""
+
+    name: str
+    kind: Kind
+    endpoint: str | None
+    endpoint_url: URL | None  # parsed once: the request path reuses it
+    user_roles: frozenset[str] | None
+    forward_auth_token: bool
+    accessible_by_per_request_key: bool
+    defaults: Mapping[str, Any]
+    override_name: str | None
+    upstream_headers: tuple[tuple[str, str], ...]  # X-UPSTREAM-* of the chosen upstream
+    spec: Deployable
+
+
+def _upstream_headers(model: Model) -> tuple[tuple[str, str], ...]:
+    """`X-UPSTREAM-*` for a model with `upstreams` (spec proxy 5.3).
+
+    The first usable upstream for now: lowest tier, first with a positive weight (the balancer
+    comes with the routing work).
+    """
+    usable = [u for u in model.upstreams if u.weight > 0]
+    if not usable:
+        return ()
+    upstream = min(usable, key=lambda u: u.tier)
+    headers: list[tuple[str, str]] = []
+    if upstream.endpoint is not None:
+        headers.append(("X-UPSTREAM-ENDPOINT", upstream.endpoint))
+    if upstream.key is not None:
+        headers.append(("X-UPSTREAM-KEY", upstream.key))
+    if upstream.extra_data is not None:
+        extra = upstream.extra_data
+        text = extra if isinstance(extra, str) else orjson.dumps(extra).decode()
+        headers.append(("X-UPSTREAM-EXTRA-DATA", text))
+    return tuple(headers)
+
+
+def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -> Deployment:
+    features = spec.features
+    accessible = features is None or features.accessible_by_per_request_key is not False
+    model = spec if isinstance(spec, Model) else None
+    return Deployment(
+        name=name,
+        kind=kind,
+        endpoint=endpoint,
+        endpoint_url=URL(endpoint) if endpoint else None,
+        user_roles=None if spec.user_roles is None else frozenset(spec.user_roles),
+        forward_auth_token=spec.forward_auth_token,
+        accessible_by_per_request_key=accessible,
+        defaults=spec.defaults,
+        override_name=model.override_name if model else None,
+        upstream_headers=_upstream_headers(model) if model else (),
+        spec=spec,
+    )
+
+
+def _key_table(config: Config) -> KeyTable:
+    entries: list[tuple[bytes, ProjectKey]] = []
+    for name, key in config.keys.items():
+        digest = digest_of_name(name)
+        roles = key.merged_roles()
+        principal = Principal(
+            project=key.project or "",
+            roles=roles,
+            role_set=frozenset(roles),
+            key_fingerprint=fingerprint_of_digest(digest),
+            secured=key.secured,
+        )
+        ranges = key.allowed_ip_address_ranges
+        allowed_ips = None if ranges is None else IpRanges(ranges)
+        entries.append((digest, ProjectKey(principal, allowed_ips)))
+    return KeyTable(entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One listing's items with their access sets; bodies cached per caller role set."""
+
+    items: Mapping[str, tuple[frozenset[str] | None, dict[str, Any]]]
+    _bodies: dict[frozenset[str], bytes] = field(default_factory=dict)
+
+    def visible(self, role_set: frozenset[str]) -> list[dict[str, Any]]:
+        return [item for roles, item in self.items.values() if may_use(roles, role_set)]
+
+    def body(
+        self, role_set: frozenset[str], render: Callable[[list[dict[str, Any]]], bytes]
+    ) -> bytes:
+        body = self._bodies.get(role_set)
+        if body is None:
+            body = render(self.visible(role_set))
+            if len(self._bodies) < 4096:  # role sets come from config; bound it all the same
+                self._bodies[role_set] = body
+        return body
+
+    def find(self, name: str) -> tuple[frozenset[str] | None, dict[str, Any]] | None:
+        return self.items.get(name)
+
+
+def _listing(entries: Iterable[tuple[str, Deployable, dict[str, Any]]]) -> Listing:
+    return Listing(
+        {
+            name: (None if spec.user_roles is None else frozenset(spec.user_roles), item)
+            for name, spec, item in entries
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    config: Config
+    digest: str
+    keys: KeyTable
+    deployments: Mapping[str, Deployment]
+    models: Listing
+    deployments_listing: Listing
+    applications: Listing
+    assistants: Listing
+    addons: Listing
+
+    def resolve(self, deployment_id: str) -> Deployment | None:
+        return self.deployments.get(deployment_id)
+
+
+def build_snapshot(config: Config, digest: str = "") -> Snapshot:
+    section = config.assistant
+    assistants: dict[str, Assistant] = dict(section.assistants)
+    deployments: dict[str, Deployment] = {}
+    # DIAL's lookup precedence: applications, then models, then assistants (spec proxy 4).
+    for name, assistant in assistants.items():
+        endpoint = assistant.endpoint or section.endpoint
+        deployments[name] = _deployment(name, Kind.ASSISTANT, assistant, endpoint)
+    if section.endpoint and BASE_ASSISTANT not in assistants:
+        base = Assistant(endpoint=section.endpoint, features=section.features)
+        deployments[BASE_ASSISTANT] = _deployment(
+            BASE_ASSISTANT, Kind.ASSISTANT, base, section.endpoint
+        )
+    for name, model in config.models.items():
+        deployments[name] = _deployment(name, Kind.MODEL, model, model.endpoint)
+    for name, application in config.applications.items():
+        deployments[name] = _deployment(name, Kind.APPLICATION, application, application.endpoint)
+
+    return Snapshot(
+        config=config,
+        digest=digest,
+        keys=_key_table(config),
+        deployments=deployments,
+        models=_listing((n, m, listings.model_item(n, m)) for n, m in config.models.items()),
+        deployments_listing=_listing(
+            (n, m, listings.deployment_item(n, m)) for n, m in config.models.items()
+        ),
+        applications=_listing(
+            (n, a, listings.application_item(n, a)) for n, a in config.applications.items()
+        ),
+        assistants=_listing(
+            (n, a, listings.assistant_item(n, a, section.features))
+            for n, a in assistants.items()
+            if n != BASE_ASSISTANT
+        ),
+        addons=_listing((n, a, listings.addon_item(n, a)) for n, a in config.addons.items()),
+    )

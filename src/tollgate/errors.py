@@ -1,0 +1,59 @@
+"""Errors as values: a status and DIAL's message, raised where known, rendered once at the edge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class GatewayError(Exception):
+    """A failure the client should see, with DIAL's status code and message (DECISIONS 4)."""
+
+    __slots__ = ("display_message", "headers", "message", "status")
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        display_message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.display_message = display_message
+        self.headers = headers
+
+    def body(self) -> bytes:
+        """The JSON error body: `{"error": {"message", "code", "display_message"?}}`."""
+        error: dict[str, str] = {"message": self.message, "code": str(self.status)}
+        if self.display_message is not None:
+            error["display_message"] = self.display_message
+        return orjson.dumps({"error": error})
+
+
+def unauthorized_missing() -> GatewayError:
+    return GatewayError(401, "At least API-KEY or Authorization header must be provided")
+
+
+def unknown_api_key() -> GatewayError:
+    return GatewayError(401, "Unknown api key")
+
+
+def bad_authorization() -> GatewayError:
+    return GatewayError(401, "Bad Authorization header")
+
+
+def forbidden_deployment(deployment_id: str) -> GatewayError:
+    return GatewayError(403, f"Forbidden deployment: {deployment_id}")
+
+
+def unknown_application(deployment_id: str) -> GatewayError:
+    return GatewayError(404, f"Unknown application: {deployment_id}")
+
+
+def no_route() -> GatewayError:
+    # DECISIONS 4: an unknown URL is 404 (DIAL answers 502).
+    return GatewayError(404, "No route")

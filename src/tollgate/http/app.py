@@ -1,0 +1,211 @@
+"""The HTTP edge: front-door checks, dispatch, and the deployment call pipeline.
+
+This module only wires the steps together (STYLE): authenticate → resolve → authorize →
+forward → relay → settle; each step lives in `tollgate.pipeline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from tollgate import __version__
+from tollgate.config.snapshot import Snapshot
+from tollgate.config.watch import ConfigStore
+from tollgate.errors import GatewayError, no_route
+from tollgate.http import catalog
+from tollgate.http.responses import error_response
+from tollgate.pipeline.authenticate import Authenticator
+from tollgate.pipeline.authorize import authorize
+from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
+from tollgate.pipeline.relay import is_stream, relay_stream, relay_whole
+from tollgate.pipeline.resolve import resolve
+from tollgate.security.per_request_keys import PerRequestKeys
+from tollgate.security.principal import Principal
+from tollgate.settings import Settings
+
+log = logging.getLogger("tollgate.http")
+
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
+USAGE = "tollgate.usage"  # request key: the call's Usage, for the limits step that settles it
+DEPLOYMENT_CALL = re.compile(
+    r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
+)
+
+
+class Gateway:
+    """One gateway process: the live config, per-request keys and the upstream client."""
+
+    def __init__(self, settings: Settings, store: ConfigStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.per_request_keys = PerRequestKeys(settings.per_request_key_ttl_s)
+        self.authenticator = Authenticator(self.per_request_keys, settings.proxy_count)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the gateway has not started"
+        return self._session
+
+    async def start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.settings.connect_timeout_s,
+                sock_read=self.settings.read_timeout_s,
+            ),
+            # Upstream bodies are relayed and parsed as they are: never ask for compression,
+            # never decompress (spec proxy 5.3).
+            skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
+        )
+        self.store.start(asyncio.get_running_loop())
+
+    async def stop(self, app: web.Application) -> None:
+        await self.store.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request enters here: DIAL's front door (spec proxy 2), then dispatch."""
+        try:
+            method = request.method
+            if request.version != aiohttp.HttpVersion11:
+                raise GatewayError(505, "HTTP version is not supported")
+            if method == "OPTIONS":
+                return _preflight(request)
+            if method not in ALLOWED_METHODS:
+                raise GatewayError(405, "Method is not allowed")
+            length = request.content_length
+            if length is not None and length > self.settings.max_body_size:
+                raise GatewayError(413, "Request body is too large")
+            path = request.raw_path.partition("?")[0]
+            if method == "GET":
+                if path == "/health":
+                    return web.json_response({"status": "ok"})
+                if path == "/version":
+                    return web.Response(text=__version__)
+            snapshot = self.store.current
+            principal = self.authenticator.authenticate(request.headers, request.remote, snapshot)
+            if method == "POST":
+                call = DEPLOYMENT_CALL.fullmatch(path)
+                if call is not None:
+                    return await self.deployment_call(request, principal, snapshot, call[1])
+            for route_method, pattern, handler in ROUTES:
+                if route_method == method:
+                    match = pattern.fullmatch(path)
+                    if match is not None:
+                        return handler(request, principal, snapshot, match)
+            raise no_route()
+        except GatewayError as error:
+            return error_response(error)
+
+    async def deployment_call(
+        self, request: web.Request, principal: Principal, snapshot: Snapshot, raw_id: str
+    ) -> web.StreamResponse:
+        """POST /openai/deployments/{id}/(chat/completions|completions|embeddings)."""
+        if "application/json" not in request.headers.get("Content-Type", "").lower():
+            raise GatewayError(415, "Only application/json is supported")
+        deployment = resolve(snapshot, raw_id)
+        authorize(principal, deployment)
+        if deployment.endpoint_url is None:
+            raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
+        body = await _read_body(request)
+        body = enhance(body, parse_body(body), deployment)
+
+        key, handle = self.per_request_keys.mint(principal, deployment.name)
+        try:
+            url = upstream_url(deployment.endpoint_url, request.raw_path.partition("?")[2])
+            headers = upstream_headers(request.headers.items(), deployment, key)
+            try:
+                async with self.session.post(url, data=body, headers=headers) as upstream:
+                    if is_stream(upstream):
+                        response, usage = await relay_stream(request, upstream, attempts=1)
+                    else:
+                        response, usage = await relay_whole(upstream, attempts=1)
+            except aiohttp.ClientConnectorError:
+                raise GatewayError(502, "Failed to connect to origin") from None
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise GatewayError(504, "Upstream timed out") from None
+            except aiohttp.ClientError as exc:
+                log.warning("upstream call to %s failed: %s", deployment.name, type(exc).__name__)
+                raise GatewayError(502, "Upstream connection failed") from None
+            if usage is not None:
+                request[USAGE] = usage  # settled by the limits step (issue: limits)
+            return response
+        finally:
+            self.per_request_keys.invalidate(handle)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(413, "Request body is too large") from None
+    except (ConnectionError, asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
+        raise GatewayError(422, "Failed to receive body") from None
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """CORS pre-flight: 200, no auth, requested methods and headers echoed (spec proxy 2)."""
+    headers = {"Access-Control-Max-Age": "86400"}
+    requested_method = request.headers.get("Access-Control-Request-Method")
+    if requested_method is not None:
+        headers["Access-Control-Allow-Methods"] = requested_method
+    requested_headers = request.headers.get("Access-Control-Request-Headers")
+    if requested_headers is not None:
+        headers["Access-Control-Allow-Headers"] = requested_headers
+    return web.Response(headers=headers)
+
+
+async def _cors(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Access-Control-Allow-Origin"] = "*"
+
+
+# --- route table: (method, raw-path regex, handler); leading `/+` as in DIAL (spec proxy 3) -----
+
+Handler = Callable[[web.Request, Principal, Snapshot, re.Match[str]], web.StreamResponse]
+
+
+def _get(pattern: str, handler: Handler) -> tuple[str, re.Pattern[str], Handler]:
+    return ("GET", re.compile(pattern), handler)
+
+
+ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
+    _get(r"/+openai/deployments", lambda r, p, s, m: catalog.listing(s.deployments_listing, p)),
+    _get(
+        r"/+openai/deployments/(.+?)",
+        lambda r, p, s, m: catalog.single(s.deployments_listing, p, m[1], "Deployment"),
+    ),
+    _get(r"/+openai/models", lambda r, p, s, m: catalog.listing(s.models, p)),
+    _get(r"/+openai/models/(.+?)", lambda r, p, s, m: catalog.single(s.models, p, m[1], "Model")),
+    _get(r"/+openai/applications", lambda r, p, s, m: catalog.listing(s.applications, p)),
+    _get(r"/+openai/applications/(.+?)", lambda r, p, s, m: catalog.application(s, p, m[1])),
+    _get(r"/+openai/assistants", lambda r, p, s, m: catalog.listing(s.assistants, p)),
+    _get(
+        r"/+openai/assistants/(.+?)",
+        lambda r, p, s, m: catalog.single(s.assistants, p, m[1], "Assistant"),
+    ),
+    _get(r"/+openai/addons", lambda r, p, s, m: catalog.listing(s.addons, p)),
+    _get(r"/+openai/addons/(.+?)", lambda r, p, s, m: catalog.single(s.addons, p, m[1], "Addon")),
+    _get(r"/+v1/deployments", lambda r, p, s, m: catalog.all_deployments(s, p)),
+    _get(r"/+v1/deployments/(.+?)", lambda r, p, s, m: catalog.one_deployment(s, p, m[1])),
+    _get(r"/+v1/user/info", lambda r, p, s, m: catalog.user_info(p)),
+)
+
+
+def build_app(settings: Settings, store: ConfigStore) -> web.Application:
+    gateway = Gateway(settings, store)
+    app = web.Application(client_max_size=settings.max_body_size)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.on_startup.append(gateway.start)
+    app.on_cleanup.append(gateway.stop)
+    app.on_response_prepare.append(_cors)
+    return app

@@ -1,0 +1,83 @@
+"""Step 1: who is calling (spec auth-limits 3, DECISIONS 2 and 11).
+
+Credentials come from `Api-Key` (any case), `Authorization` and, when neither is present,
+`x-api-key`. Tollgate has no identity provider (DECISIONS 7), so every credential is an API key:
+a project key from the config or a live per-request key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tollgate.config.snapshot import Snapshot
+from tollgate.errors import (
+    GatewayError,
+    bad_authorization,
+    unauthorized_missing,
+    unknown_api_key,
+)
+from tollgate.security.ip_ranges import client_address
+from tollgate.security.keys import digest_of
+from tollgate.security.per_request_keys import PerRequestKeys
+from tollgate.security.principal import Principal
+
+
+class Authenticator:
+    """Turns request headers into a `Principal`, or raises DIAL's 400/401/403."""
+
+    __slots__ = ("_per_request", "_proxy_count")
+
+    def __init__(self, per_request_keys: PerRequestKeys, proxy_count: int) -> None:
+        self._per_request = per_request_keys
+        self._proxy_count = proxy_count
+
+    def authenticate(
+        self, headers: Mapping[str, str], peer: str | None, snapshot: Snapshot
+    ) -> Principal:
+        api_key = headers.get("Api-Key")
+        authorization = headers.get("Authorization")
+        if authorization is None:
+            if api_key is None:
+                # Anthropic-SDK style, only when neither DIAL header is present (newer DIAL).
+                api_key = headers.get("x-api-key")
+                if api_key is None:
+                    raise unauthorized_missing()
+            return self._by_key(api_key, headers, peer, snapshot)
+
+        # DIAL splits on single spaces and takes the second token as the credential.
+        parts = authorization.split(" ", 2)
+        scheme, token = parts[0], (parts[1] if len(parts) > 1 else "")
+        if api_key is None:
+            # Newer DIAL: `Authorization: Bearer <api key>` alone is an API key (OpenAI SDK).
+            if scheme.lower() == "bearer" and token:
+                return self._by_key(token, headers, peer, snapshot)
+            raise bad_authorization()
+        if not token or token == api_key:
+            # The openai SDK sends the key in both headers; a bare `Bearer` adds nothing.
+            return self._by_key(api_key, headers, peer, snapshot)
+
+        # Two different credentials: only a per-request key may come with an `Authorization`
+        # header (an interceptor passing on the user's token), spec auth-limits 3.3 [newer].
+        digest = digest_of(api_key)
+        principal = self._per_request.resolve_digest(digest)
+        if principal is not None:
+            return principal
+        if snapshot.keys.lookup_digest(digest) is not None:
+            raise GatewayError(400, "Provided API key is not per request key")
+        raise unknown_api_key()
+
+    def _by_key(
+        self, secret: str, headers: Mapping[str, str], peer: str | None, snapshot: Snapshot
+    ) -> Principal:
+        digest = digest_of(secret)
+        key = snapshot.keys.lookup_digest(digest)
+        if key is not None:
+            if key.allowed_ips is not None:
+                address = client_address(peer, headers.get("X-Forwarded-For"), self._proxy_count)
+                if not key.allowed_ips.admits(address):
+                    raise GatewayError(403, f"Access is forbidden from IP address: {address}")
+            return key.principal
+        principal = self._per_request.resolve_digest(digest)
+        if principal is None:
+            raise unknown_api_key()
+        return principal

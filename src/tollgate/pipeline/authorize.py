@@ -1,0 +1,17 @@
+"""Step 3: may this caller use this deployment (spec auth-limits 4, DECISIONS 3)."""
+
+from __future__ import annotations
+
+from tollgate.config.snapshot import Deployment, may_use
+from tollgate.errors import GatewayError, forbidden_deployment
+from tollgate.security.principal import Principal
+
+
+def authorize(principal: Principal, deployment: Deployment) -> None:
+    if not may_use(deployment.user_roles, principal.role_set):
+        raise forbidden_deployment(deployment.name)
+    if principal.source_deployment is not None and not deployment.accessible_by_per_request_key:
+        raise GatewayError(
+            403,
+            f"Deployment {deployment.name} is not accessible by {principal.source_deployment}",
+        )

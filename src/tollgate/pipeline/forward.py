@@ -1,0 +1,86 @@
+"""Step 5: the upstream request: body enhancement and header rewriting (spec proxy 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from multidict import CIMultiDict
+from yarl import URL
+
+from tollgate.config.snapshot import Deployment
+from tollgate.errors import GatewayError
+
+# Never copied from the client (spec proxy 5.3): hop-by-hop headers, the client's credentials,
+# and X-UPSTREAM-* that only Tollgate may set (DIAL let client copies through: a security gap).
+DROPPED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "host",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "accept-encoding",
+        "api-key",
+        "x-api-key",
+        "x-upstream-endpoint",
+        "x-upstream-key",
+        "x-upstream-extra-data",
+    }
+)
+DROPPED_WITHOUT_AUTH_FORWARDING = DROPPED_HEADERS | {"authorization"}
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request as a JSON object, or DIAL's 400."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"Invalid JSON in request body: {exc}") from None
+    if not isinstance(value, dict):
+        raise GatewayError(400, "Request body must be a JSON object")
+    return value
+
+
+def enhance(body: bytes, request: dict[str, Any], deployment: Deployment) -> bytes:
+    """Apply `defaults` and `overrideName` (spec proxy 5.2).
+
+    Defaults fill only top-level keys the request lacks (an explicit null stays). When nothing
+    changes, the client's bytes are forwarded as they came.
+    """
+    changed = False
+    for key, value in deployment.defaults.items():
+        if key not in request:
+            request[key] = value
+            changed = True
+    override = deployment.override_name
+    if override is not None and request.get("model") != override:
+        request["model"] = override
+        changed = True
+    return orjson.dumps(request) if changed else body
+
+
+def upstream_url(endpoint: URL, raw_query: str) -> URL:
+    """The deployment endpoint plus the client's query string, byte for byte."""
+    if not raw_query:
+        return endpoint
+    separator = "&" if endpoint.raw_query_string else "?"
+    return URL(str(endpoint) + separator + raw_query, encoded=True)
+
+
+def upstream_headers(
+    client_headers: Iterable[tuple[str, str]], deployment: Deployment, per_request_key: str
+) -> CIMultiDict[str]:
+    dropped = DROPPED_HEADERS if deployment.forward_auth_token else DROPPED_WITHOUT_AUTH_FORWARDING
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in client_headers if name.lower() not in dropped
+    )
+    headers["Api-Key"] = per_request_key
+    headers.extend(deployment.upstream_headers)
+    return headers

@@ -1,0 +1,92 @@
+"""Step 6: the upstream response back to the client, streamed as it arrives (spec proxy 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tollgate.pipeline.usage import StreamUsage, Usage, last_usage
+
+log = logging.getLogger("tollgate.relay")
+
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+# DECISIONS 9: after a client disconnect, read on for the final usage at most this long.
+DRAIN_TIMEOUT_S = 30.0
+
+
+def response_headers(upstream: Iterable[tuple[str, str]], attempts: int) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in upstream if name.lower() not in DROPPED_RESPONSE_HEADERS
+    )
+    headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
+    return headers
+
+
+def is_stream(upstream: aiohttp.ClientResponse) -> bool:
+    """Relay chunk by chunk when the upstream streams (SSE) or sends a body of unknown size."""
+    return upstream.content_type == "text/event-stream" or upstream.content_length is None
+
+
+async def relay_whole(
+    upstream: aiohttp.ClientResponse, attempts: int
+) -> tuple[web.Response, Usage | None]:
+    body = await upstream.read()
+    response = web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        body=body,
+        headers=response_headers(upstream.headers.items(), attempts),
+    )
+    return response, last_usage(body) if upstream.status == 200 else None
+
+
+async def relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, attempts: int
+) -> tuple[web.StreamResponse, Usage | None]:
+    """Write each chunk as it arrives; the client going away does not stop usage counting."""
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=response_headers(upstream.headers.items(), attempts),
+    )
+    tracker = StreamUsage()
+    content = upstream.content
+    try:
+        await response.prepare(request)
+        async for chunk in content.iter_any():
+            tracker.feed(chunk)
+            await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        # The client left: read on (bounded) so the tokens already produced are counted.
+        await _drain(content, tracker)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        # The upstream broke off mid-stream: what was counted so far stands.
+        log.warning("upstream stream ended abnormally: %s", type(exc).__name__)
+    return response, tracker.finish() if upstream.status == 200 else None
+
+
+async def _drain(content: aiohttp.StreamReader, tracker: StreamUsage) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for chunk in content.iter_any():
+                tracker.feed(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        pass

@@ -1,0 +1,23 @@
+"""Step 2: which deployment the call is for (spec proxy 4)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from tollgate.config.snapshot import Deployment, Snapshot
+from tollgate.errors import unknown_application
+
+
+def decode_id(raw_id: str) -> str:
+    """A deployment id from the raw path: percent-decoded, `%2F` becoming `/` (spec proxy 3)."""
+    return unquote(raw_id) if "%" in raw_id else raw_id
+
+
+def resolve(snapshot: Snapshot, raw_id: str) -> Deployment:
+    """The deployment named by a raw (percent-encoded) path segment: applications first, then
+    models, then assistants. Unknown → 404 `Unknown application: <id>`."""
+    deployment_id = decode_id(raw_id)
+    deployment = snapshot.resolve(deployment_id)
+    if deployment is None:
+        raise unknown_application(deployment_id)
+    return deployment

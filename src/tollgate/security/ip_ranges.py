@@ -1,0 +1,44 @@
+"""Client IP ranges of a key and the client address behind proxies (spec auth-limits 3.7)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class IpRanges:
+    """A precomputed set of CIDR ranges; an empty set admits no address."""
+
+    __slots__ = ("_v4", "_v6")
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        networks = [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+        self._v4 = tuple(n for n in networks if isinstance(n, ipaddress.IPv4Network))
+        self._v6 = tuple(n for n in networks if isinstance(n, ipaddress.IPv6Network))
+
+    def admits(self, address: str) -> bool:
+        """DIAL compares bytes under the mask: IPv4 never matches an IPv6 range and vice versa."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv4Address):
+            return any(ip in network for network in self._v4)
+        return any(ip in network for network in self._v6)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, proxy_count: int) -> str:
+    """The caller's address: the socket peer, or the `X-Forwarded-For` element `len - proxyCount`.
+
+    Elements are stripped of spaces (DIAL does not strip them, which makes `"a, b"` unusable;
+    we take the evident intent).
+    """
+    if not forwarded_for or proxy_count <= 0:
+        return peer or ""
+    parts = forwarded_for.split(",")
+    index = len(parts) - proxy_count
+    if index < 0:
+        return peer or ""
+    return parts[index].strip()

@@ -1,0 +1,67 @@
+"""Per-request keys: minted for each upstream hop, dead when the hop ends (spec proxy 11)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from tollgate.security.keys import digest_of
+from tollgate.security.principal import Principal
+
+SWEEP_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    principal: Principal  # the root caller, acting through the hop's deployment
+    expires_at: float
+
+
+class PerRequestKeys:
+    """In-memory store of live per-request keys, keyed by the digest of the key.
+
+    Keys live until their hop ends (`invalidate`) or their TTL (`perRequestApiKey.ttl`) passes,
+    whichever comes first; expired keys are dropped on lookup and by a periodic sweep.
+    """
+
+    __slots__ = ("_hops", "_next_sweep", "_ttl_s")
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._hops: dict[bytes, Hop] = {}
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+
+    def __len__(self) -> int:
+        return len(self._hops)
+
+    def mint(self, root: Principal, deployment: str) -> tuple[str, bytes]:
+        """A fresh key for a hop to `deployment`; returns the key and its digest (the handle).
+
+        32 characters of `0-9 a-z A-Z - _` from a CSPRNG, DIAL's format (192 bits).
+        """
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        key = secrets.token_urlsafe(24)
+        digest = digest_of(key)
+        self._hops[digest] = Hop(root.via(deployment), now + self._ttl_s)
+        return key, digest
+
+    def resolve_digest(self, digest: bytes) -> Principal | None:
+        hop = self._hops.get(digest)
+        if hop is None:
+            return None
+        if time.monotonic() >= hop.expires_at:
+            self._hops.pop(digest, None)
+            return None
+        return hop.principal
+
+    def invalidate(self, digest: bytes) -> None:
+        self._hops.pop(digest, None)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_EVERY_S
+        expired = [digest for digest, hop in self._hops.items() if hop.expires_at <= now]
+        for digest in expired:
+            del self._hops[digest]

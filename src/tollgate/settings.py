@@ -1,0 +1,160 @@
+"""Static settings (`aidial.settings.json`): defaults, a settings file, `aidial.*` variables.
+
+Assembled once at start-up, lowest to highest priority (spec auth-limits 1.1):
+built-in `default_settings.json` → the file named by `AIDIAL_SETTINGS` (or `--settings`) →
+environment variables prefixed `aidial.` (or the deprecated `proxy.`). Settings are never reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tollgate.config.merge import deep_merge
+
+ENV_PREFIXES = ("aidial.", "proxy.")
+
+
+class SettingsError(Exception):
+    """A settings source that cannot be read; the message names the source."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The static settings Tollgate uses, typed; `raw` keeps the whole merged document."""
+
+    host: str
+    port: int
+    config_files: tuple[str, ...]
+    reload_ms: int
+    overwrite_arrays: bool
+    per_request_key_ttl_s: float
+    proxy_count: int
+    max_body_size: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    raw: Mapping[str, Any]
+
+
+def _convert_env_value(text: str) -> Any:
+    """Type conversion of vertx-config: booleans, numbers, JSON objects/arrays, else the string."""
+    if text in ("true", "false"):
+        return text == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            pass
+    return text
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`aidial.config.reload=5000` → `{"config": {"reload": 5000}}`."""
+    tree: dict[str, Any] = {}
+    for name, value in sorted(environ.items()):
+        prefix = next((p for p in ENV_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            continue
+        parts = name[len(prefix) :].split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = _convert_env_value(value)
+    return tree
+
+
+def _read_json_file(path: str, what: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{what} {path}: cannot read file: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"{what} {path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"{what} {path}: the top level must be a JSON object")
+    return data
+
+
+def _builtin() -> dict[str, Any]:
+    text = resources.files("tollgate").joinpath("default_settings.json").read_text("utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _get(tree: Mapping[str, Any], *path: str) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _number(tree: Mapping[str, Any], *path: str) -> float:
+    value = _get(tree, *path)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise SettingsError(f"setting {'.'.join(path)}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise SettingsError(f"setting {'.'.join(path)}: expected a number, got {value!r}") from exc
+
+
+def load_settings(
+    settings_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge every source; `overrides` (from the command line) win over all of them."""
+    env = os.environ if environ is None else environ
+    tree = _builtin()
+    file_name = settings_file or env.get("AIDIAL_SETTINGS")
+    if file_name:
+        # DIAL: the settings replace built-in values; arrays are replaced, not concatenated.
+        tree = deep_merge(tree, _read_json_file(file_name, "settings file"), overwrite_arrays=True)
+    tree = deep_merge(tree, settings_from_env(env), overwrite_arrays=True)
+    if overrides:
+        tree = deep_merge(tree, dict(overrides), overwrite_arrays=True)
+
+    files = _get(tree, "config", "files")
+    if isinstance(files, str):
+        files = [files]
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise SettingsError(f"setting config.files: expected a list of paths, got {files!r}")
+    port = int(_number(tree, "server", "port"))
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"setting server.port: {port} is not a TCP port")
+    reload_ms = int(_number(tree, "config", "reload"))
+    if reload_ms <= 0:
+        raise SettingsError("setting config.reload: must be a positive number of milliseconds")
+    return Settings(
+        host=str(_get(tree, "server", "host") or "0.0.0.0"),
+        port=port,
+        config_files=tuple(files),
+        reload_ms=reload_ms,
+        overwrite_arrays=bool(_get(tree, "config", "jsonMergeStrategy", "overwriteArrays")),
+        per_request_key_ttl_s=_number(tree, "perRequestApiKey", "ttl"),
+        proxy_count=int(_number(tree, "apiKeyValidation", "proxyCount")),
+        max_body_size=int(_number(tree, "resources", "maxSize")),
+        connect_timeout_s=_number(tree, "upstream", "connectTimeout") / 1000,
+        read_timeout_s=_number(tree, "upstream", "readTimeout") / 1000,
+        raw=tree,
+    )
