@@ -56,9 +56,13 @@ class ConfigStore:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._task = loop.create_task(self._every_period())
         try:
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         except (NotImplementedError, RuntimeError):  # not on the main thread / platform
             log.debug("SIGHUP reload not available here")
+
+    def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: reloading config")
+        self.reload()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -30,6 +30,7 @@ from tollgate.security.principal import Principal
 from tollgate.settings import Settings
 
 log = logging.getLogger("tollgate.http")
+access_log = logging.getLogger("tollgate.access")
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
 USAGE = "tollgate.usage"  # request key: the call's Usage, for the limits step that settles it
@@ -123,7 +124,14 @@ class Gateway:
         key, handle = self.per_request_keys.mint(principal, deployment.name)
         try:
             url = upstream_url(deployment.endpoint_url, request.raw_path.partition("?")[2])
-            headers = upstream_headers(request.headers.items(), deployment, key)
+            headers = upstream_headers(
+                request.headers.items(),
+                deployment,
+                key,
+                forward_authorization=(
+                    deployment.forward_auth_token and not _authorization_is_api_key(request)
+                ),
+            )
             try:
                 async with self.session.post(url, data=body, headers=headers) as upstream:
                     if is_stream(upstream):
@@ -138,10 +146,37 @@ class Gateway:
                 log.warning("upstream call to %s failed: %s", deployment.name, type(exc).__name__)
                 raise GatewayError(502, "Upstream connection failed") from None
             if usage is not None:
-                request[USAGE] = usage  # settled by the limits step (issue: limits)
+                request[USAGE] = usage  # settled by the limits step
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug(
+                    "call project=%s key=%s deployment=%s status=%d prompt_tokens=%d "
+                    "completion_tokens=%d total_tokens=%d",
+                    principal.project,
+                    principal.key_fingerprint,
+                    deployment.name,
+                    response.status,
+                    usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0,
+                    usage.total_tokens if usage else 0,
+                )
             return response
         finally:
             self.per_request_keys.invalidate(handle)
+
+
+def _authorization_is_api_key(request: web.Request) -> bool:
+    """True when `Authorization` carries the API key itself (the openai SDK sends it there).
+
+    `forwardAuthToken` exists to pass a user's token on; forwarding a project key instead would
+    hand the caller's secret to the upstream, so that one is never forwarded (DECISIONS 11).
+    """
+    authorization = request.headers.get("Authorization")
+    if authorization is None:
+        return False
+    api_key = request.headers.get("Api-Key")
+    parts = authorization.split(" ", 2)
+    token = parts[1] if len(parts) > 1 else ""
+    return api_key is None or not token or token == api_key
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -75,9 +75,14 @@ def upstream_url(endpoint: URL, raw_query: str) -> URL:
 
 
 def upstream_headers(
-    client_headers: Iterable[tuple[str, str]], deployment: Deployment, per_request_key: str
+    client_headers: Iterable[tuple[str, str]],
+    deployment: Deployment,
+    per_request_key: str,
+    *,
+    forward_authorization: bool,
 ) -> CIMultiDict[str]:
-    dropped = DROPPED_HEADERS if deployment.forward_auth_token else DROPPED_WITHOUT_AUTH_FORWARDING
+    """Client headers minus the dropped ones, the hop's `Api-Key`, and `X-UPSTREAM-*`."""
+    dropped = DROPPED_HEADERS if forward_authorization else DROPPED_WITHOUT_AUTH_FORWARDING
     headers: CIMultiDict[str] = CIMultiDict(
         (name, value) for name, value in client_headers if name.lower() not in dropped
     )

@@ -78,8 +78,11 @@ async def relay_stream(
         # The client left: read on (bounded) so the tokens already produced are counted.
         await _drain(content, tracker)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        # The upstream broke off mid-stream: what was counted so far stands.
+        # The upstream broke off mid-stream: what was counted so far stands, and the client must
+        # not mistake the truncated stream for a complete one, so its connection is cut too.
         log.warning("upstream stream ended abnormally: %s", type(exc).__name__)
+        if request.transport is not None:
+            request.transport.abort()
     return response, tracker.finish() if upstream.status == 200 else None
 
 

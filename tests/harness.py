@@ -1,0 +1,153 @@
+"""Real processes for end-to-end tests: a fake model server and Tollgate, over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+STARTUP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{url} did not become healthy:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class FakeModel:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def endpoint(self, deployment: str, api: str = "chat/completions") -> str:
+        return f"{self.url}/openai/deployments/{deployment}/{api}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = httpx.get(f"{self.url}/_fake/requests").json()
+        return result
+
+    def last(self) -> dict[str, Any]:
+        recorded = self.requests()
+        assert recorded, "the fake model received no request"
+        return recorded[-1]
+
+    def clear(self) -> None:
+        httpx.delete(f"{self.url}/_fake/requests")
+
+
+def start_fake_model(log_dir: Path) -> FakeModel:
+    port = free_port()
+    log = log_dir / f"fake-model-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tollgate.fake_model", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+    return FakeModel(port, process)
+
+
+@dataclass
+class Gateway:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    config_files: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_json(path: Path, value: Any) -> Path:
+    path.write_text(json.dumps(value, indent=2))
+    return path
+
+
+def start_gateway(
+    work_dir: Path,
+    configs: Sequence[Mapping[str, Any] | Path],
+    *,
+    settings: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+) -> Gateway:
+    """Run `tollgate serve` on a free port with the given config files (dicts are written out)."""
+    port = free_port()
+    files: list[Path] = []
+    for index, config in enumerate(configs):
+        if isinstance(config, Path):
+            files.append(config)
+        else:
+            files.append(write_json(work_dir / f"config-{port}-{index}.json", config))
+    args = [sys.executable, "-m", "tollgate", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    for file in files:
+        args += ["--config", str(file)]
+    if settings is not None:
+        args += ["--settings", str(write_json(work_dir / f"settings-{port}.json", settings))]
+    args += list(extra_args)
+    log = work_dir / f"gateway-{port}.log"
+    process_env = {k: v for k, v in os.environ.items() if not k.startswith(("aidial.", "AIDIAL_"))}
+    process_env.update(env or {})
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=process_env)
+    _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+    return Gateway(port, process, log, files)
+
+
+def run_gateway_expecting_exit(
+    work_dir: Path, configs: Sequence[Mapping[str, Any] | Path | str]
+) -> subprocess.CompletedProcess[str]:
+    """Run `tollgate serve` that is expected to refuse to start; returns its result."""
+    args = [sys.executable, "-m", "tollgate", "serve", "--host", "127.0.0.1"]
+    args += ["--port", str(free_port())]
+    for index, config in enumerate(configs):
+        if isinstance(config, Mapping):
+            config = write_json(work_dir / f"bad-{index}.json", config)
+        args += ["--config", str(config)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
