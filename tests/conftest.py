@@ -77,7 +77,10 @@ def main_config(fake: FakeModel) -> dict[str, Any]:
                 "endpoint": fake.endpoint("echo-app"),
                 "displayName": "Echo App",
                 "description": "repeats things",
-                "features": {"rateEndpoint": "http://127.0.0.1:1/rate", "systemPromptSupported": False},
+                "features": {
+                    "rateEndpoint": "http://127.0.0.1:1/rate",
+                    "systemPromptSupported": False,
+                },
                 "defaults": {"custom_fields": {"configuration": {"x": 1}}},
             },
             "power-app": {"endpoint": fake.endpoint("power-app"), "userRoles": ["power-user"]},
@@ -105,7 +108,11 @@ def main_config(fake: FakeModel) -> dict[str, Any]:
                 "project": "proj-hashed",
                 "role": "default",
             },
-            IP_KEY: {"project": "proj-ip", "role": "default", "allowedIpAddressRanges": ["10.1.0.0/16"]},
+            IP_KEY: {
+                "project": "proj-ip",
+                "role": "default",
+                "allowedIpAddressRanges": ["10.1.0.0/16"],
+            },
             LOCAL_IP_KEY: {
                 "project": "proj-local",
                 "role": "default",

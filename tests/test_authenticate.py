@@ -141,7 +141,6 @@ class TestIpRanges:
 class TestPerRequestKeys:
     """A per-request key acts as the root caller while its hop is alive (spec auth-limits 3.5)."""
 
-
     def test_lives_exactly_as_long_as_its_hop(self, client: httpx.Client, fake: FakeModel) -> None:
         headers = key_headers(POWER_KEY) | {
             "X-Fake-Chunks": "6",

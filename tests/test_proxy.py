@@ -35,7 +35,10 @@ class TestForwarding:
         raw_query = "api-version=2024-02-01&x=%2F%20a+b&y=%c3%a9&empty="
         response = client.post(f"{CHAT}?{raw_query}", headers=key_headers(), json=chat())
         assert response.status_code == 200
-        assert fake.last()["raw_path"] == f"/openai/deployments/chat-model/chat/completions?{raw_query}"
+        assert (
+            fake.last()["raw_path"]
+            == f"/openai/deployments/chat-model/chat/completions?{raw_query}"
+        )
 
     def test_headers_rewritten_for_the_hop(self, client: httpx.Client, fake: FakeModel) -> None:
         headers = key_headers() | {
@@ -65,7 +68,9 @@ class TestForwarding:
         self, client: httpx.Client, fake: FakeModel
     ) -> None:
         headers = key_headers() | {"X-UPSTREAM-KEY": "stolen", "X-UPSTREAM-ENDPOINT": "evil"}
-        client.post("/openai/deployments/renamed-model/chat/completions", headers=headers, json=chat())
+        client.post(
+            "/openai/deployments/renamed-model/chat/completions", headers=headers, json=chat()
+        )
         seen = upstream_headers(fake)
         assert "x-upstream-key" not in seen and "x-upstream-endpoint" not in seen
 
@@ -83,7 +88,9 @@ class TestForwarding:
             for _ in chunks:
                 pass
         # ...but the caller's own key, sent as a bearer token, never is.
-        client.post(url, headers=key_headers() | {"Authorization": f"Bearer {DEFAULT_KEY}"}, json=chat())
+        client.post(
+            url, headers=key_headers() | {"Authorization": f"Bearer {DEFAULT_KEY}"}, json=chat()
+        )
         assert "authorization" not in upstream_headers(fake)
 
     def test_body_forwarded_unchanged(self, client: httpx.Client, fake: FakeModel) -> None:
@@ -104,11 +111,15 @@ class TestForwarding:
         assert sent["max_tokens"] == 64
 
     def test_application_defaults(self, client: httpx.Client, fake: FakeModel) -> None:
-        client.post("/openai/deployments/echo-app/chat/completions", headers=key_headers(), json=chat())
+        client.post(
+            "/openai/deployments/echo-app/chat/completions", headers=key_headers(), json=chat()
+        )
         assert fake.last()["path"] == "/openai/deployments/echo-app/chat/completions"
         assert json.loads(fake.last()["body"])["custom_fields"] == {"configuration": {"x": 1}}
 
-    def test_assistant_uses_the_shared_endpoint(self, client: httpx.Client, fake: FakeModel) -> None:
+    def test_assistant_uses_the_shared_endpoint(
+        self, client: httpx.Client, fake: FakeModel
+    ) -> None:
         url = "/openai/deployments/helper-assistant/chat/completions"
         assert client.post(url, headers=key_headers(), json=chat()).status_code == 200
         assert fake.last()["path"] == "/openai/deployments/assistant/chat/completions"
@@ -146,7 +157,7 @@ class TestStreaming:
                     events.append(line.encode())
         assert events[-1] == b"data: [DONE]"
         assert b'"usage"' in events[-2]
-        # The upstream takes 5 × 400 ms; the first event must not wait for the last.
+        # The upstream takes 5 x 400 ms; the first event must not wait for the last.
         assert arrivals[0] < arrivals[-1] - 1.0
 
     def test_upstream_error_status_is_relayed(self, client: httpx.Client) -> None:
@@ -157,10 +168,12 @@ class TestStreaming:
 
     def test_upstream_breaking_off_mid_stream(self, client: httpx.Client) -> None:
         headers = key_headers() | {"X-Fake-Chunks": "10", "X-Fake-Drop-After": "3"}
-        with pytest.raises(httpx.HTTPError):
-            with client.stream("POST", CHAT, headers=headers, json=chat(stream=True)) as stream:
-                for _ in stream.iter_raw():
-                    pass
+        with (
+            pytest.raises(httpx.HTTPError),
+            client.stream("POST", CHAT, headers=headers, json=chat(stream=True)) as stream,
+        ):
+            for _ in stream.iter_raw():
+                pass
         assert client.post(CHAT, headers=key_headers(), json=chat()).status_code == 200
 
 
@@ -219,7 +232,9 @@ class TestBadInput:
 
     def test_http_1_0_is_505(self, gateway: Gateway) -> None:
         with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
-            sock.sendall(b"GET /v1/user/info HTTP/1.0\r\nApi-Key: " + DEFAULT_KEY.encode() + b"\r\n\r\n")
+            sock.sendall(
+                b"GET /v1/user/info HTTP/1.0\r\nApi-Key: " + DEFAULT_KEY.encode() + b"\r\n\r\n"
+            )
             reply = sock.recv(4096)
         assert reply.split(b" ", 2)[1] == b"505"
 
@@ -242,7 +257,9 @@ def test_small_body_limit_for_chunked_uploads(work_dir: Path, fake_model: FakeMo
     """`resources.maxSize` bounds bodies without a Content-Length too."""
     from conftest import main_config
 
-    gw = start_gateway(work_dir, [main_config(fake_model)], env={"aidial.resources.maxSize": "2000"})
+    gw = start_gateway(
+        work_dir, [main_config(fake_model)], env={"aidial.resources.maxSize": "2000"}
+    )
     try:
         big = json.dumps(chat("x" * 5000)).encode()
 
@@ -265,7 +282,10 @@ def test_front_door_without_credentials(client: httpx.Client) -> None:
     preflight = client.request(
         "OPTIONS",
         CHAT,
-        headers={"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "Api-Key"},
+        headers={
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Api-Key",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Max-Age"] == "86400"
