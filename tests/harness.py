@@ -116,6 +116,7 @@ def start_gateway(
     settings: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    log_level: str = "INFO",
 ) -> Gateway:
     """Run `tollgate serve` on a free port with the given config files (dicts are written out)."""
     port = free_port()
@@ -125,7 +126,8 @@ def start_gateway(
             files.append(config)
         else:
             files.append(write_json(work_dir / f"config-{port}-{index}.json", config))
-    args = [sys.executable, "-m", "tollgate", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    args = [sys.executable, "-m", "tollgate", "--log-level", log_level, "serve"]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
     for file in files:
         args += ["--config", str(file)]
     if settings is not None:

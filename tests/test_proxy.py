@@ -292,3 +292,29 @@ def test_front_door_without_credentials(client: httpx.Client) -> None:
     assert preflight.headers["Access-Control-Allow-Methods"] == "POST"
     assert preflight.headers["Access-Control-Allow-Headers"] == "Api-Key"
     assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_usage_is_counted_after_the_client_disconnects(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    """DECISIONS 9: the upstream is drained for its final usage when the client goes away."""
+    from conftest import main_config
+    from test_reload import eventually
+
+    gw = start_gateway(work_dir, [main_config(fake_model)], log_level="DEBUG")
+    try:
+        headers = key_headers() | {
+            "X-Fake-Reply": "w1 w2 w3 w4 w5 w6",
+            "X-Fake-Chunk-Delay-Ms": "150",
+        }
+        body = chat("hi", stream=True)
+        with httpx.stream("POST", gw.url + CHAT, headers=headers, json=body) as stream:
+            next(stream.iter_raw())  # read one chunk, then hang up
+        eventually(lambda: "total_tokens=7" in gw.output(), timeout=10)
+        line = next(x for x in gw.output().splitlines() if "total_tokens=7" in x)
+        assert "deployment=chat-model" in line and "completion_tokens=6" in line
+        assert "project=proj-a" in line
+        assert DEFAULT_KEY not in gw.output()
+        assert httpx.post(gw.url + CHAT, headers=key_headers(), json=chat()).status_code == 200
+    finally:
+        stop(gw.process)
