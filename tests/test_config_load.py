@@ -213,3 +213,9 @@ class TestSchema:
 def test_access_rule(user_roles: frozenset[str] | None, caller: list[str], allowed: bool) -> None:
     """DIAL's `DeploymentControllerTest` cases (spec auth-limits 9.3)."""
     assert may_use(user_roles, frozenset(caller)) is allowed
+
+
+def test_endpoint_must_be_an_absolute_url(tmp_path: Path) -> None:
+    config = {"applications": {"a": {"endpoint": "localhost:5000/chat"}}}
+    text = problems([write(tmp_path, "c.json", config)])
+    assert "$.applications.a.endpoint: endpoint must be an absolute http(s) URL" in text

@@ -128,6 +128,15 @@ class Deployable(DialModel):
     max_retry_attempts: int | None = None
 
 
+    @field_validator("endpoint")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        # DIAL would only fail at call time; a gateway should say so when the file is loaded.
+        if value is not None and not re.match(r"https?://[^/?#]+", value, re.IGNORECASE):
+            raise ValueError(f"endpoint must be an absolute http(s) URL: {value}")
+        return value
+
+
 class Model(Deployable):
     type: Literal["chat", "completion", "embedding"] = "chat"
     upstreams: list[Upstream] = Field(default_factory=list)
