@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--log-level", dest="serve_log_level", help="as the global --log-level")
 
     commands.add_parser(
         "fake-model",
@@ -101,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     args, rest = parser.parse_known_args(argv)
+    level = getattr(args, "serve_log_level", None) or args.log_level
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "fake-model":
