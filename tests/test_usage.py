@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollgate.pipeline.usage import StreamUsage, Usage, last_usage
+from tollgate.pipeline.usage import StreamUsage, Usage, body_usage, last_usage
 
 
 def sse(*events: object) -> bytes:
@@ -109,3 +109,15 @@ def test_stream_without_trailing_newline() -> None:
     tracker = StreamUsage()
     tracker.feed(b'data: {"usage": {"total_tokens": 7}}')
     assert tracker.finish() == Usage(0, 0, 7)
+
+
+def test_body_usage_reads_the_top_level_usage_of_small_and_large_bodies() -> None:
+    small = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    assert body_usage(small) == Usage(1, 2, 3)
+    large = json.dumps(
+        {"data": [{"embedding": [0.5] * 4096}], "usage": {"prompt_tokens": 9, "total_tokens": 9}}
+    ).encode()
+    assert len(large) > 16 * 1024
+    assert body_usage(large) == Usage(9, 0, 9)
+    assert body_usage(b'not json, but "usage": {"total_tokens": 3}') == Usage(0, 0, 3)
+    assert body_usage(b'{"usage": null}') is None

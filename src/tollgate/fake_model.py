@@ -365,6 +365,7 @@ def _record(request: web.Request, body: bytes) -> None:
             "method": request.method,
             "path": request.path,
             "query_string": request.query_string,
+            "raw_path": request.raw_path,  # as sent: path and query undecoded
             "headers": [[_header_text(k), _header_text(v)] for k, v in request.raw_headers],
             "body": body.decode("utf-8", "replace"),
         }

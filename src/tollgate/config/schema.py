@@ -127,7 +127,6 @@ class Deployable(DialModel):
     description_keywords: list[str] = Field(default_factory=list)
     max_retry_attempts: int | None = None
 
-
     @field_validator("endpoint")
     @classmethod
     def _absolute_url(cls, value: str | None) -> str | None:

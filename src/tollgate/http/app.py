@@ -107,6 +107,10 @@ class Gateway:
             raise no_route()
         except GatewayError as error:
             return error_response(error)
+        except Exception:
+            # A bug must still answer in DIAL's error shape, and must not log request data.
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return error_response(GatewayError(500, "Internal server error"))
 
     async def deployment_call(
         self, request: web.Request, principal: Principal, snapshot: Snapshot, raw_id: str
@@ -123,7 +127,7 @@ class Gateway:
 
         key, handle = self.per_request_keys.mint(principal, deployment.name)
         try:
-            url = upstream_url(deployment.endpoint_url, request.raw_path.partition("?")[2])
+            url = upstream_url(deployment, request.raw_path.partition("?")[2])
             headers = upstream_headers(
                 request.headers.items(),
                 deployment,

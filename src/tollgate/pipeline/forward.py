@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict
 from yarl import URL
 
 from tollgate.config.snapshot import Deployment
@@ -66,12 +65,15 @@ def enhance(body: bytes, request: dict[str, Any], deployment: Deployment) -> byt
     return orjson.dumps(request) if changed else body
 
 
-def upstream_url(endpoint: URL, raw_query: str) -> URL:
+def upstream_url(deployment: Deployment, raw_query: str) -> URL:
     """The deployment endpoint plus the client's query string, byte for byte."""
+    endpoint = deployment.endpoint_url
+    assert endpoint is not None and deployment.endpoint is not None
     if not raw_query:
         return endpoint
     separator = "&" if endpoint.raw_query_string else "?"
-    return URL(str(endpoint) + separator + raw_query, encoded=True)
+    # encoded=True: yarl takes the text as it is, neither re-quoting nor normalising it.
+    return URL(deployment.endpoint + separator + raw_query, encoded=True)
 
 
 def upstream_headers(
@@ -80,12 +82,14 @@ def upstream_headers(
     per_request_key: str,
     *,
     forward_authorization: bool,
-) -> CIMultiDict[str]:
-    """Client headers minus the dropped ones, the hop's `Api-Key`, and `X-UPSTREAM-*`."""
+) -> list[tuple[str, str]]:
+    """Client headers minus the dropped ones, the hop's `Api-Key`, and `X-UPSTREAM-*`.
+
+    A plain list: the HTTP client builds its own multidict from it, so building one here would
+    be done twice.
+    """
     dropped = DROPPED_HEADERS if forward_authorization else DROPPED_WITHOUT_AUTH_FORWARDING
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in client_headers if name.lower() not in dropped
-    )
-    headers["Api-Key"] = per_request_key
+    headers = [(name, value) for name, value in client_headers if name.lower() not in dropped]
+    headers.append(("Api-Key", per_request_key))
     headers.extend(deployment.upstream_headers)
     return headers

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from tollgate.pipeline.usage import StreamUsage, Usage, last_usage
+from tollgate.pipeline.usage import StreamUsage, Usage, body_usage
 
 log = logging.getLogger("tollgate.relay")
 
@@ -31,17 +30,27 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 DRAIN_TIMEOUT_S = 30.0
 
 
-def response_headers(upstream: Iterable[tuple[str, str]], attempts: int) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream if name.lower() not in DROPPED_RESPONSE_HEADERS
-    )
+def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop ones, plus `X-UPSTREAM-ATTEMPTS`.
+
+    Copied whole and pruned: both are single calls into multidict's C code, cheaper than
+    filtering header by header in Python.
+    """
+    headers = CIMultiDict(upstream)
+    for name in DROPPED_RESPONSE_HEADERS:
+        if name in headers:
+            del headers[name]
     headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
     return headers
 
 
 def is_stream(upstream: aiohttp.ClientResponse) -> bool:
     """Relay chunk by chunk when the upstream streams (SSE) or sends a body of unknown size."""
-    return upstream.content_type == "text/event-stream" or upstream.content_length is None
+    headers = upstream.headers
+    return (
+        headers.get("Content-Type", "").startswith("text/event-stream")
+        or "Content-Length" not in headers
+    )
 
 
 async def relay_whole(
@@ -52,9 +61,9 @@ async def relay_whole(
         status=upstream.status,
         reason=upstream.reason,
         body=body,
-        headers=response_headers(upstream.headers.items(), attempts),
+        headers=response_headers(upstream.headers, attempts),
     )
-    return response, last_usage(body) if upstream.status == 200 else None
+    return response, body_usage(body) if upstream.status == 200 else None
 
 
 async def relay_stream(
@@ -64,7 +73,7 @@ async def relay_stream(
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
-        headers=response_headers(upstream.headers.items(), attempts),
+        headers=response_headers(upstream.headers, attempts),
     )
     tracker = StreamUsage()
     content = upstream.content

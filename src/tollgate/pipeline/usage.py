@@ -6,19 +6,21 @@ Pure functions over bytes. Unlike DIAL's 2024 parser, a `usage` object with nest
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import orjson
 
 USAGE = b'"usage"'
-WHITESPACE = b" \t\r\n"
+WHOLE_PARSE_LIMIT = 16 * 1024
+USAGE_HEAD = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 MAX_CLOSING_BRACES_TRIED = 64
 MAX_CARRY = 16 * 1024 * 1024  # an SSE line longer than this cannot be the usage line we want
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
+    """Token counts of one response (a named tuple: one is built per call)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -27,32 +29,30 @@ class Usage:
 
     @classmethod
     def from_object(cls, usage: dict[str, Any]) -> Usage:
-        prompt = _int(usage.get("prompt_tokens"))
-        completion = _int(usage.get("completion_tokens"))
-        total = _int(usage.get("total_tokens")) if "total_tokens" in usage else prompt + completion
-        prompt_details = usage.get("prompt_tokens_details")
-        completion_details = usage.get("completion_tokens_details")
+        get = usage.get
+        prompt = _count(get("prompt_tokens"))
+        completion = _count(get("completion_tokens"))
+        total = get("total_tokens")
+        prompt_details = get("prompt_tokens_details")
+        completion_details = get("completion_tokens_details")
         return cls(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            cached_prompt_tokens=(
-                _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
-            ),
-            reasoning_tokens=(
-                _int(completion_details.get("reasoning_tokens"))
-                if isinstance(completion_details, dict)
+            prompt,
+            completion,
+            prompt + completion if total is None else _count(total),
+            _count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+            (
+                _count(completion_details.get("reasoning_tokens"))
+                if type(completion_details) is dict
                 else 0
             ),
         )
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
+def _count(value: Any) -> int:
+    """A token count; anything that is not a whole number counts as zero."""
+    if type(value) is int:
         return value
-    if isinstance(value, float) and value.is_integer():
+    if type(value) is float and value.is_integer():
         return int(value)
     return 0
 
@@ -60,13 +60,17 @@ def _int(value: Any) -> int:
 def _object_at(data: bytes, start: int) -> dict[str, Any] | None:
     """The JSON object that starts at `data[start] == '{'`, or None if it does not parse.
 
-    Tries each closing brace in turn: a usage object is small and has few nested objects.
+    The object ends at the first closing brace that balances the braces before it (counted in
+    C, without slicing); only that candidate is parsed. A brace inside a string can unbalance
+    the count, so a failed parse moves on to the next candidate.
     """
     end = start
     for _ in range(MAX_CLOSING_BRACES_TRIED):
         end = data.find(b"}", end + 1)
         if end < 0:
             return None
+        if data.count(b"{", start, end) != data.count(b"}", start, end + 1):
+            continue
         try:
             value = orjson.loads(data[start : end + 1])
         except orjson.JSONDecodeError:
@@ -82,17 +86,29 @@ def last_usage(data: bytes) -> Usage | None:
         position = data.rfind(USAGE, 0, position)
         if position < 0:
             return None
-        index = position + len(USAGE)
-        while index < len(data) and data[index] in WHITESPACE:
-            index += 1
-        if index < len(data) and data[index] == 0x3A:  # ':'
-            index += 1
-            while index < len(data) and data[index] in WHITESPACE:
-                index += 1
-            if index < len(data) and data[index] == 0x7B:  # '{'
-                found = _object_at(data, index)
-                if found is not None:
-                    return Usage.from_object(found)
+        head = USAGE_HEAD.match(data, position)
+        if head is not None:
+            found = _object_at(data, head.end() - 1)
+            if found is not None:
+                return Usage.from_object(found)
+
+
+def body_usage(body: bytes) -> Usage | None:
+    """Usage of a whole (non-streamed) response body.
+
+    A small JSON body is parsed once and its top-level `usage` read; anything else (a large
+    body such as many embeddings, a body that is not a JSON object) is scanned from the end.
+    """
+    if len(body) <= WHOLE_PARSE_LIMIT:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = None
+        if type(value) is dict:
+            usage = value.get("usage")
+            if type(usage) is dict:
+                return Usage.from_object(usage)
+    return last_usage(body)
 
 
 class StreamUsage:
