@@ -121,3 +121,16 @@ def test_body_usage_reads_the_top_level_usage_of_small_and_large_bodies() -> Non
     assert body_usage(large) == Usage(9, 0, 9)
     assert body_usage(b'not json, but "usage": {"total_tokens": 3}') == Usage(0, 0, 3)
     assert body_usage(b'{"usage": null}') is None
+
+
+def test_stream_usage_in_an_event_that_is_not_plain_sse() -> None:
+    tracker = StreamUsage()
+    tracker.feed(b'event: x\n{"usage": {"total_tokens": 5}}\n')
+    assert tracker.finish() == Usage(0, 0, 5)
+
+
+def test_stream_with_null_usage_after_the_real_one() -> None:
+    tracker = StreamUsage()
+    tracker.feed(b'data: {"usage": {"total_tokens": 5}}\n\n')
+    tracker.feed(b'data: {"usage": null}\n\ndata: [DONE]\n\n')
+    assert tracker.finish() == Usage(0, 0, 5)

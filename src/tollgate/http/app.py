@@ -75,7 +75,14 @@ class Gateway:
             await self._session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Every request enters here: DIAL's front door (spec proxy 2), then dispatch."""
+        """Every request enters here. Every answer allows any origin (spec proxy 2)."""
+        response = await self._dispatch(request)
+        if not response.prepared:  # a streamed answer carries the header already
+            response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        """DIAL's front door (spec proxy 2), authentication, then the matching handler."""
         try:
             method = request.method
             if request.version != aiohttp.HttpVersion11:
@@ -94,7 +101,7 @@ class Gateway:
                 if path == "/version":
                     return web.Response(text=__version__)
             snapshot = self.store.current
-            principal = self.authenticator.authenticate(request.headers, request.remote, snapshot)
+            principal = self.authenticator.authenticate(request.headers, request, snapshot)
             if method == "POST":
                 call = DEPLOYMENT_CALL.fullmatch(path)
                 if call is not None:
@@ -204,10 +211,6 @@ def _preflight(request: web.Request) -> web.Response:
     return web.Response(headers=headers)
 
 
-async def _cors(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Access-Control-Allow-Origin"] = "*"
-
-
 # --- route table: (method, raw-path regex, handler); leading `/+` as in DIAL (spec proxy 3) -----
 
 Handler = Callable[[web.Request, Principal, Snapshot, re.Match[str]], web.StreamResponse]
@@ -246,5 +249,4 @@ def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
-    app.on_response_prepare.append(_cors)
     return app

@@ -8,6 +8,7 @@ a project key from the config or a live per-request key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from tollgate.config.snapshot import Snapshot
 from tollgate.errors import (
@@ -22,6 +23,13 @@ from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 
 
+class Peer(Protocol):
+    """Where the request came from; read only when a key restricts client addresses."""
+
+    @property
+    def remote(self) -> str | None: ...
+
+
 class Authenticator:
     """Turns request headers into a `Principal`, or raises DIAL's 400/401/403."""
 
@@ -31,9 +39,7 @@ class Authenticator:
         self._per_request = per_request_keys
         self._proxy_count = proxy_count
 
-    def authenticate(
-        self, headers: Mapping[str, str], peer: str | None, snapshot: Snapshot
-    ) -> Principal:
+    def authenticate(self, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot) -> Principal:
         api_key = headers.get("Api-Key")
         authorization = headers.get("Authorization")
         if authorization is None:
@@ -67,13 +73,15 @@ class Authenticator:
         raise unknown_api_key()
 
     def _by_key(
-        self, secret: str, headers: Mapping[str, str], peer: str | None, snapshot: Snapshot
+        self, secret: str, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot
     ) -> Principal:
         digest = digest_of(secret)
         key = snapshot.keys.lookup_digest(digest)
         if key is not None:
             if key.allowed_ips is not None:
-                address = client_address(peer, headers.get("X-Forwarded-For"), self._proxy_count)
+                address = client_address(
+                    peer.remote, headers.get("X-Forwarded-For"), self._proxy_count
+                )
                 if not key.allowed_ips.admits(address):
                     raise GatewayError(403, f"Access is forbidden from IP address: {address}")
             return key.principal

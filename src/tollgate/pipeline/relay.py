@@ -41,6 +41,7 @@ def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiD
         if name in headers:
             del headers[name]
     headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
+    headers["Access-Control-Allow-Origin"] = "*"
     return headers
 
 

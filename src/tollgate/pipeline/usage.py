@@ -111,32 +111,59 @@ def body_usage(body: bytes) -> Usage | None:
     return last_usage(body)
 
 
+def _event_usage(block: bytes) -> Usage | None:
+    """Usage of the last SSE event in `block` that has a `usage` object.
+
+    That event's `data:` line is parsed whole, once; anything unusual falls back to the scan.
+    """
+    position = len(block)
+    while True:
+        position = block.rfind(USAGE, 0, position)
+        if position < 0:
+            return None
+        if USAGE_HEAD.match(block, position) is None:
+            continue  # "usage": null and the like
+        start = block.rfind(b"\n", 0, position) + 1
+        end = block.find(b"\n", position)
+        line = block[start : len(block) if end < 0 else end].strip()
+        if line.startswith(b"data:"):
+            try:
+                event = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                event = None
+            if type(event) is dict:
+                usage = event.get("usage")
+                if type(usage) is dict:
+                    return Usage.from_object(usage)
+        return last_usage(block)
+
+
 class StreamUsage:
     """Follows an SSE stream chunk by chunk and keeps its last usage.
 
-    Only complete lines are scanned, so a `usage` object split across network chunks is read
-    whole; the partial last line is carried to the next chunk.
+    Per chunk it only looks for a `"usage": {` (in C); the event carrying the last one is parsed
+    once, when the stream ends. Only complete lines are kept, so a `usage` object split across
+    network chunks is read whole; the partial last line is carried to the next chunk.
     """
 
-    __slots__ = ("_carry", "usage")
+    __slots__ = ("_carry", "_usage_block")
 
     def __init__(self) -> None:
         self._carry = b""
-        self.usage: Usage | None = None
+        self._usage_block = b""
 
     def feed(self, chunk: bytes) -> None:
         data = self._carry + chunk if self._carry else chunk
         cut = data.rfind(b"\n") + 1
         self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
         if cut and USAGE in data:
-            found = last_usage(data[:cut] if cut < len(data) else data)
-            if found is not None:
-                self.usage = found
+            block = data[:cut] if cut < len(data) else data
+            if USAGE_HEAD.search(block) is not None:
+                self._usage_block = block
 
     def finish(self) -> Usage | None:
-        if self._carry:
-            found = last_usage(self._carry)
-            if found is not None:
-                self.usage = found
-            self._carry = b""
-        return self.usage
+        """The last usage seen; call once, when the stream has ended."""
+        if self._carry and USAGE_HEAD.search(self._carry) is not None:
+            self._usage_block = self._carry
+        self._carry = b""
+        return _event_usage(self._usage_block) if self._usage_block else None
