@@ -53,7 +53,7 @@ class TestForwarding:
         # The client's key never leaves; a fresh per-request key replaces it.
         assert seen["api-key"] != DEFAULT_KEY and len(seen["api-key"]) == 32
         assert "authorization" not in seen
-        assert "accept-encoding" not in seen
+        assert seen["accept-encoding"] == "identity"  # not the client's gzip
         # X-UPSTREAM-* from the model's first upstream.
         assert seen["x-upstream-endpoint"] == "https://provider.example/v1/chat/completions"
         assert seen["x-upstream-key"] == PROVIDER_SECRET

@@ -60,6 +60,9 @@ class Deployment:
     override_name: str | None
     upstream_headers: tuple[tuple[str, str], ...]  # X-UPSTREAM-* of the chosen upstream
     spec: Deployable
+    # Endpoint URLs with a client query string appended, by query: clients repeat the same few
+    # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
+    urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _upstream_headers(model: Model) -> tuple[tuple[str, str], ...]:

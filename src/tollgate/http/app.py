@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +40,12 @@ DEPLOYMENT_CALL = re.compile(
 )
 
 
+class DeploymentCall(NamedTuple):
+    principal: Principal
+    snapshot: Snapshot
+    raw_id: str
+
+
 class Gateway:
     """One gateway process: the live config, per-request keys and the upstream client."""
 
@@ -62,9 +69,8 @@ class Gateway:
                 connect=self.settings.connect_timeout_s,
                 sock_read=self.settings.read_timeout_s,
             ),
-            # Upstream bodies are relayed and parsed as they are: never ask for compression,
-            # never decompress (spec proxy 5.3).
-            skip_auto_headers=("Accept-Encoding",),
+            # Upstream bodies are relayed and parsed as they are (spec proxy 5.3): requests ask
+            # for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
         )
         self.store.start(asyncio.get_running_loop())
@@ -76,48 +82,53 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request enters here. Every answer allows any origin (spec proxy 2)."""
-        response = await self._dispatch(request)
+        try:
+            routed = self._route(request)
+            if isinstance(routed, DeploymentCall):
+                response = await self.deployment_call(request, *routed)
+            else:
+                response = routed
+        except GatewayError as error:
+            response = error_response(error)
+        except Exception:
+            # A bug must still answer in DIAL's error shape, and must not log request data.
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            response = error_response(GatewayError(500, "Internal server error"))
         if not response.prepared:  # a streamed answer carries the header already
             response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        """DIAL's front door (spec proxy 2), authentication, then the matching handler."""
-        try:
-            method = request.method
-            if request.version != aiohttp.HttpVersion11:
-                raise GatewayError(505, "HTTP version is not supported")
-            if method == "OPTIONS":
-                return _preflight(request)
-            if method not in ALLOWED_METHODS:
-                raise GatewayError(405, "Method is not allowed")
-            length = request.content_length
-            if length is not None and length > self.settings.max_body_size:
-                raise GatewayError(413, "Request body is too large")
-            path = request.raw_path.partition("?")[0]
-            if method == "GET":
-                if path == "/health":
-                    return web.json_response({"status": "ok"})
-                if path == "/version":
-                    return web.Response(text=__version__)
-            snapshot = self.store.current
-            principal = self.authenticator.authenticate(request.headers, request, snapshot)
-            if method == "POST":
-                call = DEPLOYMENT_CALL.fullmatch(path)
-                if call is not None:
-                    return await self.deployment_call(request, principal, snapshot, call[1])
-            for route_method, pattern, handler in ROUTES:
-                if route_method == method:
-                    match = pattern.fullmatch(path)
-                    if match is not None:
-                        return handler(request, principal, snapshot, match)
-            raise no_route()
-        except GatewayError as error:
-            return error_response(error)
-        except Exception:
-            # A bug must still answer in DIAL's error shape, and must not log request data.
-            log.exception("unexpected error on %s %s", request.method, request.path)
-            return error_response(GatewayError(500, "Internal server error"))
+    def _route(self, request: web.Request) -> web.StreamResponse | DeploymentCall:
+        """DIAL's front door (spec proxy 2) and authentication; then either the answer of a
+        quick handler, or the deployment call to make."""
+        method = request.method
+        if request.version != aiohttp.HttpVersion11:
+            raise GatewayError(505, "HTTP version is not supported")
+        if method == "OPTIONS":
+            return _preflight(request)
+        if method not in ALLOWED_METHODS:
+            raise GatewayError(405, "Method is not allowed")
+        length = request.content_length
+        if length is not None and length > self.settings.max_body_size:
+            raise GatewayError(413, "Request body is too large")
+        path = request.raw_path.partition("?")[0]
+        if method == "GET":
+            if path == "/health":
+                return web.json_response({"status": "ok"})
+            if path == "/version":
+                return web.Response(text=__version__)
+        snapshot = self.store.current
+        principal = self.authenticator.authenticate(request.headers, request, snapshot)
+        if method == "POST":
+            call = DEPLOYMENT_CALL.fullmatch(path)
+            if call is not None:
+                return DeploymentCall(principal, snapshot, call[1])
+        for route_method, pattern, handler in ROUTES:
+            if route_method == method:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    return handler(request, principal, snapshot, match)
+        raise no_route()
 
     async def deployment_call(
         self, request: web.Request, principal: Principal, snapshot: Snapshot, raw_id: str

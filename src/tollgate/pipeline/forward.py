@@ -65,15 +65,23 @@ def enhance(body: bytes, request: dict[str, Any], deployment: Deployment) -> byt
     return orjson.dumps(request) if changed else body
 
 
+MAX_CACHED_QUERIES = 64
+
+
 def upstream_url(deployment: Deployment, raw_query: str) -> URL:
     """The deployment endpoint plus the client's query string, byte for byte."""
     endpoint = deployment.endpoint_url
     assert endpoint is not None and deployment.endpoint is not None
     if not raw_query:
         return endpoint
-    separator = "&" if endpoint.raw_query_string else "?"
-    # encoded=True: yarl takes the text as it is, neither re-quoting nor normalising it.
-    return URL(deployment.endpoint + separator + raw_query, encoded=True)
+    url = deployment.urls_by_query.get(raw_query)
+    if url is None:
+        separator = "&" if endpoint.raw_query_string else "?"
+        # encoded=True: yarl takes the text as it is, neither re-quoting nor normalising it.
+        url = URL(deployment.endpoint + separator + raw_query, encoded=True)
+        if len(deployment.urls_by_query) < MAX_CACHED_QUERIES:
+            deployment.urls_by_query[raw_query] = url
+    return url
 
 
 def upstream_headers(
@@ -91,5 +99,8 @@ def upstream_headers(
     dropped = DROPPED_HEADERS if forward_authorization else DROPPED_WITHOUT_AUTH_FORWARDING
     headers = [(name, value) for name, value in client_headers if name.lower() not in dropped]
     headers.append(("Api-Key", per_request_key))
+    # Uncompressed answers, so usage can be read from them; set here rather than with the
+    # client's skip_auto_headers, which copies every request's headers to honour it.
+    headers.append(("Accept-Encoding", "identity"))
     headers.extend(deployment.upstream_headers)
     return headers
