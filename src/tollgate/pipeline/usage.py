@@ -100,15 +100,23 @@ def body_usage(body: bytes) -> Usage | None:
     body such as many embeddings, a body that is not a JSON object) is scanned from the end.
     """
     if len(body) <= WHOLE_PARSE_LIMIT:
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            value = None
-        if type(value) is dict:
-            usage = value.get("usage")
-            if type(usage) is dict:
-                return Usage.from_object(usage)
+        found = _top_level_usage(body)
+        if found is not None:
+            return found
     return last_usage(body)
+
+
+def _top_level_usage(document: bytes) -> Usage | None:
+    """The `usage` object at the top of a JSON document, if it is one."""
+    try:
+        value = orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is dict:
+        usage = value.get("usage")
+        if type(usage) is dict:
+            return Usage.from_object(usage)
+    return None
 
 
 def _event_usage(block: bytes) -> Usage | None:
@@ -126,16 +134,8 @@ def _event_usage(block: bytes) -> Usage | None:
         start = block.rfind(b"\n", 0, position) + 1
         end = block.find(b"\n", position)
         line = block[start : len(block) if end < 0 else end].strip()
-        if line.startswith(b"data:"):
-            try:
-                event = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                event = None
-            if type(event) is dict:
-                usage = event.get("usage")
-                if type(usage) is dict:
-                    return Usage.from_object(usage)
-        return last_usage(block)
+        found = _top_level_usage(line[5:]) if line.startswith(b"data:") else None
+        return found if found is not None else last_usage(block)
 
 
 class StreamUsage:
