@@ -41,7 +41,6 @@ def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiD
         if name in headers:
             del headers[name]
     headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
-    headers["Access-Control-Allow-Origin"] = "*"
     return headers
 
 
@@ -71,11 +70,10 @@ async def relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, attempts: int
 ) -> tuple[web.StreamResponse, Usage | None]:
     """Write each chunk as it arrives; the client going away does not stop usage counting."""
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=response_headers(upstream.headers, attempts),
-    )
+    headers = response_headers(upstream.headers, attempts)
+    # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
+    headers["Access-Control-Allow-Origin"] = "*"
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     tracker = StreamUsage()
     content = upstream.content
     try:
