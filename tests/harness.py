@@ -135,6 +135,8 @@ def start_gateway(
     args += list(extra_args)
     log = work_dir / f"gateway-{port}.log"
     process_env = {k: v for k, v in os.environ.items() if not k.startswith(("aidial.", "AIDIAL_"))}
+    # Each gateway counts usage in a file of its own unless the test shares one on purpose.
+    process_env["aidial.limits.embedded.file"] = str(work_dir / f"usage-{port}.sqlite")
     process_env.update(env or {})
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=process_env)

@@ -84,7 +84,11 @@ def test_port_from_the_environment(work_dir: Path) -> None:
 
     config = write_json(work_dir / "empty.json", {})
     port = free_port()
-    env = {"aidial.server.port": str(port), "PATH": "/usr/bin:/bin"}
+    env = {
+        "aidial.server.port": str(port),
+        "PATH": "/usr/bin:/bin",
+        "aidial.limits.embedded.file": "",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "tollgate", "serve", "--host", "127.0.0.1", "--config", str(config)],
         env=env,

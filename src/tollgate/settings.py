@@ -38,6 +38,10 @@ class Settings:
     max_body_size: int
     connect_timeout_s: float
     read_timeout_s: float
+    admission: str  # "dial" or "reserve" (DECISIONS 8)
+    default_completion_tokens: int
+    usage_file: str | None  # the embedded ledger's SQLite file; None: memory only
+    usage_flush_s: float
     raw: Mapping[str, Any]
 
 
@@ -142,6 +146,14 @@ def load_settings(
     port = int(_number(tree, "server", "port"))
     if not 0 <= port <= 65535:
         raise SettingsError(f"setting server.port: {port} is not a TCP port")
+    admission = _get(tree, "limits", "admission")
+    if admission not in ("dial", "reserve"):
+        raise SettingsError(
+            f'setting limits.admission: expected "dial" or "reserve", got {admission!r}'
+        )
+    usage_file = _get(tree, "limits", "embedded", "file")
+    if usage_file is not None and not isinstance(usage_file, str):
+        raise SettingsError(f"setting limits.embedded.file: expected a path, got {usage_file!r}")
     reload_ms = int(_number(tree, "config", "reload"))
     if reload_ms <= 0:
         raise SettingsError("setting config.reload: must be a positive number of milliseconds")
@@ -156,5 +168,11 @@ def load_settings(
         max_body_size=int(_number(tree, "resources", "maxSize")),
         connect_timeout_s=_number(tree, "upstream", "connectTimeout") / 1000,
         read_timeout_s=_number(tree, "upstream", "readTimeout") / 1000,
+        admission=admission,
+        default_completion_tokens=int(
+            _number(tree, "limits", "reserve", "defaultCompletionTokens")
+        ),
+        usage_file=usage_file or None,
+        usage_flush_s=_number(tree, "limits", "embedded", "flushInterval") / 1000,
         raw=tree,
     )

@@ -17,6 +17,9 @@ from yarl import URL
 
 from tollgate import listings
 from tollgate.config.schema import Assistant, Config, Deployable, Model
+from tollgate.limits.cost import Prices
+from tollgate.limits.policy import LimitPolicy
+from tollgate.limits.windows import Clock, Schedule
 from tollgate.security.ip_ranges import IpRanges
 from tollgate.security.keys import (
     KeyTable,
@@ -60,6 +63,7 @@ class Deployment:
     override_name: str | None
     upstream_headers: tuple[tuple[str, str], ...]  # X-UPSTREAM-* of the chosen upstream
     spec: Deployable
+    prices: Prices | None  # models with `pricing` only
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
@@ -103,6 +107,7 @@ def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -
         override_name=model.override_name if model else None,
         upstream_headers=_upstream_headers(model) if model else (),
         spec=spec,
+        prices=Prices.of(model.pricing) if model else None,
     )
 
 
@@ -168,6 +173,8 @@ class Snapshot:
     applications: Listing
     assistants: Listing
     addons: Listing
+    limit_policy: LimitPolicy
+    clock: Clock  # day/week/month periods of `rateLimitSchedule`
 
     def resolve(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
@@ -209,4 +216,6 @@ def build_snapshot(config: Config, digest: str = "") -> Snapshot:
             if n != BASE_ASSISTANT
         ),
         addons=_listing((n, a, listings.addon_item(n, a)) for n, a in config.addons.items()),
+        limit_policy=LimitPolicy(config),
+        clock=Clock(Schedule.of(config.rate_limit_schedule)),
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -20,12 +20,17 @@ from tollgate.config.snapshot import Snapshot
 from tollgate.config.watch import ConfigStore
 from tollgate.errors import GatewayError, no_route
 from tollgate.http import catalog
+from tollgate.http.limits_api import LimitsApi
 from tollgate.http.responses import error_response
+from tollgate.limits.cost import Prices
+from tollgate.limits.memory import MemoryLedger
+from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
-from tollgate.pipeline.relay import is_stream, relay_stream, relay_whole
+from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whole
 from tollgate.pipeline.resolve import resolve
+from tollgate.pipeline.settle import charge_for
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.settings import Settings
@@ -44,6 +49,7 @@ class DeploymentCall(NamedTuple):
     principal: Principal
     snapshot: Snapshot
     raw_id: str
+    api: str  # chat/completions, completions or embeddings
 
 
 class Gateway:
@@ -54,6 +60,13 @@ class Gateway:
         self.store = store
         self.per_request_keys = PerRequestKeys(settings.per_request_key_ttl_s)
         self.authenticator = Authenticator(self.per_request_keys, settings.proxy_count)
+        self.ledger = MemoryLedger(settings.usage_file, settings.usage_flush_s)
+        self.admission = Admission(
+            self.ledger,
+            reserve=settings.admission == "reserve",
+            default_completion_tokens=settings.default_completion_tokens,
+        )
+        self.limits_api = LimitsApi(self.ledger)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -73,12 +86,14 @@ class Gateway:
             # for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
         )
+        await self.ledger.start()
         self.store.start(asyncio.get_running_loop())
 
     async def stop(self, app: web.Application) -> None:
         await self.store.stop()
         if self._session is not None:
             await self._session.close()
+        await self.ledger.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request enters here. Every answer allows any origin (spec proxy 2)."""
@@ -86,6 +101,8 @@ class Gateway:
             routed = self._route(request)
             if isinstance(routed, DeploymentCall):
                 response = await self.deployment_call(request, *routed)
+            elif isinstance(routed, AsyncAnswer):
+                response = await routed.answer
             else:
                 response = routed
         except GatewayError as error:
@@ -98,7 +115,7 @@ class Gateway:
             response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
-    def _route(self, request: web.Request) -> web.StreamResponse | DeploymentCall:
+    def _route(self, request: web.Request) -> web.StreamResponse | DeploymentCall | AsyncAnswer:
         """DIAL's front door (spec proxy 2) and authentication; then either the answer of a
         quick handler, or the deployment call to make."""
         method = request.method
@@ -122,7 +139,12 @@ class Gateway:
         if method == "POST":
             call = DEPLOYMENT_CALL.fullmatch(path)
             if call is not None:
-                return DeploymentCall(principal, snapshot, call[1])
+                return DeploymentCall(principal, snapshot, call[1], call[2])
+        if method == "GET":
+            for pattern, async_handler in ASYNC_ROUTES:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    return AsyncAnswer(async_handler(self, request, principal, snapshot, match))
         for route_method, pattern, handler in ROUTES:
             if route_method == method:
                 match = pattern.fullmatch(path)
@@ -131,7 +153,12 @@ class Gateway:
         raise no_route()
 
     async def deployment_call(
-        self, request: web.Request, principal: Principal, snapshot: Snapshot, raw_id: str
+        self,
+        request: web.Request,
+        principal: Principal,
+        snapshot: Snapshot,
+        raw_id: str,
+        api: str,
     ) -> web.StreamResponse:
         """POST /openai/deployments/{id}/(chat/completions|completions|embeddings)."""
         if "application/json" not in request.headers.get("Content-Type", "").lower():
@@ -141,9 +168,12 @@ class Gateway:
         if deployment.endpoint_url is None:
             raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
         body = await _read_body(request)
-        body = enhance(body, parse_body(body), deployment)
+        parsed = parse_body(body)
+        ticket = await self.admission.admit(snapshot, principal, deployment, api, body, parsed)
+        body = enhance(body, parsed, deployment)
 
         key, handle = self.per_request_keys.mint(principal, deployment.name)
+        relayed: Relayed | None = None
         try:
             url = upstream_url(deployment, request.raw_path.partition("?")[2])
             headers = upstream_headers(
@@ -157,9 +187,10 @@ class Gateway:
             try:
                 async with self.session.post(url, data=body, headers=headers) as upstream:
                     if is_stream(upstream):
-                        response, usage = await relay_stream(request, upstream, attempts=1)
+                        keep = ticket is not None and _prices_by_characters(ticket.prices)
+                        relayed = await relay_stream(request, upstream, attempts=1, keep=keep)
                     else:
-                        response, usage = await relay_whole(upstream, attempts=1)
+                        relayed = await relay_whole(upstream, attempts=1)
             except aiohttp.ClientConnectorError:
                 raise GatewayError(502, "Failed to connect to origin") from None
             except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -167,8 +198,9 @@ class Gateway:
             except aiohttp.ClientError as exc:
                 log.warning("upstream call to %s failed: %s", deployment.name, type(exc).__name__)
                 raise GatewayError(502, "Upstream connection failed") from None
+            usage = relayed.usage
             if usage is not None:
-                request[USAGE] = usage  # settled by the limits step
+                request[USAGE] = usage
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug(
                     "call project=%s key=%s deployment=%s status=%d prompt_tokens=%d "
@@ -176,14 +208,31 @@ class Gateway:
                     principal.project,
                     principal.key_fingerprint,
                     deployment.name,
-                    response.status,
+                    relayed.response.status,
                     usage.prompt_tokens if usage else 0,
                     usage.completion_tokens if usage else 0,
                     usage.total_tokens if usage else 0,
                 )
-            return response
+            return relayed.response
         finally:
             self.per_request_keys.invalidate(handle)
+            if ticket is not None:
+                # Settled whatever happened: a failed call releases its reservation.
+                await self.ledger.settle(
+                    charge_for(
+                        ticket,
+                        relayed.response.status if relayed else 0,
+                        relayed.usage if relayed else None,
+                        parsed,
+                        relayed.body if relayed else b"",
+                        relayed is not None and relayed.streamed,
+                        api,
+                    )
+                )
+
+
+def _prices_by_characters(prices: Prices | None) -> bool:
+    return prices is not None and prices.unit == "char_without_whitespace"
 
 
 def _authorization_is_api_key(request: web.Request) -> bool:
@@ -221,6 +270,33 @@ def _preflight(request: web.Request) -> web.Response:
         headers["Access-Control-Allow-Headers"] = requested_headers
     return web.Response(headers=headers)
 
+
+class AsyncAnswer(NamedTuple):
+    """A handler that must wait for the ledger."""
+
+    answer: Coroutine[Any, Any, web.StreamResponse]
+
+
+AsyncHandler = Callable[
+    [Gateway, web.Request, Principal, Snapshot, re.Match[str]],
+    Coroutine[Any, Any, web.StreamResponse],
+]
+
+# Checked before ROUTES: these paths would otherwise match `/v1/deployments/(.+?)`.
+ASYNC_ROUTES: tuple[tuple[re.Pattern[str], AsyncHandler], ...] = (
+    (
+        re.compile(r"/+v1/deployments/(.+?)/limits"),
+        lambda g, r, p, s, m: g.limits_api.deployment(s, p, m[1]),
+    ),
+    (
+        re.compile(r"/+v1/user/limits"),
+        lambda g, r, p, s, m: g.limits_api.user(r, s, p, used_only=False),
+    ),
+    (
+        re.compile(r"/+v1/user/usage"),
+        lambda g, r, p, s, m: g.limits_api.user(r, s, p, used_only=True),
+    ),
+)
 
 # --- route table: (method, raw-path regex, handler); leading `/+` as in DIAL (spec proxy 3) -----
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -53,9 +54,17 @@ def is_stream(upstream: aiohttp.ClientResponse) -> bool:
     )
 
 
-async def relay_whole(
-    upstream: aiohttp.ClientResponse, attempts: int
-) -> tuple[web.Response, Usage | None]:
+class Relayed(NamedTuple):
+    response: web.StreamResponse
+    usage: Usage | None  # of a 200 response only
+    body: bytes  # the whole body; of a stream only when asked to keep it
+    streamed: bool
+
+
+MAX_KEPT_STREAM = 16 * 1024 * 1024
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, attempts: int) -> Relayed:
     body = await upstream.read()
     response = web.Response(
         status=upstream.status,
@@ -63,41 +72,53 @@ async def relay_whole(
         body=body,
         headers=response_headers(upstream.headers, attempts),
     )
-    return response, body_usage(body) if upstream.status == 200 else None
+    return Relayed(response, body_usage(body) if upstream.status == 200 else None, body, False)
 
 
 async def relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, attempts: int
-) -> tuple[web.StreamResponse, Usage | None]:
-    """Write each chunk as it arrives; the client going away does not stop usage counting."""
+    request: web.Request, upstream: aiohttp.ClientResponse, attempts: int, *, keep: bool = False
+) -> Relayed:
+    """Write each chunk as it arrives; the client going away does not stop usage counting.
+
+    With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters.
+    """
     headers = response_headers(upstream.headers, attempts)
     # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
     headers["Access-Control-Allow-Origin"] = "*"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     tracker = StreamUsage()
+    kept = bytearray() if keep else None
     content = upstream.content
     try:
         await response.prepare(request)
         async for chunk in content.iter_any():
             tracker.feed(chunk)
+            if kept is not None and len(kept) < MAX_KEPT_STREAM:
+                kept += chunk
             await response.write(chunk)
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
-        await _drain(content, tracker)
+        await _drain(content, tracker, kept)
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream broke off mid-stream: what was counted so far stands, and the client must
         # not mistake the truncated stream for a complete one, so its connection is cut too.
         log.warning("upstream stream ended abnormally: %s", type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
-    return response, tracker.finish() if upstream.status == 200 else None
+    usage = tracker.finish() if upstream.status == 200 else None
+    body = bytes(kept) if kept else b""
+    return Relayed(response, usage, body, True)
 
 
-async def _drain(content: aiohttp.StreamReader, tracker: StreamUsage) -> None:
+async def _drain(
+    content: aiohttp.StreamReader, tracker: StreamUsage, kept: bytearray | None
+) -> None:
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             async for chunk in content.iter_any():
                 tracker.feed(chunk)
+                if kept is not None and len(kept) < MAX_KEPT_STREAM:
+                    kept += chunk
     except (TimeoutError, aiohttp.ClientError):
         pass

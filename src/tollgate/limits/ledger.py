@@ -1,0 +1,114 @@
+"""Ledgers: where usage is counted, checked and charged, atomically (DECISIONS 8-10).
+
+A ledger keeps, per caller bucket (`Keys/<project>`) and deployment: tokens per sliding minute
+and per calendar day, week and month; requests per sliding hour and calendar day; the cost
+attributed to that deployment; and, per bucket, the caller's total cost in the same windows as
+tokens. Cost is counted in whole nano-dollars so stores can add it atomically.
+
+`admit` checks every window and, only when all pass, counts the request and reserves the
+estimate: one atomic step. `settle` releases the reservation and charges what was used.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from tollgate.config.schema import UNLIMITED_COST
+from tollgate.limits.cost import from_nano_usd
+from tollgate.limits.policy import Limits
+from tollgate.limits.windows import Instant
+
+Kind = Literal["token", "request", "cost"]
+NANO_PER_USD = 10**9
+
+
+def cost_limits_nano(limits: Limits) -> tuple[int | None, ...]:
+    """Cost limits in nano-dollars; None where there is no limit."""
+    return tuple(
+        None if limit >= UNLIMITED_COST else int(limit * NANO_PER_USD) for limit in limits.cost
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Admit one call to `entity` for `bucket`, reserving `tokens` and `cost_nano` if given."""
+
+    bucket: str
+    entity: str
+    limits: Limits
+    now: Instant
+    reserve: bool = False  # False: DIAL's rule (refuse once used >= limit)
+    tokens: int = 0
+    cost_nano: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call was refused: which limit kind, the usage and limits of its windows."""
+
+    kind: Kind
+    used: tuple[int, ...]  # per window of the kind; cost in nano-dollars
+    limits: tuple[int, ...]  # idem; UNLIMITED (or None for cost) where there is no limit
+    exceeded: tuple[str, ...]
+    retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a finished call used, and what its admission had reserved (released now)."""
+
+    bucket: str
+    entity: str
+    now: Instant
+    tokens: int
+    cost_nano: int
+    reserved_at: Instant | None = None
+    reserved_tokens: int = 0
+    reserved_cost_nano: int = 0
+
+
+@dataclass(slots=True)
+class EntityUsage:
+    tokens: tuple[int, int, int, int] = (0, 0, 0, 0)  # minute, day, week, month
+    requests: tuple[int, int] = (0, 0)  # hour, day
+    cost_nano: tuple[int, int, int, int] = (0, 0, 0, 0)  # attributed to this deployment
+
+    @property
+    def idle(self) -> bool:
+        return not any(self.tokens) and not any(self.requests) and not any(self.cost_nano)
+
+
+@dataclass(slots=True)
+class BucketUsage:
+    cost_nano: tuple[int, int, int, int] = (0, 0, 0, 0)  # the caller's total spend
+    entities: dict[str, EntityUsage] = field(default_factory=dict)
+
+
+def usd(nano: int) -> Decimal:
+    return from_nano_usd(nano)
+
+
+class Ledger(ABC):
+    """One store of counters. Implementations: `MemoryLedger` (embedded), `RedisLedger`."""
+
+    @abstractmethod
+    async def admit(self, ask: Ask) -> Refusal | None:
+        """Check every window; when all pass, count the request and reserve. Atomic."""
+
+    @abstractmethod
+    async def settle(self, charge: Charge) -> None:
+        """Release the reservation and charge the real usage."""
+
+    @abstractmethod
+    async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
+        """Current usage of `bucket`: of the named entities, or of every entity it used."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections, load state."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release everything."""

@@ -1,0 +1,376 @@
+"""The embedded ledger: counters in memory, persisted to a local SQLite file (DECISIONS 10).
+
+Every `admit` and `settle` runs without an `await` between its check and its write, so on the
+event loop it is one critical section: concurrent calls cannot slip between them. Changed
+buckets are written to SQLite every `flush_every_s` seconds (on a worker thread) and on close;
+at start the file is read back, so day, week and month usage survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tollgate.config.schema import UNLIMITED
+from tollgate.limits.ledger import (
+    Ask,
+    BucketUsage,
+    Charge,
+    EntityUsage,
+    Ledger,
+    Refusal,
+    cost_limits_nano,
+)
+from tollgate.limits.windows import (
+    HOUR,
+    MINUTE,
+    PERIODS,
+    Instant,
+    Period,
+    Sliding,
+    seconds_until,
+    sliding_retry_after_ms,
+    sliding_total,
+)
+
+log = logging.getLogger("tollgate.limits")
+
+Calendar = list[int]  # [period start (epoch s), count]
+
+
+def _calendar_total(counter: Calendar, period: int) -> int:
+    return counter[1] if counter[0] == period else 0
+
+
+def _calendar_add(counter: Calendar, period: int, amount: int) -> None:
+    if counter[0] != period:
+        counter[0], counter[1] = period, 0
+    counter[1] = max(counter[1] + amount, 0)
+
+
+def _sliding_add(counts: dict[int, int], slot: int, amount: int) -> None:
+    counts[slot] = max(counts.get(slot, 0) + amount, 0)
+
+
+class _Windows:
+    """A sliding window plus the three calendar periods: tokens, or cost."""
+
+    __slots__ = ("calendar", "sliding")
+
+    def __init__(self) -> None:
+        self.sliding: dict[int, int] = {}
+        self.calendar: dict[Period, Calendar] = {p: [0, 0] for p in PERIODS}
+
+    def totals(self, window: Sliding, now: Instant) -> tuple[int, int, int, int]:
+        return (
+            sliding_total(self.sliding, window, now.ms),
+            _calendar_total(self.calendar["day"], now.day),
+            _calendar_total(self.calendar["week"], now.week),
+            _calendar_total(self.calendar["month"], now.month),
+        )
+
+    def add(self, window: Sliding, now: Instant, amount: int) -> None:
+        _sliding_add(self.sliding, window.slot(now.ms), amount)
+        for period in PERIODS:
+            _calendar_add(self.calendar[period], now.period(period), amount)
+
+    def release(self, window: Sliding, at: Instant, now: Instant, amount: int) -> None:
+        """Take back what was added at `at`, from the slots and periods that still hold it."""
+        slot = window.slot(at.ms)
+        if slot >= window.oldest_live_slot(now.ms) and slot in self.sliding:
+            _sliding_add(self.sliding, slot, -amount)
+        for period in PERIODS:
+            counter = self.calendar[period]
+            if counter[0] == at.period(period):
+                _calendar_add(counter, counter[0], -amount)
+
+    def dump(self) -> dict[str, Any]:
+        return {"s": self.sliding, "c": self.calendar}
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> _Windows:
+        windows = cls()
+        windows.sliding = {int(slot): int(n) for slot, n in data["s"].items()}
+        windows.calendar = {p: [int(v[0]), int(v[1])] for p, v in data["c"].items()}
+        return windows
+
+
+class _Entity:
+    __slots__ = ("cost", "request_day", "request_hour", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = _Windows()
+        self.cost = _Windows()  # attributed to this deployment, for reports
+        self.request_hour: dict[int, int] = {}
+        self.request_day: Calendar = [0, 0]
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "t": self.tokens.dump(),
+            "c": self.cost.dump(),
+            "rh": self.request_hour,
+            "rd": self.request_day,
+        }
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> _Entity:
+        entity = cls()
+        entity.tokens = _Windows.load(data["t"])
+        entity.cost = _Windows.load(data["c"])
+        entity.request_hour = {int(slot): int(n) for slot, n in data["rh"].items()}
+        entity.request_day = [int(data["rd"][0]), int(data["rd"][1])]
+        return entity
+
+
+class _Bucket:
+    __slots__ = ("cost", "entities")
+
+    def __init__(self) -> None:
+        self.cost = _Windows()  # the caller's total spend: what cost limits check
+        self.entities: dict[str, _Entity] = {}
+
+    def entity(self, name: str) -> _Entity:
+        found = self.entities.get(name)
+        if found is None:
+            found = self.entities[name] = _Entity()
+        return found
+
+    def dump(self) -> dict[str, Any]:
+        return {"c": self.cost.dump(), "e": {n: e.dump() for n, e in self.entities.items()}}
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> _Bucket:
+        bucket = cls()
+        bucket.cost = _Windows.load(data["c"])
+        bucket.entities = {name: _Entity.load(e) for name, e in data["e"].items()}
+        return bucket
+
+
+def _exceeded(
+    used: tuple[int, ...],
+    limits: tuple[int | None, ...],
+    names: tuple[str, ...],
+    ask: Ask,
+    extra: int,
+) -> tuple[str, ...]:
+    """Windows that refuse: DIAL's `used >= limit`, or in reserve mode `used + extra > limit`."""
+    return tuple(
+        name
+        for name, value, limit in zip(names, used, limits, strict=True)
+        if limit is not None
+        and limit < UNLIMITED
+        and (value + extra > limit if ask.reserve and extra else value >= limit)
+    )
+
+
+class MemoryLedger(Ledger):
+    def __init__(self, path: str | None, flush_every_s: float = 1.0) -> None:
+        self._buckets: dict[str, _Bucket] = {}
+        self._dirty: set[str] = set()
+        self._path = path
+        self._flush_every_s = flush_every_s
+        self._db: sqlite3.Connection | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-sqlite")
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the critical sections: no await inside ------------------------------------------
+
+    async def admit(self, ask: Ask) -> Refusal | None:
+        bucket = self._bucket(ask.bucket)
+        entity = bucket.entity(ask.entity)
+        now = ask.now
+        limits = ask.limits
+
+        tokens_used = entity.tokens.totals(MINUTE, now)
+        exceeded = _exceeded(
+            tokens_used, limits.tokens, ("minute", "day", "week", "month"), ask, ask.tokens
+        )
+        if exceeded:
+            threshold = (
+                limits.tokens[0] - ask.tokens + 1
+                if ask.reserve and ask.tokens
+                else limits.tokens[0]
+            )
+            return Refusal(
+                "token",
+                tokens_used,
+                limits.tokens,
+                exceeded,
+                self._retry_after(exceeded, entity.tokens.sliding, MINUTE, now, threshold),
+            )
+
+        requests_used = (
+            sliding_total(entity.request_hour, HOUR, now.ms),
+            _calendar_total(entity.request_day, now.day),
+        )
+        exceeded = _exceeded(requests_used, limits.requests, ("hour", "day"), ask, 0)
+        if exceeded:
+            return Refusal(
+                "request",
+                requests_used,
+                limits.requests,
+                exceeded,
+                self._retry_after(exceeded, entity.request_hour, HOUR, now, limits.requests[0]),
+            )
+
+        cost_limits = cost_limits_nano(limits)
+        cost_used = bucket.cost.totals(MINUTE, now)
+        exceeded = _exceeded(
+            cost_used, cost_limits, ("minute", "day", "week", "month"), ask, ask.cost_nano
+        )
+        if exceeded:
+            minute_limit = cost_limits[0] or 0
+            threshold = minute_limit - ask.cost_nano + 1 if ask.reserve else minute_limit
+            return Refusal(
+                "cost",
+                cost_used,
+                tuple(UNLIMITED if c is None else c for c in cost_limits),
+                exceeded,
+                self._retry_after(exceeded, bucket.cost.sliding, MINUTE, now, threshold),
+            )
+
+        _sliding_add(entity.request_hour, HOUR.slot(now.ms), 1)
+        _calendar_add(entity.request_day, now.day, 1)
+        if ask.tokens:
+            entity.tokens.add(MINUTE, now, ask.tokens)
+        if ask.cost_nano:
+            bucket.cost.add(MINUTE, now, ask.cost_nano)
+        self._dirty.add(ask.bucket)
+        return None
+
+    async def settle(self, charge: Charge) -> None:
+        bucket = self._bucket(charge.bucket)
+        entity = bucket.entity(charge.entity)
+        if charge.reserved_at is not None:
+            if charge.reserved_tokens:
+                entity.tokens.release(
+                    MINUTE, charge.reserved_at, charge.now, charge.reserved_tokens
+                )
+            if charge.reserved_cost_nano:
+                bucket.cost.release(
+                    MINUTE, charge.reserved_at, charge.now, charge.reserved_cost_nano
+                )
+        if charge.tokens > 0:
+            entity.tokens.add(MINUTE, charge.now, charge.tokens)
+        if charge.cost_nano > 0:
+            bucket.cost.add(MINUTE, charge.now, charge.cost_nano)
+            entity.cost.add(MINUTE, charge.now, charge.cost_nano)
+        self._dirty.add(charge.bucket)
+
+    async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
+        state = self._buckets.get(bucket)
+        if state is None:
+            state = _Bucket()
+        names = list(state.entities) if entities is None else list(entities)
+        report = BucketUsage(cost_nano=state.cost.totals(MINUTE, now))
+        for name in names:
+            entity = state.entities.get(name)
+            if entity is None:
+                report.entities[name] = EntityUsage()
+                continue
+            report.entities[name] = EntityUsage(
+                tokens=entity.tokens.totals(MINUTE, now),
+                requests=(
+                    sliding_total(entity.request_hour, HOUR, now.ms),
+                    _calendar_total(entity.request_day, now.day),
+                ),
+                cost_nano=entity.cost.totals(MINUTE, now),
+            )
+        return report
+
+    def _bucket(self, name: str) -> _Bucket:
+        found = self._buckets.get(name)
+        if found is None:
+            found = self._buckets[name] = _Bucket()
+        return found
+
+    @staticmethod
+    def _retry_after(
+        exceeded: tuple[str, ...],
+        sliding: dict[int, int],
+        window: Sliding,
+        now: Instant,
+        threshold: int,
+    ) -> int:
+        """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1)."""
+        waits = []
+        for name in exceeded:
+            if name in ("minute", "hour"):
+                wait_ms = sliding_retry_after_ms(sliding, window, now.ms, threshold)
+                waits.append(-(-wait_ms // 1000))
+            else:
+                period: Period = "day" if name == "day" else "week" if name == "week" else "month"
+                waits.append(seconds_until(now, now.period_end(period)))
+        return max(max(waits, default=1), 1)
+
+    # --- persistence ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._path is None:
+            return
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._writer, self._open_and_read)
+        for name, text in rows:
+            try:
+                self._buckets[name] = _Bucket.load(json.loads(text))
+            except (ValueError, KeyError, TypeError, IndexError):
+                log.warning("usage store %s: unreadable row for one bucket, skipped", self._path)
+        if rows:
+            log.info("usage store %s: %d callers' usage restored", self._path, len(rows))
+        self._task = loop.create_task(self._flush_periodically())
+
+    def _open_and_read(self) -> list[tuple[str, str]]:
+        assert self._path is not None
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self._path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS usage (bucket TEXT PRIMARY KEY, state TEXT NOT NULL)"
+        )
+        return list(self._db.execute("SELECT bucket, state FROM usage"))
+
+    def _snapshot_dirty(self) -> list[tuple[str, str]]:
+        rows = [(name, json.dumps(self._buckets[name].dump())) for name in self._dirty]
+        self._dirty.clear()
+        return rows
+
+    def _write(self, rows: list[tuple[str, str]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO usage (bucket, state) VALUES (?, ?) "
+                "ON CONFLICT(bucket) DO UPDATE SET state = excluded.state",
+                rows,
+            )
+
+    async def flush(self) -> None:
+        if self._db is None or not self._dirty:
+            return
+        rows = self._snapshot_dirty()
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, rows)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_every_s)
+            try:
+                await self.flush()
+            except sqlite3.Error as exc:
+                log.error("usage store %s: write failed: %s", self._path, exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._db is not None:
+            await self.flush()
+            self._db.close()
+            self._db = None
+        self._writer.shutdown(wait=True)

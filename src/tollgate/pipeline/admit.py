@@ -1,0 +1,151 @@
+"""Step 4: may this call go ahead within the caller's limits (spec auth-limits 5, DECISIONS 8).
+
+Models are limited; applications and assistants are not (spec 5.1). A non-positive limit is
+403 `Access denied`; an exceeded one is 429 with DIAL's message, `display_message` and
+`Retry-After`. In `reserve` mode an estimate of the call's tokens and cost is reserved at
+admission, so concurrent calls cannot all pass a check that only one of them fits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from tollgate.config.schema import Model
+from tollgate.config.snapshot import Deployment, Kind, Snapshot
+from tollgate.errors import GatewayError
+from tollgate.limits import messages
+from tollgate.limits.cost import Prices, to_nano_usd
+from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
+from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Limits
+from tollgate.limits.windows import Clock, Instant
+from tollgate.security.principal import Principal
+
+CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
+
+
+def bucket_of(principal: Principal) -> str:
+    """Whose counters: all keys of a project share them, per-request keys count for the root
+    caller (spec 5.5)."""
+    return f"Keys/{principal.project}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted call, to be settled when its response is done."""
+
+    bucket: str
+    entity: str
+    at: Instant
+    reserved_tokens: int
+    reserved_cost_nano: int
+    prices: Prices | None
+    clock: Clock  # the snapshot's, so a settle uses the schedule its admission used
+
+
+class Admission:
+    def __init__(self, ledger: Ledger, *, reserve: bool, default_completion_tokens: int) -> None:
+        self.ledger = ledger
+        self.reserve = reserve
+        self.default_completion_tokens = default_completion_tokens
+
+    def limits(self, snapshot: Snapshot, principal: Principal, deployment: Deployment) -> Limits:
+        return snapshot.limit_policy.limits(
+            principal.role_set, deployment.name, deployment.user_roles
+        )
+
+    async def admit(
+        self,
+        snapshot: Snapshot,
+        principal: Principal,
+        deployment: Deployment,
+        api: str,
+        body: bytes,
+        request: dict[str, Any],
+    ) -> Ticket | None:
+        if deployment.kind is not Kind.MODEL:
+            return None
+        limits = self.limits(snapshot, principal, deployment)
+        if not limits.positive:
+            raise GatewayError(403, "Access denied")
+        now = snapshot.clock.at(time.time_ns() // 1_000_000)
+        tokens = cost_nano = 0
+        if self.reserve:
+            tokens, cost_nano = self._estimate(deployment, api, body, request)
+        ask = Ask(
+            bucket_of(principal),
+            deployment.name,
+            limits,
+            now,
+            reserve=self.reserve,
+            tokens=tokens,
+            cost_nano=cost_nano,
+        )
+        refusal = await self.ledger.admit(ask)
+        if refusal is not None:
+            raise rejection(refusal)
+        return Ticket(
+            ask.bucket, ask.entity, now, tokens, cost_nano, deployment.prices, snapshot.clock
+        )
+
+    def _estimate(
+        self, deployment: Deployment, api: str, body: bytes, request: dict[str, Any]
+    ) -> tuple[int, int]:
+        """Tokens (and their cost) the call may use: its body's size for the prompt, plus
+        `max_tokens`, or the model's `maxCompletionTokens`, or the configured default."""
+        prompt = math.ceil(len(body) / CHARS_PER_TOKEN)
+        completion = 0
+        if api != "embeddings":
+            asked = request.get("max_completion_tokens", request.get("max_tokens"))
+            if type(asked) is int and asked > 0:
+                completion = asked
+            else:
+                model = deployment.spec
+                configured = (
+                    model.limits.max_completion_tokens
+                    if isinstance(model, Model) and model.limits is not None
+                    else None
+                )
+                completion = configured or self.default_completion_tokens
+        prices = deployment.prices
+        if prices is None:
+            return prompt + completion, 0
+        per_unit = CHARS_PER_TOKEN if prices.unit == "char_without_whitespace" else 1
+        cost = Decimal(prompt * per_unit) * (prices.prompt or 0) + Decimal(
+            completion * per_unit
+        ) * (prices.completion or 0)
+        return prompt + completion, to_nano_usd(cost)
+
+
+def rejection(refusal: Refusal) -> GatewayError:
+    """DIAL's 429 body, `display_message` and `Retry-After` (spec 5.8)."""
+    if refusal.kind == "token":
+        text = messages.token_message(
+            dict(zip(TOKEN_WINDOWS, refusal.used, strict=True)),
+            dict(zip(TOKEN_WINDOWS, refusal.limits, strict=True)),
+        )
+    elif refusal.kind == "request":
+        text = messages.request_message(
+            dict(zip(REQUEST_WINDOWS, refusal.used, strict=True)),
+            dict(zip(REQUEST_WINDOWS, refusal.limits, strict=True)),
+        )
+    else:
+        text = messages.cost_message(
+            {w: usd(n) for w, n in zip(COST_WINDOWS, refusal.used, strict=True)},
+            {w: _limit_usd(n) for w, n in zip(COST_WINDOWS, refusal.limits, strict=True)},
+        )
+    return GatewayError(
+        429,
+        text,
+        display_message=messages.display_message(refusal.kind, refusal.exceeded),
+        headers={"Retry-After": str(refusal.retry_after_s)},
+    )
+
+
+def _limit_usd(nano: int) -> Decimal:
+    from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
+
+    return UNLIMITED_COST if nano >= UNLIMITED else usd(nano)

@@ -1,0 +1,48 @@
+"""Step 7: charge what the call used, release what its admission reserved (spec 5.2, 5.7).
+
+Only a successful (200) response of a model is charged: its `total_tokens`, and its cost from
+the model's `pricing`. Settling happens after the response is relayed, also when the client
+went away mid-stream (the relay drained the upstream first, DECISIONS 9).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tollgate.limits.cost import call_cost, to_nano_usd
+from tollgate.limits.ledger import Charge, Ledger
+from tollgate.pipeline.admit import Ticket
+from tollgate.pipeline.usage import Usage
+
+
+def charge_for(
+    ticket: Ticket,
+    status: int,
+    usage: Usage | None,
+    request: dict[str, Any],
+    response: bytes,
+    streamed: bool,
+    api: str,
+) -> Charge:
+    tokens = cost_nano = 0
+    if status == 200:
+        if usage is not None and usage.total_tokens > 0:
+            tokens = usage.total_tokens
+        cost = call_cost(ticket.prices, usage, request, response, streamed, api)
+        if cost is not None and cost > 0:
+            cost_nano = to_nano_usd(cost)
+    return Charge(
+        ticket.bucket,
+        ticket.entity,
+        ticket.clock.at(time.time_ns() // 1_000_000),
+        tokens,
+        cost_nano,
+        reserved_at=ticket.at,
+        reserved_tokens=ticket.reserved_tokens,
+        reserved_cost_nano=ticket.reserved_cost_nano,
+    )
+
+
+async def settle(ledger: Ledger, charge: Charge) -> None:
+    await ledger.settle(charge)
