@@ -362,3 +362,41 @@ def test_concurrent_burst(work_dir: Path, fake_model: FakeModel, mode: str) -> N
     else:
         # Each call reserves its prompt estimate plus max_tokens (99): at most the limit.
         assert charged <= 1000 and admitted >= 8
+
+
+def test_restart_keeps_usage_with_the_embedded_store(work_dir: Path, fake_model: FakeModel) -> None:
+    """DECISIONS 10: counters are persisted to SQLite and read back at start-up."""
+    config = {
+        "models": {"kept-model": {"endpoint": fake_model.endpoint("kept-model")}},
+        "keys": {"kept-key-0123456789": {"project": "kept", "role": "default"}},
+        "roles": {"default": {"limits": {"kept-model": {"day": 10000, "requestDay": 100}}}},
+    }
+    usage_file = str(work_dir / "kept-usage.sqlite")
+    env = {"aidial.limits.embedded.file": usage_file}
+    headers = {"Api-Key": "kept-key-0123456789"}
+
+    def stats(gw: Gateway) -> dict[str, Any]:
+        response = httpx.get(f"{gw.url}/v1/deployments/kept-model/limits", headers=headers)
+        result: dict[str, Any] = response.json()
+        return result
+
+    first = start_gateway(work_dir, [config], env=env)
+    try:
+        with httpx.Client(base_url=first.url) as http:
+            for _ in range(3):
+                assert call(http, "kept-key-0123456789", "kept-model").status_code == 200
+        before = stats(first)
+    finally:
+        stop(first.process)  # SIGTERM: a graceful stop flushes the counters
+    assert before["dayTokenStats"]["used"] == 30
+
+    second = start_gateway(work_dir, [config], env=env)
+    try:
+        after = stats(second)
+        for window in ("dayTokenStats", "weekTokenStats", "monthTokenStats", "dayRequestStats"):
+            assert after[window]["used"] == before[window]["used"], window
+        with httpx.Client(base_url=second.url) as http:
+            assert call(http, "kept-key-0123456789", "kept-model").status_code == 200
+        assert stats(second)["dayTokenStats"]["used"] == 40
+    finally:
+        stop(second.process)

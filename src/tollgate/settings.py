@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tollgate.config.merge import deep_merge
 
@@ -42,6 +42,7 @@ class Settings:
     default_completion_tokens: int
     usage_file: str | None  # the embedded ledger's SQLite file; None: memory only
     usage_flush_s: float
+    on_store_failure: Literal["local", "closed"]
     raw: Mapping[str, Any]
 
 
@@ -154,6 +155,11 @@ def load_settings(
     usage_file = _get(tree, "limits", "embedded", "file")
     if usage_file is not None and not isinstance(usage_file, str):
         raise SettingsError(f"setting limits.embedded.file: expected a path, got {usage_file!r}")
+    on_store_failure = _get(tree, "limits", "onStoreFailure")
+    if on_store_failure not in ("local", "closed"):
+        raise SettingsError(
+            f'setting limits.onStoreFailure: expected "local" or "closed", got {on_store_failure!r}'
+        )
     reload_ms = int(_number(tree, "config", "reload"))
     if reload_ms <= 0:
         raise SettingsError("setting config.reload: must be a positive number of milliseconds")
@@ -174,5 +180,6 @@ def load_settings(
         ),
         usage_file=usage_file or None,
         usage_flush_s=_number(tree, "limits", "embedded", "flushInterval") / 1000,
+        on_store_failure=on_store_failure,
         raw=tree,
     )

@@ -18,12 +18,12 @@ from aiohttp import web
 from tollgate import __version__
 from tollgate.config.snapshot import Snapshot
 from tollgate.config.watch import ConfigStore
-from tollgate.errors import GatewayError, no_route
+from tollgate.errors import GatewayError, no_route, unknown_api_key
 from tollgate.http import catalog
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.responses import error_response
 from tollgate.limits.cost import Prices
-from tollgate.limits.memory import MemoryLedger
+from tollgate.limits.store import build_ledger, describe, redis_client
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.authorize import authorize
@@ -33,6 +33,7 @@ from tollgate.pipeline.resolve import resolve
 from tollgate.pipeline.settle import charge_for
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
+from tollgate.security.shared_keys import RemoteKeyLookup, SharedKeys
 from tollgate.settings import Settings
 
 log = logging.getLogger("tollgate.http")
@@ -59,8 +60,20 @@ class Gateway:
         self.settings = settings
         self.store = store
         self.per_request_keys = PerRequestKeys(settings.per_request_key_ttl_s)
-        self.authenticator = Authenticator(self.per_request_keys, settings.proxy_count)
-        self.ledger = MemoryLedger(settings.usage_file, settings.usage_flush_s)
+        self.redis = redis_client(settings)
+        self.ledger = build_ledger(settings, self.redis)
+        self.shared_keys = (
+            None
+            if self.redis is None
+            else SharedKeys(
+                self.redis,
+                settings.per_request_key_ttl_s,
+                store_healthy=lambda: bool(describe(self.ledger)["healthy"]),
+            )
+        )
+        self.authenticator = Authenticator(
+            self.per_request_keys, settings.proxy_count, shared=self.shared_keys is not None
+        )
         self.admission = Admission(
             self.ledger,
             reserve=settings.admission == "reserve",
@@ -94,11 +107,18 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         await self.ledger.close()
+        if self.shared_keys is not None:
+            await self.shared_keys.close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request enters here. Every answer allows any origin (spec proxy 2)."""
         try:
-            routed = self._route(request)
+            try:
+                routed = self._route(request)
+            except RemoteKeyLookup as lookup:
+                routed = self._route(request, await self._remote_principal(lookup))
             if isinstance(routed, DeploymentCall):
                 response = await self.deployment_call(request, *routed)
             elif isinstance(routed, AsyncAnswer):
@@ -115,7 +135,17 @@ class Gateway:
             response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
-    def _route(self, request: web.Request) -> web.StreamResponse | DeploymentCall | AsyncAnswer:
+    async def _remote_principal(self, lookup: RemoteKeyLookup) -> Principal:
+        """A per-request key minted by another instance, from the shared store."""
+        assert self.shared_keys is not None
+        principal = await self.shared_keys.lookup(lookup.digest)
+        if principal is None:
+            raise unknown_api_key()
+        return principal
+
+    def _route(
+        self, request: web.Request, principal: Principal | None = None
+    ) -> web.StreamResponse | DeploymentCall | AsyncAnswer:
         """DIAL's front door (spec proxy 2) and authentication; then either the answer of a
         quick handler, or the deployment call to make."""
         method = request.method
@@ -131,11 +161,14 @@ class Gateway:
         path = request.raw_path.partition("?")[0]
         if method == "GET":
             if path == "/health":
-                return web.json_response({"status": "ok"})
+                store = describe(self.ledger)
+                status = "ok" if store["healthy"] else "degraded"
+                return web.json_response({"status": status, "limits": store})
             if path == "/version":
                 return web.Response(text=__version__)
         snapshot = self.store.current
-        principal = self.authenticator.authenticate(request.headers, request, snapshot)
+        if principal is None:
+            principal = self.authenticator.authenticate(request.headers, request, snapshot)
         if method == "POST":
             call = DEPLOYMENT_CALL.fullmatch(path)
             if call is not None:
@@ -175,6 +208,8 @@ class Gateway:
         key, handle = self.per_request_keys.mint(principal, deployment.name)
         relayed: Relayed | None = None
         try:
+            if self.shared_keys is not None:
+                await self.shared_keys.publish(handle, principal.via(deployment.name))
             url = upstream_url(deployment, request.raw_path.partition("?")[2])
             headers = upstream_headers(
                 request.headers.items(),
@@ -216,6 +251,8 @@ class Gateway:
             return relayed.response
         finally:
             self.per_request_keys.invalidate(handle)
+            if self.shared_keys is not None:
+                self.shared_keys.revoke(handle)
             if ticket is not None:
                 # Settled whatever happened: a failed call releases its reservation.
                 await self.ledger.settle(

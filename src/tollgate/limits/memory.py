@@ -98,7 +98,9 @@ class _Windows:
     def load(cls, data: dict[str, Any]) -> _Windows:
         windows = cls()
         windows.sliding = {int(slot): int(n) for slot, n in data["s"].items()}
-        windows.calendar = {p: [int(v[0]), int(v[1])] for p, v in data["c"].items()}
+        # Fix: every period, or the row is unreadable (a missing one was a KeyError in admit).
+        calendar = data["c"]
+        windows.calendar = {p: [int(calendar[p][0]), int(calendar[p][1])] for p in PERIODS}
         return windows
 
 
@@ -227,7 +229,11 @@ class MemoryLedger(Ledger):
         )
         if exceeded:
             minute_limit = cost_limits[0] or 0
-            threshold = minute_limit - ask.cost_nano + 1 if ask.reserve else minute_limit
+            # Fix: `and ask.cost_nano`, as for tokens: with no cost to reserve `_exceeded` used
+            # `used >= limit`, and a threshold of limit + 1 told the caller to retry at once.
+            threshold = (
+                minute_limit - ask.cost_nano + 1 if ask.reserve and ask.cost_nano else minute_limit
+            )
             return Refusal(
                 "cost",
                 cost_used,
@@ -318,15 +324,17 @@ class MemoryLedger(Ledger):
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._writer, self._open_and_read)
         for name, text in rows:
+            # Fix: `except Exception`: whatever is wrong with one row (a list for a mapping, a
+            # number too large, nesting too deep, not UTF-8) is skipped; it stopped the start.
             try:
-                self._buckets[name] = _Bucket.load(json.loads(text))
-            except (ValueError, KeyError, TypeError, IndexError):
+                self._buckets[name.decode()] = _Bucket.load(json.loads(text))
+            except Exception:
                 log.warning("usage store %s: unreadable row for one bucket, skipped", self._path)
         if rows:
             log.info("usage store %s: %d callers' usage restored", self._path, len(rows))
         self._task = loop.create_task(self._flush_periodically())
 
-    def _open_and_read(self) -> list[tuple[str, str]]:
+    def _open_and_read(self) -> list[tuple[bytes, bytes]]:
         assert self._path is not None
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self._path, check_same_thread=False)
@@ -334,7 +342,13 @@ class MemoryLedger(Ledger):
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS usage (bucket TEXT PRIMARY KEY, state TEXT NOT NULL)"
         )
-        return list(self._db.execute("SELECT bucket, state FROM usage"))
+        # Fix: read bytes, decoded row by row in start(); a text value that is not UTF-8 made
+        # sqlite3 raise for the whole query, and start() failed.
+        self._db.text_factory = bytes
+        try:
+            return list(self._db.execute("SELECT bucket, state FROM usage"))
+        finally:
+            self._db.text_factory = str
 
     def _snapshot_dirty(self) -> list[tuple[str, str]]:
         rows = [(name, json.dumps(self._buckets[name].dump())) for name in self._dirty]
@@ -354,7 +368,14 @@ class MemoryLedger(Ledger):
         if self._db is None or not self._dirty:
             return
         rows = self._snapshot_dirty()
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, rows)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write, rows)
+        except BaseException:
+            # Fix: these buckets are dirty again, so the next flush writes them. Before, rows of
+            # a failed write were lost until their bucket changed again, and so were those of
+            # a periodic flush that close() cancelled before its write ran.
+            self._dirty.update(name for name, _ in rows)
+            raise
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -371,6 +392,8 @@ class MemoryLedger(Ledger):
                 await self._task
         if self._db is not None:
             await self.flush()
-            self._db.close()
+            # Fix: closed on the writer thread, after any write still running there (one of a
+            # periodic flush cancelled above), instead of under its feet.
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._db.close)
             self._db = None
         self._writer.shutdown(wait=True)

@@ -86,6 +86,20 @@ class Schedule:
 
     def start(self, period: Period, now: datetime) -> datetime:
         """Start of the period that contains `now` (an aware datetime)."""
+        return self._at_reset(self._first_day(period, now))
+
+    def next_start(self, period: Period, now: datetime) -> datetime:
+        # Fix: step on from the period's first date, not from the local date of its start: a
+        # reset on a date the zone skipped (Pacific/Apia, 2011-12-30) starts on the next date,
+        # and a week counted from there ended on the wrong weekday.
+        return self._at_reset(_following(period, self._first_day(period, now)))
+
+    def _first_day(self, period: Period, now: datetime) -> date:
+        """The date whose reset started the period that contains `now`."""
+        # Fix: compare in UTC. Python compares two datetimes of the same zone by wall clock,
+        # ignoring `fold`, so a `now` given in the schedule's zone inside the repeated autumn
+        # hour (02:15 CET after a 02:30 CEST reset) looked earlier than the reset.
+        now = now.astimezone(UTC)
         today = now.astimezone(self.zone).date()
         if period == "day":
             first = today
@@ -93,14 +107,9 @@ class Schedule:
             first = today - timedelta(days=(today.weekday() - self.week_start) % 7)
         else:
             first = today.replace(day=1)
-        start = self._at_reset(first)
-        if start > now:  # before today's (this week's, this month's) reset: the previous one
-            start = self._at_reset(_previous(period, first, self.week_start))
-        return start
-
-    def next_start(self, period: Period, now: datetime) -> datetime:
-        first = self.start(period, now).astimezone(self.zone).date()
-        return self._at_reset(_following(period, first))
+        if self._at_reset(first) > now:  # before today's (this week's, this month's) reset
+            first = _previous(period, first, self.week_start)
+        return first
 
 
 def _previous(period: Period, first: date, week_start: int) -> date:

@@ -21,6 +21,7 @@ from tollgate.security.ip_ranges import client_address
 from tollgate.security.keys import digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
+from tollgate.security.shared_keys import RemoteKeyLookup
 
 
 class Peer(Protocol):
@@ -33,11 +34,14 @@ class Peer(Protocol):
 class Authenticator:
     """Turns request headers into a `Principal`, or raises DIAL's 400/401/403."""
 
-    __slots__ = ("_per_request", "_proxy_count")
+    __slots__ = ("_per_request", "_proxy_count", "_shared")
 
-    def __init__(self, per_request_keys: PerRequestKeys, proxy_count: int) -> None:
+    def __init__(
+        self, per_request_keys: PerRequestKeys, proxy_count: int, *, shared: bool = False
+    ) -> None:
         self._per_request = per_request_keys
         self._proxy_count = proxy_count
+        self._shared = shared  # per-request keys may have been minted by another instance
 
     def authenticate(self, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot) -> Principal:
         api_key = headers.get("Api-Key")
@@ -70,6 +74,8 @@ class Authenticator:
             return principal
         if snapshot.keys.lookup_digest(digest) is not None:
             raise GatewayError(400, "Provided API key is not per request key")
+        if self._shared:
+            raise RemoteKeyLookup(digest, with_authorization=True)
         raise unknown_api_key()
 
     def _by_key(
@@ -87,5 +93,7 @@ class Authenticator:
             return key.principal
         principal = self._per_request.resolve_digest(digest)
         if principal is None:
+            if self._shared:
+                raise RemoteKeyLookup(digest, with_authorization=False)
             raise unknown_api_key()
         return principal

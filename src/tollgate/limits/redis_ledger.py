@@ -1,0 +1,309 @@
+"""The shared ledger: counters in Redis, each check-and-charge one Lua call (DECISIONS 8, 10).
+
+`RedisLedger` keeps exactly what `MemoryLedger` keeps and answers exactly as it does; the Lua
+scripts in `lua/` are the two critical sections (`admit`, `settle`) and one read (`usage`).
+
+Time is the gateway's clock, not Redis TIME: slot indexes and calendar period ids are computed
+here from the `Instant` the caller passes, so both ledgers see the same windows, and instances
+sharing a Redis agree as far as their clocks do.
+
+Key layout: every key of one caller bucket carries the bucket as its Redis Cluster hash tag, so a
+script only ever touches one slot (`{...}` in the bucket is escaped as `%7B`/`%7D`, `%` as `%25`):
+
+    <prefix>:{<bucket>}:entities         set: every entity the bucket used
+    <prefix>:{<bucket>}:cost             hash: minute slot (epoch s) -> nano-dollars spent
+    <prefix>:{<bucket>}:costcal          hash: cost:day|week|month = period id, `...:n` = count
+    <prefix>:{<bucket>}:tok:<entity>     hash: minute slot -> tokens
+    <prefix>:{<bucket>}:req:<entity>     hash: hour slot (epoch min) -> requests
+    <prefix>:{<bucket>}:ecost:<entity>   hash: minute slot -> nano-dollars attributed to it
+    <prefix>:{<bucket>}:cal:<entity>     hash: tokens:day|week|month, requests:day and
+                                         cost:day|week|month, each with its `...:n` count
+
+TTLs only collect idle keys: minute hashes live `MINUTE_TTL_S`, hour hashes `HOUR_TTL_S`,
+calendar hashes and the entity set `CALENDAR_TTL_S` after their last write. A window ends by the
+slot index or period id stored in it, never by a TTL, so refreshing one on write cannot keep a
+window alive (the LiteLLM bug in spec peers.md 3.A.4).
+
+Numbers: counts are integers added with HINCRBY; Lua compares and sums them as doubles, exact
+while every count, window total, amount and limit stays below 2^53 (9.007e15 tokens, or
+$9,007,199.25 in nano-dollars per window).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
+
+from tollgate.config.schema import UNLIMITED
+from tollgate.limits.ledger import (
+    Ask,
+    BucketUsage,
+    Charge,
+    EntityUsage,
+    Kind,
+    Ledger,
+    Refusal,
+    cost_limits_nano,
+)
+from tollgate.limits.windows import (
+    HOUR,
+    MINUTE,
+    Instant,
+    Period,
+    Sliding,
+    seconds_until,
+    sliding_retry_after_ms,
+)
+
+MINUTE_TTL_S = 2 * 60  # the 60 s window, twice over
+HOUR_TTL_S = 2 * 60 * 60  # the 60 min window, twice over
+CALENDAR_TTL_S = 35 * 24 * 60 * 60  # the longest month (31 days, plus a DST hour), and margin
+_KINDS: dict[str, Kind] = {"token": "token", "request": "request", "cost": "cost"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        lua = files("tollgate.limits").joinpath("lua")
+        source = "\n".join(lua.joinpath(part).read_text("utf-8") for part in ("windows.lua", name))
+        return cls(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+ADMIT = _Script.load("admit.lua")
+SETTLE = _Script.load("settle.lua")
+USAGE = _Script.load("usage.lua")
+
+
+class _Redis:
+    """The one place that touches redis-py, whose annotations are loose: replies are `object`."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def run(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> object:
+        """EVALSHA; on NOSCRIPT (a restarted or flushed server), EVAL, which caches it again on
+        the node that owns the keys (so this works on Redis Cluster too)."""
+        try:
+            reply: object = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            reply = await self._client.eval(script.source, len(keys), *keys, *args)
+        return reply
+
+    async def members(self, key: str) -> list[str]:
+        found: set[bytes | str] = await self._client.smembers(key)
+        return sorted(_text(member) for member in found)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int | bytes | str):
+        return int(value)
+    raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _list(value: object) -> list[object]:
+    if isinstance(value, list):
+        return value
+    raise TypeError(f"unexpected Redis reply {value!r}")
+
+
+def _tag(bucket: str) -> str:
+    """The bucket as a hash tag body: no braces inside, never empty, one bucket per tag."""
+    escaped = bucket.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return escaped or "%"
+
+
+def _limit(limit: int | None) -> str:
+    return "" if limit is None or limit >= UNLIMITED else str(limit)
+
+
+def _periods(at: Instant) -> list[str]:
+    return [str(at.day), str(at.week), str(at.month)]
+
+
+class RedisLedger(Ledger):
+    """Counters in Redis (or Redis Cluster), shared by every instance that uses the same prefix.
+
+    The client is the caller's: this ledger neither opens nor closes it.
+    """
+
+    def __init__(self, client: Redis | RedisCluster, prefix: str = "tollgate") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a Redis key prefix must not contain '{' or '}' (the hash tag)")
+        self._redis = _Redis(client)
+        self._prefix = prefix
+
+    def _bucket_key(self, bucket: str) -> str:
+        return f"{self._prefix}:{{{_tag(bucket)}}}:"
+
+    async def admit(self, ask: Ask) -> Refusal | None:
+        base = self._bucket_key(ask.bucket)
+        now = ask.now
+        limits = ask.limits
+        cost_limits = cost_limits_nano(limits)
+        reply = await self._redis.run(
+            ADMIT,
+            [
+                base + "entities",
+                base + "tok:" + ask.entity,
+                base + "req:" + ask.entity,
+                base + "cal:" + ask.entity,
+                base + "cost",
+                base + "costcal",
+            ],
+            [
+                ask.entity,
+                "1" if ask.reserve else "0",
+                str(ask.tokens),
+                str(ask.cost_nano),
+                str(MINUTE.slot(now.ms)),
+                str(MINUTE.oldest_live_slot(now.ms)),
+                str(HOUR.slot(now.ms)),
+                str(HOUR.oldest_live_slot(now.ms)),
+                *_periods(now),
+                *map(_limit, limits.tokens),
+                *map(_limit, limits.requests),
+                *map(_limit, cost_limits),
+                str(MINUTE_TTL_S),
+                str(HOUR_TTL_S),
+                str(CALENDAR_TTL_S),
+            ],
+        )
+        if not isinstance(reply, list):
+            return None
+        kind = _KINDS[_text(reply[0])]
+        used = tuple(_int(n) for n in _list(reply[1]))
+        exceeded = tuple(_text(name) for name in _list(reply[2]))
+        flat = _list(reply[3])
+        slots = {_int(flat[i]): _int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        # The thresholds below are MemoryLedger.admit's, kept identical so both ledgers answer
+        # the same Retry-After.
+        if kind == "token":
+            threshold = (
+                limits.tokens[0] - ask.tokens + 1
+                if ask.reserve and ask.tokens
+                else limits.tokens[0]
+            )
+            retry = _retry_after(exceeded, slots, MINUTE, now, threshold)
+            return Refusal(kind, used, limits.tokens, exceeded, retry)
+        if kind == "request":
+            retry = _retry_after(exceeded, slots, HOUR, now, limits.requests[0])
+            return Refusal(kind, used, limits.requests, exceeded, retry)
+        minute_limit = cost_limits[0] or 0
+        threshold = (
+            minute_limit - ask.cost_nano + 1 if ask.reserve and ask.cost_nano else minute_limit
+        )
+        return Refusal(
+            kind,
+            used,
+            tuple(UNLIMITED if c is None else c for c in cost_limits),
+            exceeded,
+            _retry_after(exceeded, slots, MINUTE, now, threshold),
+        )
+
+    async def settle(self, charge: Charge) -> None:
+        base = self._bucket_key(charge.bucket)
+        now = charge.now
+        at = charge.reserved_at
+        if at is None:
+            release_tokens = release_cost = "0"
+            reserved_slot = ""
+            reserved_periods = ["", "", ""]
+        else:
+            release_tokens = str(-charge.reserved_tokens)
+            release_cost = str(-charge.reserved_cost_nano)
+            slot = MINUTE.slot(at.ms)
+            reserved_slot = str(slot) if slot >= MINUTE.oldest_live_slot(now.ms) else ""
+            reserved_periods = _periods(at)
+        await self._redis.run(
+            SETTLE,
+            [
+                base + "entities",
+                base + "tok:" + charge.entity,
+                base + "cal:" + charge.entity,
+                base + "ecost:" + charge.entity,
+                base + "cost",
+                base + "costcal",
+            ],
+            [
+                charge.entity,
+                str(charge.tokens),
+                str(charge.cost_nano),
+                str(MINUTE.slot(now.ms)),
+                str(MINUTE.oldest_live_slot(now.ms)),
+                *_periods(now),
+                release_tokens,
+                release_cost,
+                reserved_slot,
+                *reserved_periods,
+                str(MINUTE_TTL_S),
+                str(CALENDAR_TTL_S),
+            ],
+        )
+
+    async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
+        base = self._bucket_key(bucket)
+        names = await self._redis.members(base + "entities") if entities is None else list(entities)
+        keys = [base + "cost", base + "costcal"]
+        for name in names:
+            keys += [base + "tok:" + name, base + "req:" + name, base + "cal:" + name]
+            keys.append(base + "ecost:" + name)
+        reply = await self._redis.run(
+            USAGE,
+            keys,
+            [
+                str(MINUTE.oldest_live_slot(now.ms)),
+                str(HOUR.oldest_live_slot(now.ms)),
+                *_periods(now),
+            ],
+        )
+        n = [_int(value) for value in _list(reply)]
+        report = BucketUsage(cost_nano=(n[0], n[1], n[2], n[3]))
+        for index, name in enumerate(names):
+            e = n[4 + 10 * index : 14 + 10 * index]
+            report.entities[name] = EntityUsage(
+                tokens=(e[0], e[1], e[2], e[3]),
+                requests=(e[4], e[5]),
+                cost_nano=(e[6], e[7], e[8], e[9]),
+            )
+        return report
+
+
+def _retry_after(
+    exceeded: tuple[str, ...],
+    slots: dict[int, int],
+    window: Sliding,
+    now: Instant,
+    threshold: int,
+) -> int:
+    """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1), as
+    MemoryLedger computes it from the live slots of the sliding window."""
+    waits = []
+    for name in exceeded:
+        if name in ("minute", "hour"):
+            wait_ms = sliding_retry_after_ms(slots, window, now.ms, threshold)
+            waits.append(-(-wait_ms // 1000))
+        else:
+            period: Period = "day" if name == "day" else "week" if name == "week" else "month"
+            waits.append(seconds_until(now, now.period_end(period)))
+    return max(max(waits, default=1), 1)

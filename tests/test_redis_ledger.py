@@ -1,0 +1,533 @@
+"""RedisLedger against a real redis-server: the same answers as MemoryLedger, atomic under
+concurrency, shared across instances, one cluster slot per bucket, TTLs, NOSCRIPT recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from redis_server import RedisServer, redis_server_binary, start_redis_server, stop_redis_server
+from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
+from tollgate.limits.ledger import Ask, Charge, Refusal
+from tollgate.limits.memory import MemoryLedger
+from tollgate.limits.policy import Limits
+from tollgate.limits.redis_ledger import (
+    ADMIT,
+    CALENDAR_TTL_S,
+    HOUR_TTL_S,
+    MINUTE_TTL_S,
+    RedisLedger,
+)
+from tollgate.limits.windows import Instant
+
+pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
+
+DAY_MS = 86_400_000
+
+
+def instant(ms: int) -> Instant:
+    """UTC calendar periods, weeks from Monday 00:00 (DIAL's default `rateLimitSchedule`)."""
+    day = ms // 1000 - ms // 1000 % 86_400
+    week = day - (day // 86_400 + 3) % 7 * 86_400  # 1970-01-01 was a Thursday
+    date = datetime.fromtimestamp(day, UTC)
+    month = datetime(date.year, date.month, 1, tzinfo=UTC)
+    following = datetime(date.year + date.month // 12, date.month % 12 + 1, 1, tzinfo=UTC)
+    return Instant(
+        ms,
+        day,
+        week,
+        int(month.timestamp()),
+        day + 86_400,
+        week + 7 * 86_400,
+        int(following.timestamp()),
+    )
+
+
+def limits(
+    minute: int = UNLIMITED,
+    request_hour: int = UNLIMITED,
+    cost_minute: Decimal = UNLIMITED_COST,
+) -> Limits:
+    return Limits(
+        (minute, UNLIMITED, UNLIMITED, UNLIMITED),
+        (request_hour, UNLIMITED),
+        (cost_minute, UNLIMITED_COST, UNLIMITED_COST, UNLIMITED_COST),
+    )
+
+
+NO_LIMITS = limits()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop_redis_server(server)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis_server(tmp_path_factory.mktemp("redis-cluster"), cluster=True)
+    yield server
+    stop_redis_server(server)
+
+
+@pytest_asyncio.fixture(loop_scope="function")  # the loop each test runs on
+async def client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    connection = redis.asyncio.Redis(port=redis_server.port)
+    yield connection
+    await connection.aclose()
+
+
+def fresh_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+async def keys_of(client: redis.asyncio.Redis, prefix: str) -> list[str]:
+    return sorted([key.decode() async for key in client.scan_iter(match=prefix + ":*")])
+
+
+# --- 1. the same answers as MemoryLedger ---------------------------------------------------------
+
+BUCKETS = ("Keys/proj-a", "Users/a}b{c")  # the second one needs its braces escaped
+ENTITIES = ("gpt-4", "model:with:colons", "special[1m]")
+START = (  # just before a minute, a day, a week (Monday) and a month boundary
+    datetime(2026, 1, 31, 23, 58, 30, tzinfo=UTC),
+    datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC),
+    datetime(2026, 3, 15, 23, 57, 0, tzinfo=UTC),
+    datetime(2026, 4, 30, 22, 0, 0, tzinfo=UTC),
+)
+
+
+@dataclass(frozen=True)
+class DoAdmit:
+    bucket: str
+    entity: str
+    limits: Limits
+    reserve: bool
+    tokens: int
+    cost_nano: int
+
+
+@dataclass(frozen=True)
+class DoSettle:
+    """Settle the `admitted`-th latest admitted call (its entity and reservation), or, when
+    None or nothing was admitted yet, an arbitrary reservation made `reserved_ago_ms` ago."""
+
+    admitted: int | None
+    bucket: str
+    entity: str
+    tokens: int
+    cost_nano: int
+    reserved_ago_ms: int | None
+    reserved_tokens: int
+    reserved_cost_nano: int
+
+
+@dataclass(frozen=True)
+class Advance:
+    ms: int
+
+
+def capped(limit: st.SearchStrategy[int]) -> st.SearchStrategy[int]:
+    """Mostly no limit: only calls that pass the token windows reach the request and cost ones."""
+    return st.one_of(st.just(UNLIMITED), st.just(UNLIMITED), limit)
+
+
+def capped_cost(nano: st.SearchStrategy[int]) -> st.SearchStrategy[Decimal]:
+    dollars = nano.map(lambda n: Decimal(n) / 1_000_000_000)
+    return st.one_of(st.just(UNLIMITED_COST), st.just(UNLIMITED_COST), dollars)
+
+
+any_limits = st.builds(
+    Limits,
+    st.tuples(
+        capped(st.integers(0, 800)),
+        capped(st.integers(0, 2_500)),
+        capped(st.integers(0, 5_000)),
+        capped(st.integers(0, 8_000)),
+    ),
+    st.tuples(capped(st.integers(0, 6)), capped(st.integers(0, 12))),
+    st.tuples(
+        capped_cost(st.integers(0, 4_000_000)),
+        capped_cost(st.integers(0, 10_000_000)),
+        capped_cost(st.integers(0, 20_000_000)),
+        capped_cost(st.integers(0, 30_000_000)),
+    ),
+)
+admits = st.builds(
+    DoAdmit,
+    st.sampled_from(BUCKETS),
+    st.sampled_from(ENTITIES),
+    any_limits,
+    st.booleans(),
+    st.one_of(st.just(0), st.integers(0, 300)),
+    st.one_of(st.just(0), st.integers(0, 1_500_000)),
+)
+settles = st.builds(
+    DoSettle,
+    st.one_of(st.none(), st.integers(0, 4)),
+    st.sampled_from(BUCKETS),
+    st.sampled_from(ENTITIES),
+    st.integers(0, 400),
+    st.one_of(st.just(0), st.integers(0, 2_000_000)),
+    st.one_of(st.none(), st.integers(0, 3_000), st.integers(0, 90_000), st.integers(0, 2 * DAY_MS)),
+    st.one_of(st.just(0), st.integers(0, 300)),
+    st.one_of(st.just(0), st.integers(0, 1_500_000)),
+)
+advances = st.builds(
+    Advance,
+    st.one_of(
+        st.integers(0, 1_500),  # within a slot or to the next one
+        st.integers(0, 70_000),  # across the minute window
+        st.integers(0, 4_000_000),  # across the hour window
+        st.sampled_from([DAY_MS, 7 * DAY_MS, 31 * DAY_MS]),  # across calendar periods
+    ),
+)
+operations = st.one_of(admits, admits, settles, advances)
+
+
+def charge_of(op: DoSettle, now: Instant, admitted: list[Ask]) -> Charge:
+    if op.admitted is not None and admitted:
+        ask = admitted[-1 - op.admitted % len(admitted)]
+        return Charge(
+            ask.bucket,
+            ask.entity,
+            now,
+            op.tokens,
+            op.cost_nano,
+            ask.now,
+            ask.tokens,
+            ask.cost_nano,
+        )
+    reserved_at = None if op.reserved_ago_ms is None else instant(now.ms - op.reserved_ago_ms)
+    return Charge(
+        op.bucket,
+        op.entity,
+        now,
+        op.tokens,
+        op.cost_nano,
+        reserved_at,
+        op.reserved_tokens,
+        op.reserved_cost_nano,
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    start=st.sampled_from(START),
+    start_offset_ms=st.integers(0, 120_000),
+    ops=st.lists(operations, min_size=5, max_size=50),
+)
+async def test_same_answers_as_the_memory_ledger(
+    redis_server: RedisServer,
+    start: datetime,
+    start_offset_ms: int,
+    ops: list[DoAdmit | DoSettle | Advance],
+) -> None:
+    connection = redis.asyncio.Redis(port=redis_server.port)
+    memory = MemoryLedger(path=None)
+    shared = RedisLedger(connection, prefix=fresh_prefix())
+    now_ms = int(start.timestamp() * 1000) + start_offset_ms
+    admitted: list[Ask] = []
+    try:
+        for step, op in enumerate(ops):
+            if isinstance(op, Advance):
+                now_ms += op.ms
+            now = instant(now_ms)
+            if isinstance(op, DoAdmit):
+                ask = Ask(op.bucket, op.entity, op.limits, now, op.reserve, op.tokens, op.cost_nano)
+                expected = await memory.admit(ask)
+                assert await shared.admit(ask) == expected, (step, op)
+                if expected is None:
+                    admitted.append(ask)
+            elif isinstance(op, DoSettle):
+                charge = charge_of(op, now, admitted)
+                await memory.settle(charge)
+                await shared.settle(charge)
+            for bucket in BUCKETS:
+                for names in (None, [ENTITIES[0], "never-used"]):
+                    want = await memory.usage(bucket, names, now)
+                    got = await shared.usage(bucket, names, now)
+                    assert got == want, (step, op, bucket, names)
+    finally:
+        await memory.close()
+        await connection.aclose()
+
+
+MIDNIGHT_MS = int(datetime(2026, 5, 1, tzinfo=UTC).timestamp() * 1000)  # a new day and month
+
+
+@pytest.mark.parametrize(
+    ("reserved_ms", "settled_ms", "other", "used", "tokens"),
+    [
+        (MIDNIGHT_MS - 30_000, MIDNIGHT_MS - 29_500, 0, 40, (47, 47, 47, 47)),  # same slot
+        (MIDNIGHT_MS - 130_000, MIDNIGHT_MS - 60_000, 0, 40, (40, 47, 47, 47)),  # slot left
+        (MIDNIGHT_MS - 30_000, MIDNIGHT_MS + 20_000, 0, 40, (47, 40, 47, 40)),  # new day, month
+        (MIDNIGHT_MS - 30_000, MIDNIGHT_MS + 20_000, 0, 0, (7, 0, 7, 0)),  # nothing used
+        # Another call counted in the new day first: yesterday's reservation is not in it.
+        (MIDNIGHT_MS - 30_000, MIDNIGHT_MS + 20_000, 5, 40, (52, 45, 52, 45)),
+    ],
+)
+async def test_a_reservation_is_released_where_it_still_counts(
+    client: redis.asyncio.Redis,
+    reserved_ms: int,
+    settled_ms: int,
+    other: int,
+    used: int,
+    tokens: tuple[int, int, int, int],
+) -> None:
+    memory = MemoryLedger(path=None)
+    shared = RedisLedger(client, prefix=fresh_prefix())
+    reserved_at, settled = instant(reserved_ms), instant(settled_ms)
+    for ledger in (memory, shared):
+        await ledger.settle(Charge("Keys/p", "m", reserved_at, 7, 3))  # an earlier call
+        ask = Ask("Keys/p", "m", limits(), reserved_at, True, 100, 1_000)
+        assert await ledger.admit(ask) is None
+        await ledger.settle(Charge("Keys/p", "m", settled, other, other))
+        await ledger.settle(Charge("Keys/p", "m", settled, used, 2, reserved_at, 100, 1_000))
+    usage = await shared.usage("Keys/p", None, settled)
+    assert usage == await memory.usage("Keys/p", None, settled)
+    assert usage.entities["m"].tokens == tokens
+    await memory.close()
+
+
+# --- 2. atomic under concurrency -----------------------------------------------------------------
+
+
+async def test_concurrent_reservations_never_cross_the_token_limit(
+    client: redis.asyncio.Redis,
+) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    ask = Ask("Keys/p", "m", limits(minute=1_000), now, reserve=True, tokens=100)
+    results = await asyncio.gather(*(ledger.admit(ask) for _ in range(50)))
+    assert sum(result is None for result in results) == 10
+    assert {r.kind for r in results if r is not None} == {"token"}
+    usage = await ledger.usage("Keys/p", None, now)
+    assert usage.entities["m"].tokens[0] == 1_000
+    assert usage.entities["m"].requests == (10, 10)
+
+
+async def test_concurrent_reservations_never_cross_the_cost_limit(
+    client: redis.asyncio.Redis,
+) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    per_call = 100_000_000  # $0.10
+    ask = Ask(
+        "Keys/p", "m", limits(cost_minute=Decimal("0.7")), now, reserve=True, cost_nano=per_call
+    )
+    results = await asyncio.gather(*(ledger.admit(ask) for _ in range(50)))
+    assert sum(result is None for result in results) == 7
+    assert (await ledger.usage("Keys/p", None, now)).cost_nano[0] == 7 * per_call
+
+
+async def test_concurrent_admissions_count_each_request_once(client: redis.asyncio.Redis) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    ask = Ask("Keys/p", "m", limits(request_hour=7), now)
+    results = await asyncio.gather(*(ledger.admit(ask) for _ in range(50)))
+    assert sum(result is None for result in results) == 7
+    refusals = [r for r in results if r is not None]
+    assert all(r.kind == "request" and r.used == (7, 7) for r in refusals)
+    assert (await ledger.usage("Keys/p", ["m"], now)).entities["m"].requests == (7, 7)
+
+
+async def test_concurrent_admit_and_settle_lose_no_update(client: redis.asyncio.Redis) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    ask = Ask("Keys/p", "m", limits(minute=1_000), now, reserve=True, tokens=100)
+
+    async def call() -> bool:
+        if await ledger.admit(ask) is not None:
+            return False
+        await ledger.settle(Charge("Keys/p", "m", now, 40, 25, now, 100))
+        return True
+
+    admitted = sum(await asyncio.gather(*(call() for _ in range(50))))
+    # Settling gives back 60 of every 100 reserved; each call then holds 40 of the 1,000.
+    assert 10 <= admitted <= 23
+    usage = (await ledger.usage("Keys/p", None, now)).entities["m"]
+    assert usage.tokens == (40 * admitted,) * 4
+    assert usage.requests == (admitted, admitted)
+    assert usage.cost_nano == (25 * admitted,) * 4
+
+
+# --- 3. shared across instances ------------------------------------------------------------------
+
+
+async def test_two_instances_share_counts(redis_server: RedisServer) -> None:
+    prefix = fresh_prefix()
+    first_client = redis.asyncio.Redis(port=redis_server.port)
+    second_client = redis.asyncio.Redis(port=redis_server.port)
+    try:
+        first = RedisLedger(first_client, prefix=prefix)
+        second = RedisLedger(second_client, prefix=prefix)
+        now = instant(1_780_000_000_000)
+        ask = Ask("Keys/p", "m", limits(request_hour=5), now)
+        answers = [await (first if i % 2 else second).admit(ask) for i in range(8)]
+        assert [a is None for a in answers] == [True] * 5 + [False] * 3
+        await first.settle(Charge("Keys/p", "m", now, 70, 9))
+        await second.settle(Charge("Keys/p", "m", now, 30, 1))
+        for ledger in (first, second):
+            usage = await ledger.usage("Keys/p", None, now)
+            assert usage.cost_nano == (10, 10, 10, 10)
+            assert usage.entities["m"].tokens == (100, 100, 100, 100)
+            assert usage.entities["m"].requests == (5, 5)
+        other = RedisLedger(first_client, prefix=fresh_prefix())  # another prefix shares nothing
+        assert (await other.usage("Keys/p", None, now)).entities == {}
+    finally:
+        await first_client.aclose()
+        await second_client.aclose()
+
+
+# --- 4.-5. key layout and TTLs -------------------------------------------------------------------
+
+
+async def use_every_key(ledger: RedisLedger, bucket: str, now: Instant) -> None:
+    for entity in ("gpt-4", "e:{x}", "}"):
+        assert await ledger.admit(Ask(bucket, entity, NO_LIMITS, now, True, 10, 5)) is None
+        await ledger.settle(Charge(bucket, entity, now, 20, 7, now, 10, 5))
+
+
+@pytest.mark.parametrize("bucket", ["Keys/proj-a", "Users/a{b}c", "Keys/}x", "{", ""])
+async def test_every_key_of_a_bucket_is_in_one_cluster_slot(
+    client: redis.asyncio.Redis, bucket: str
+) -> None:
+    prefix = fresh_prefix()
+    await use_every_key(RedisLedger(client, prefix=prefix), bucket, instant(1_780_000_000_000))
+    keys = await keys_of(client, prefix)
+    assert len(keys) == 3 + 3 * 4  # entities, cost, costcal; four keys per entity
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+    tags = {key[key.index("{") + 1 : key.index("}")] for key in keys}
+    assert len(tags) == 1 and "" not in tags
+
+
+async def test_buckets_do_not_share_keys(client: redis.asyncio.Redis) -> None:
+    prefix = fresh_prefix()
+    ledger = RedisLedger(client, prefix=prefix)
+    now = instant(1_780_000_000_000)
+    # Without escaping, both buckets' keys would carry the hash tag `a`.
+    await use_every_key(ledger, "a}b", now)
+    await use_every_key(ledger, "a}c", now)
+    assert len(await keys_of(client, prefix)) == 2 * 15
+    assert set((await ledger.usage("a}b", None, now)).entities) == {"gpt-4", "e:{x}", "}"}
+
+
+async def test_every_key_expires(client: redis.asyncio.Redis) -> None:
+    prefix = fresh_prefix()
+    ledger = RedisLedger(client, prefix=prefix)
+    now = instant(1_780_000_000_000)
+    await use_every_key(ledger, "Keys/p", now)
+    refused = Ask("Keys/p", "refused", limits(minute=0), now)
+    assert await ledger.admit(refused) is not None
+    keys = await keys_of(client, prefix)
+    assert keys
+    for key in keys:
+        ttl = await client.ttl(key)
+        if key.endswith(":cost") or ":tok:" in key or ":ecost:" in key:
+            assert 0 < ttl <= MINUTE_TTL_S, key
+        elif ":req:" in key:
+            assert 0 < ttl <= HOUR_TTL_S, key
+        else:
+            assert CALENDAR_TTL_S - 60 < ttl <= CALENDAR_TTL_S, key
+
+
+async def test_the_window_slides_with_the_instant_not_the_ttl(client: redis.asyncio.Redis) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    start = 1_780_000_000_000
+    for second in range(0, 200, 10):  # steady traffic keeps refreshing the TTL
+        await ledger.settle(Charge("Keys/p", "m", instant(start + second * 1000), 1, 0))
+    usage = await ledger.usage("Keys/p", None, instant(start + 199_000))
+    assert usage.entities["m"].tokens[0] == 6  # 140 s .. 190 s: only what the last minute holds
+
+
+async def test_works_on_redis_cluster(redis_cluster: RedisServer) -> None:
+    # redis-py's cluster client refuses a script whose keys are in more than one slot.
+    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster.port)
+    try:
+        ledger = RedisLedger(cluster, prefix=fresh_prefix())
+        now = instant(1_780_000_000_000)
+        for bucket in ("Keys/proj-a", "Users/a{b}c", ""):
+            await use_every_key(ledger, bucket, now)
+            refusal = await ledger.admit(Ask(bucket, "gpt-4", limits(request_hour=1), now))
+            assert refusal is not None and refusal.kind == "request"
+            usage = await ledger.usage(bucket, None, now)
+            assert usage.cost_nano == (21, 21, 21, 21)
+            assert usage.entities["}"].tokens == (20, 20, 20, 20)
+        await cluster.script_flush()
+        assert await ledger.admit(Ask("Keys/proj-a", "new", limits(request_hour=1), now)) is None
+    finally:
+        await cluster.aclose()
+
+
+async def test_works_with_decoded_responses(redis_server: RedisServer) -> None:
+    decoding = redis.asyncio.Redis(port=redis_server.port, decode_responses=True)
+    try:
+        ledger = RedisLedger(decoding, prefix=fresh_prefix())
+        now = instant(1_780_000_000_000)
+        await use_every_key(ledger, "Keys/p", now)
+        refusal = await ledger.admit(Ask("Keys/p", "gpt-4", limits(minute=20), now))
+        assert refusal == Refusal(
+            "token", (20, 20, 20, 20), limits(minute=20).tokens, ("minute",), 60
+        )
+        assert set((await ledger.usage("Keys/p", None, now)).entities) == {"gpt-4", "e:{x}", "}"}
+    finally:
+        await decoding.aclose()
+
+
+# --- 6. NOSCRIPT, prefix, big numbers ------------------------------------------------------------
+
+
+async def test_admit_survives_a_script_flush(client: redis.asyncio.Redis) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    assert await ledger.admit(Ask("Keys/p", "m", limits(request_hour=1), now)) is None
+    await client.script_flush()
+    assert await client.script_exists(ADMIT.sha) == [False]
+    refusal = await ledger.admit(Ask("Keys/p", "m", limits(request_hour=1), now))
+    assert refusal is not None and refusal.kind == "request"
+    assert await client.script_exists(ADMIT.sha) == [True]
+    await client.script_flush()
+    await ledger.settle(Charge("Keys/p", "m", now, 5, 0))
+    await client.script_flush()
+    assert (await ledger.usage("Keys/p", None, now)).entities["m"].tokens[0] == 5
+
+
+def test_a_prefix_cannot_break_the_hash_tag() -> None:
+    with pytest.raises(ValueError, match="hash tag"):
+        RedisLedger(redis.asyncio.Redis(), prefix="tollgate{x}")
+
+
+async def test_large_amounts_stay_exact_below_2_to_53(client: redis.asyncio.Redis) -> None:
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    big = 2**52 + 1  # odd, so a float rounding anywhere would show
+    await ledger.settle(Charge("Keys/p", "m", now, big, big))
+    await ledger.settle(Charge("Keys/p", "m", now, 2, 2))
+    usage = await ledger.usage("Keys/p", None, now)
+    assert usage.cost_nano == (big + 2,) * 4
+    assert usage.entities["m"].tokens == (big + 2,) * 4
+    refusal = await ledger.admit(Ask("Keys/p", "m", limits(minute=big + 3), now, True, 2))
+    assert refusal is not None and refusal.used[0] == big + 2
+    assert await ledger.admit(Ask("Keys/p", "m", limits(minute=big + 3), now, True, 1)) is None
+
+
+def test_redis_server_helper_stops_the_server(tmp_path: Path) -> None:
+    server = start_redis_server(tmp_path)
+    stop_redis_server(server)
+    assert server.process.poll() is not None
