@@ -77,6 +77,10 @@ class _Windows:
         )
 
     def add(self, window: Sliding, now: Instant, amount: int) -> None:
+        if len(self.sliding) >= window.slots:
+            # Windows only written (attributed cost) are never read on the hot path, so they
+            # are pruned here, or they would keep a slot per second forever.
+            sliding_total(self.sliding, window, now.ms)
         _sliding_add(self.sliding, window.slot(now.ms), amount)
         for period in PERIODS:
             _calendar_add(self.calendar[period], now.period(period), amount)
