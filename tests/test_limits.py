@@ -400,3 +400,24 @@ def test_restart_keeps_usage_with_the_embedded_store(work_dir: Path, fake_model:
         assert stats(second)["dayTokenStats"]["used"] == 40
     finally:
         stop(second.process)
+
+
+def test_reserve_mode_admits_a_call_whose_estimate_exceeds_the_limit(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    """The estimate (1,024 completion tokens by default) is capped at the limit: a lone call
+    still goes through; the next waits for the window."""
+    config = {
+        "models": {"small-model": {"endpoint": fake_model.endpoint("small-model")}},
+        "keys": {"small-key-0123456789": {"project": "small", "role": "default"}},
+        "roles": {"default": {"limits": {"small-model": {"minute": 100}}}},
+    }
+    gw = start_gateway(work_dir, [config], env={"aidial.limits.admission": "reserve"})
+    try:
+        with httpx.Client(base_url=gw.url) as http:
+            assert call(http, "small-key-0123456789", "small-model").status_code == 200
+            refused = call(http, "small-key-0123456789", "small-model")
+            assert refused.status_code == 429
+            assert "Minute limit: 10 / 100 tokens." in refused.json()["error"]["message"]
+    finally:
+        stop(gw.process)

@@ -40,9 +40,11 @@ ZONES = (
     "America/St_Johns",
     "America/Santiago",
     "America/Sao_Paulo",
+    "America/Moncton",
     "America/Havana",
     "Asia/Kolkata",
     "Asia/Kathmandu",
+    "Asia/Dhaka",
     "Asia/Tehran",
     "Africa/Casablanca",
     "Australia/Lord_Howe",
@@ -428,6 +430,29 @@ def test_week_starting_on_a_skipped_date() -> None:
     assert hours(s.start("day", before), first) == 24  # Thursday 29th's day, then Saturday's
 
 
+def test_reset_moved_past_midnight_by_a_gap() -> None:
+    """Asia/Dhaka, 2009-06-19: clocks went from 23:00 to 00:00, so a 23:30 reset happened at
+    00:30 on the 20th. Just after the gap, the period is still the one of the 18th."""
+    s = schedule("Asia/Dhaka", reset="23:30")
+    now = utc(2009, 6, 19, 17)  # 00:00 +07 on the 20th
+    assert u(s.start("day", now)) == utc(2009, 6, 18, 17, 30)
+    assert u(s.next_start("day", now)) == utc(2009, 6, 19, 17, 30)  # 00:30 +07
+    assert u(s.next_start("day", utc(2009, 6, 19, 17, 30))) == utc(2009, 6, 20, 16, 30)
+    _check_invariants(s, now)
+
+
+def test_local_date_going_back_at_midnight() -> None:
+    """America/St_Johns, 2000-10-29: clocks went back from 00:01 to 23:01, so the date was the
+    28th again for an hour after the 29th had begun."""
+    s = schedule("America/St_Johns")
+    started = utc(2000, 10, 29, 2, 30)  # 00:00 NDT on the 29th
+    # 23:30 NST on the 28th, then 00:10 NST on the 29th
+    for now in (started, utc(2000, 10, 29, 3, 0), utc(2000, 10, 29, 3, 40)):
+        assert u(s.start("day", now)) == started
+        assert u(s.next_start("day", now)) == utc(2000, 10, 30, 3, 30)
+        _check_invariants(s, now)
+
+
 def test_next_start_chain_is_strictly_increasing_through_dst() -> None:
     for zone, reset in (("Europe/Berlin", "02:30"), ("America/New_York", "01:30")):
         s = schedule(zone, week_start="SUNDAY", reset=reset)
@@ -455,13 +480,19 @@ def _check_invariants(s: Schedule, now: datetime) -> None:
         assert u(s.start(period, following)) == u(following)
         assert u(s.start(period, start)) == u(start)
         assert u(s.next_start(period, start)) == u(following)
-        # A period starts at the reset time (moved on by a DST gap) of a day of its kind.
-        local = start.astimezone(s.zone)
-        assert u(start) == u(datetime.combine(local.date(), s.reset, tzinfo=s.zone))
+        # A period starts at the reset of a day of its kind: its own local date, or the day
+        # before when a DST gap moved that reset past midnight.
+        local = start.astimezone(s.zone).date()
+        days = [
+            d
+            for d in (local, local - timedelta(days=1))
+            if u(datetime.combine(d, s.reset, tzinfo=s.zone)) == u(start)
+        ]
+        assert days
         if period == "week":
-            assert local.weekday() == s.week_start
+            assert any(d.weekday() == s.week_start for d in days)
         if period == "month":
-            assert local.day == 1
+            assert any(d.day == 1 for d in days)
 
 
 schedules = st.builds(

@@ -107,8 +107,15 @@ class Schedule:
             first = today - timedelta(days=(today.weekday() - self.week_start) % 7)
         else:
             first = today.replace(day=1)
-        if self._at_reset(first) > now:  # before today's (this week's, this month's) reset
+        # Fix: step until the period holds `now`, instead of at most one step back. A DST
+        # change next to midnight moves a reset to another date (Asia/Dhaka 2009-06-19: 23:30
+        # fell in the 23:00 -> 00:00 gap and became 00:30 the next day) or takes the local date
+        # back (America/St_Johns 2000-10-29: 00:01 -> 23:01), and `now` was left outside
+        # [start, next_start).
+        while self._at_reset(first) > now:  # before today's (this week's, ...) reset
             first = _previous(period, first, self.week_start)
+        while self._at_reset(following := _following(period, first)) <= now:
+            first = following
         return first
 
 

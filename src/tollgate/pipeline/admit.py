@@ -19,7 +19,7 @@ from tollgate.config.snapshot import Deployment, Kind, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.limits import messages
 from tollgate.limits.cost import Prices, to_nano_usd
-from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
+from tollgate.limits.ledger import Ask, Ledger, Refusal, cost_limits_nano, usd
 from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Limits
 from tollgate.limits.windows import Clock, Instant
 from tollgate.security.principal import Principal
@@ -75,6 +75,10 @@ class Admission:
         tokens = cost_nano = 0
         if self.reserve:
             tokens, cost_nano = self._estimate(deployment, api, body, request)
+            # An estimate above a limit would refuse the call forever; capped, such a call is
+            # admitted when nothing else is in flight (and overshoots, as under DIAL's rule).
+            tokens = min(tokens, *limits.tokens)
+            cost_nano = min([cost_nano, *(c for c in cost_limits_nano(limits) if c is not None)])
         ask = Ask(
             bucket_of(principal),
             deployment.name,
