@@ -20,7 +20,13 @@ from typing import Literal
 from tollgate.config.schema import UNLIMITED_COST
 from tollgate.limits.cost import from_nano_usd
 from tollgate.limits.policy import Limits
-from tollgate.limits.windows import Instant
+from tollgate.limits.windows import (
+    Instant,
+    Period,
+    Sliding,
+    seconds_until,
+    sliding_retry_after_ms,
+)
 
 Kind = Literal["token", "request", "cost"]
 NANO_PER_USD = 10**9
@@ -33,7 +39,9 @@ def cost_limits_nano(limits: Limits) -> tuple[int | None, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
+# Ask and Charge are built for every call: plain slotted dataclasses (a frozen one pays for
+# object.__setattr__ on each field); nothing mutates them.
+@dataclass(slots=True)
 class Ask:
     """Admit one call to `entity` for `bucket`, reserving `tokens` and `cost_nano` if given."""
 
@@ -57,7 +65,7 @@ class Refusal:
     retry_after_s: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Charge:
     """What a finished call used, and what its admission had reserved (released now)."""
 
@@ -86,6 +94,26 @@ class EntityUsage:
 class BucketUsage:
     cost_nano: tuple[int, int, int, int] = (0, 0, 0, 0)  # the caller's total spend
     entities: dict[str, EntityUsage] = field(default_factory=dict)
+
+
+def retry_after_s(
+    exceeded: tuple[str, ...],
+    slots: dict[int, int],
+    window: Sliding,
+    now: Instant,
+    threshold: int,
+) -> int:
+    """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1): until
+    the sliding window's usage falls below `threshold`, or until a calendar period ends."""
+    waits = []
+    for name in exceeded:
+        if name in ("minute", "hour"):
+            wait_ms = sliding_retry_after_ms(slots, window, now.ms, threshold)
+            waits.append(-(-wait_ms // 1000))
+        else:
+            period: Period = "day" if name == "day" else "week" if name == "week" else "month"
+            waits.append(seconds_until(now, now.period_end(period)))
+    return max(max(waits, default=1), 1)
 
 
 def usd(nano: int) -> Decimal:

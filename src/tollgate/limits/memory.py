@@ -27,6 +27,7 @@ from tollgate.limits.ledger import (
     Ledger,
     Refusal,
     cost_limits_nano,
+    retry_after_s,
 )
 from tollgate.limits.windows import (
     HOUR,
@@ -35,8 +36,6 @@ from tollgate.limits.windows import (
     Instant,
     Period,
     Sliding,
-    seconds_until,
-    sliding_retry_after_ms,
     sliding_total,
 )
 
@@ -81,9 +80,21 @@ class _Windows:
             # Windows only written (attributed cost) are never read on the hot path, so they
             # are pruned here, or they would keep a slot per second forever.
             sliding_total(self.sliding, window, now.ms)
-        _sliding_add(self.sliding, window.slot(now.ms), amount)
-        for period in PERIODS:
-            _calendar_add(self.calendar[period], now.period(period), amount)
+        if amount <= 0:
+            return
+        slot = now.ms // window.width_ms
+        self.sliding[slot] = self.sliding.get(slot, 0) + amount
+        # Unrolled: this runs three times for every call.
+        calendar = self.calendar
+        for counter, period in (
+            (calendar["day"], now.day),
+            (calendar["week"], now.week),
+            (calendar["month"], now.month),
+        ):
+            if counter[0] == period:
+                counter[1] += amount
+            else:
+                counter[0], counter[1] = period, amount
 
     def release(self, window: Sliding, at: Instant, now: Instant, amount: int) -> None:
         """Take back what was added at `at`, from the slots and periods that still hold it."""
@@ -209,7 +220,7 @@ class MemoryLedger(Ledger):
                 tokens_used,
                 limits.tokens,
                 exceeded,
-                self._retry_after(exceeded, entity.tokens.sliding, MINUTE, now, threshold),
+                retry_after_s(exceeded, entity.tokens.sliding, MINUTE, now, threshold),
             )
 
         requests_used = (
@@ -223,7 +234,7 @@ class MemoryLedger(Ledger):
                 requests_used,
                 limits.requests,
                 exceeded,
-                self._retry_after(exceeded, entity.request_hour, HOUR, now, limits.requests[0]),
+                retry_after_s(exceeded, entity.request_hour, HOUR, now, limits.requests[0]),
             )
 
         cost_limits = cost_limits_nano(limits)
@@ -243,7 +254,7 @@ class MemoryLedger(Ledger):
                 cost_used,
                 tuple(UNLIMITED if c is None else c for c in cost_limits),
                 exceeded,
-                self._retry_after(exceeded, bucket.cost.sliding, MINUTE, now, threshold),
+                retry_after_s(exceeded, bucket.cost.sliding, MINUTE, now, threshold),
             )
 
         _sliding_add(entity.request_hour, HOUR.slot(now.ms), 1)
@@ -300,25 +311,6 @@ class MemoryLedger(Ledger):
         if found is None:
             found = self._buckets[name] = _Bucket()
         return found
-
-    @staticmethod
-    def _retry_after(
-        exceeded: tuple[str, ...],
-        sliding: dict[int, int],
-        window: Sliding,
-        now: Instant,
-        threshold: int,
-    ) -> int:
-        """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1)."""
-        waits = []
-        for name in exceeded:
-            if name in ("minute", "hour"):
-                wait_ms = sliding_retry_after_ms(sliding, window, now.ms, threshold)
-                waits.append(-(-wait_ms // 1000))
-            else:
-                period: Period = "day" if name == "day" else "week" if name == "week" else "month"
-                waits.append(seconds_until(now, now.period_end(period)))
-        return max(max(waits, default=1), 1)
 
     # --- persistence ---------------------------------------------------------------------
 

@@ -50,15 +50,12 @@ from tollgate.limits.ledger import (
     Ledger,
     Refusal,
     cost_limits_nano,
+    retry_after_s,
 )
 from tollgate.limits.windows import (
     HOUR,
     MINUTE,
     Instant,
-    Period,
-    Sliding,
-    seconds_until,
-    sliding_retry_after_ms,
 )
 
 MINUTE_TTL_S = 2 * 60  # the 60 s window, twice over
@@ -204,10 +201,10 @@ class RedisLedger(Ledger):
                 if ask.reserve and ask.tokens
                 else limits.tokens[0]
             )
-            retry = _retry_after(exceeded, slots, MINUTE, now, threshold)
+            retry = retry_after_s(exceeded, slots, MINUTE, now, threshold)
             return Refusal(kind, used, limits.tokens, exceeded, retry)
         if kind == "request":
-            retry = _retry_after(exceeded, slots, HOUR, now, limits.requests[0])
+            retry = retry_after_s(exceeded, slots, HOUR, now, limits.requests[0])
             return Refusal(kind, used, limits.requests, exceeded, retry)
         minute_limit = cost_limits[0] or 0
         threshold = (
@@ -218,7 +215,7 @@ class RedisLedger(Ledger):
             used,
             tuple(UNLIMITED if c is None else c for c in cost_limits),
             exceeded,
-            _retry_after(exceeded, slots, MINUTE, now, threshold),
+            retry_after_s(exceeded, slots, MINUTE, now, threshold),
         )
 
     async def settle(self, charge: Charge) -> None:
@@ -287,23 +284,3 @@ class RedisLedger(Ledger):
                 cost_nano=(e[6], e[7], e[8], e[9]),
             )
         return report
-
-
-def _retry_after(
-    exceeded: tuple[str, ...],
-    slots: dict[int, int],
-    window: Sliding,
-    now: Instant,
-    threshold: int,
-) -> int:
-    """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1), as
-    MemoryLedger computes it from the live slots of the sliding window."""
-    waits = []
-    for name in exceeded:
-        if name in ("minute", "hour"):
-            wait_ms = sliding_retry_after_ms(slots, window, now.ms, threshold)
-            waits.append(-(-wait_ms // 1000))
-        else:
-            period: Period = "day" if name == "day" else "week" if name == "week" else "month"
-            waits.append(seconds_until(now, now.period_end(period)))
-    return max(max(waits, default=1), 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from tollgate.config.schema import WEEKDAYS, RateLimitSchedule
@@ -41,10 +41,12 @@ HOUR = Sliding("hour", 60, 60_000)  # requests per hour: 60 x 1 min
 
 def sliding_total(counts: dict[int, int], window: Sliding, now_ms: int) -> int:
     """The window's usage now; slots that left the window are dropped from `counts`."""
+    if not counts:
+        return 0
     oldest = window.oldest_live_slot(now_ms)
-    stale = [slot for slot in counts if slot < oldest]
-    for slot in stale:
-        del counts[slot]
+    if min(counts) < oldest:  # min() and sum() run in C; the Python loop only when needed
+        for slot in [slot for slot in counts if slot < oldest]:
+            del counts[slot]
     return sum(counts.values())
 
 
@@ -135,8 +137,7 @@ def _following(period: Period, first: date) -> date:
     return (first.replace(day=28) + timedelta(days=4)).replace(day=1)
 
 
-@dataclass(frozen=True, slots=True)
-class Instant:
+class Instant(NamedTuple):
     """One moment as every window sees it: milliseconds, and each calendar period's id.
 
     A calendar period is identified by its start (epoch seconds), the same on every instance.

@@ -33,7 +33,7 @@ def bucket_of(principal: Principal) -> str:
     return f"Keys/{principal.project}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ticket:
     """An admitted call, to be settled when its response is done."""
 
