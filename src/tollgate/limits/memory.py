@@ -204,6 +204,14 @@ class MemoryLedger(Ledger):
         entity = bucket.entity(ask.entity)
         now = ask.now
         limits = ask.limits
+        if limits.unlimited and not ask.tokens and not ask.cost_nano:
+            # Nothing can refuse the call: only count it (the common case, kept cheap).
+            if len(entity.request_hour) >= HOUR.slots:
+                sliding_total(entity.request_hour, HOUR, now.ms)  # drop expired slots
+            _sliding_add(entity.request_hour, HOUR.slot(now.ms), 1)
+            _calendar_add(entity.request_day, now.day, 1)
+            self._dirty.add(ask.bucket)
+            return None
 
         tokens_used = entity.tokens.totals(MINUTE, now)
         exceeded = _exceeded(

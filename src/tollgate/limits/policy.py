@@ -8,7 +8,7 @@ unlimited. Cost limits: the field-wise maximum of `costLimit` over all the calle
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST, Config, CostLimit, Limit
@@ -28,15 +28,17 @@ class Limits:
     requests: tuple[int, int]  # hour, day
     cost: tuple[Decimal, Decimal, Decimal, Decimal]  # USD: minute, day, week, month
 
-    @property
-    def positive(self) -> bool:
-        """DIAL refuses a call with 403 when any token or request limit is not positive."""
-        return min(self.tokens) > 0 and min(self.requests) > 0
+    # Derived once (a Limits is cached per role set and deployment), read on every call.
+    positive: bool = field(init=False)  # DIAL refuses with 403 when any limit is <= 0
+    unlimited: bool = field(init=False)  # nothing to check: the call is only counted
 
-    @property
-    def unlimited(self) -> bool:
-        return all(limit >= UNLIMITED for limit in (*self.tokens, *self.requests)) and all(
-            limit >= UNLIMITED_COST for limit in self.cost
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positive", min(self.tokens) > 0 and min(self.requests) > 0)
+        object.__setattr__(
+            self,
+            "unlimited",
+            all(limit >= UNLIMITED for limit in (*self.tokens, *self.requests))
+            and all(limit >= UNLIMITED_COST for limit in self.cost),
         )
 
 
