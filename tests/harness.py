@@ -157,45 +157,6 @@ def run_gateway_expecting_exit(
     return subprocess.run(args, capture_output=True, text=True, timeout=30)
 
 
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: Path
-
-    @property
-    def address(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-
-def start_redis(directory: Path, *, port: int | None = None, durable: bool = False) -> RedisServer:
-    """A real `redis-server` on 127.0.0.1; `durable` keeps its data across a restart (AOF)."""
-    port = port or free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
-    args += ["--dir", str(directory), "--protected-mode", "no"]
-    args += (
-        ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
-    )
-    log = directory / f"redis-{port}.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return RedisServer(port, process, directory)
-        except OSError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"redis-server did not start:\n{log.read_text()}")
-
-
 def kill(process: subprocess.Popen[bytes]) -> None:
     """Stop at once, as a crash would."""
     if process.poll() is None:

@@ -45,7 +45,9 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def start_redis_server(work_dir: Path, *, cluster: bool = False) -> RedisServer:
+def start_redis_server(
+    work_dir: Path, *, cluster: bool = False, port: int | None = None, durable: bool = False
+) -> RedisServer:
     """A throwaway server: no RDB snapshots, no AOF, files (if any) under `work_dir`.
 
     With `cluster`, a one-node Redis Cluster that serves all 16384 slots: a cluster client routes
@@ -54,15 +56,21 @@ def start_redis_server(work_dir: Path, *, cluster: bool = False) -> RedisServer:
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed")
-    port = free_port()
+    port = port or free_port()
     log = work_dir / f"redis-{port}.log"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    args += ["no", "--dir", str(work_dir), "--daemonize", "no"]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--dir", str(work_dir), "--daemonize", "no"]
+    # `durable`: an append-only file synced on every write, so a restart on the same port and
+    # directory finds the data again (a crash test needs Redis itself to lose nothing).
+    args += (
+        ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    )
     if cluster:
         # The bus port defaults to port + 10000, too high for many free ports: choose it too.
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
         args += ["--cluster-port", str(free_port())]
-    with log.open("wb") as out:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _answers_ping(port):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from redis_server import RedisServer, redis_server_binary, start_redis_server, stop_redis_server
+from redis_server import RedisServer, start_redis_server, stop_redis_server
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
 from tollgate.limits.ledger import Ask, Charge, Refusal
 from tollgate.limits.memory import MemoryLedger
@@ -32,8 +32,6 @@ from tollgate.limits.redis_ledger import (
     RedisLedger,
 )
 from tollgate.limits.windows import Instant
-
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
 
 DAY_MS = 86_400_000
 

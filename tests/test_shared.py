@@ -11,15 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from harness import (
-    FakeModel,
-    Gateway,
-    RedisServer,
-    kill,
-    start_gateway,
-    start_redis,
-    stop,
-)
+from harness import FakeModel, Gateway, kill, start_gateway, stop
+from redis_server import RedisServer, start_redis_server, stop_redis_server
 
 KEY = "shared-key-0123456789"
 OTHER_KEY = "shared-other-key-0123456789"
@@ -77,14 +70,14 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="module")
 def redis(work_dir: Path) -> Iterator[RedisServer]:
-    server = start_redis(work_dir / "redis-shared")
+    server = start_redis_server(work_dir / "redis-shared")
     yield server
-    stop(server.process)
+    stop_redis_server(server)
 
 
 @pytest.fixture(scope="module")
 def trio(work_dir: Path, fake_model: FakeModel, redis: RedisServer) -> Iterator[list[Gateway]]:
-    env = {"aidial.redis.singleServerConfig.address": redis.address}
+    env = {"aidial.redis.singleServerConfig.address": redis.url}
     gateways = [start_gateway(work_dir, [shared_config(fake_model)], env=env) for _ in range(3)]
     yield gateways
     for gw in gateways:
@@ -156,8 +149,8 @@ def test_per_request_keys_work_on_every_instance(
 def test_redis_down_and_back_with_local_fallback(work_dir: Path, fake_model: FakeModel) -> None:
     """`local`: keep serving on per-instance counters; push them to Redis when it returns."""
     directory = work_dir / "redis-durable"
-    redis = start_redis(directory, durable=True)
-    env = {"aidial.redis.singleServerConfig.address": redis.address}
+    redis = start_redis_server(directory, durable=True)
+    env = {"aidial.redis.singleServerConfig.address": redis.url}
     first = start_gateway(work_dir, [shared_config(fake_model)], env=env)
     second = start_gateway(work_dir, [shared_config(fake_model)], env=env)
     try:
@@ -171,7 +164,7 @@ def test_redis_down_and_back_with_local_fallback(work_dir: Path, fake_model: Fak
         assert health["status"] == "degraded" and health["limits"]["healthy"] is False
         assert "limits store unreachable" in first.output()
 
-        redis = start_redis(directory, port=redis.port, durable=True)
+        redis = start_redis_server(directory, port=redis.port, durable=True)
         # What the first instance counted alone reaches Redis: the second one sees it all.
         eventually(lambda: stats(second.url, "free-model")["dayTokenStats"]["used"] == 40)
         assert stats(second.url, "free-model")["dayRequestStats"]["used"] == 4
@@ -179,13 +172,13 @@ def test_redis_down_and_back_with_local_fallback(work_dir: Path, fake_model: Fak
     finally:
         stop(first.process)
         stop(second.process)
-        stop(redis.process)
+        stop_redis_server(redis)
 
 
 def test_redis_down_with_closed_failure_mode(work_dir: Path, fake_model: FakeModel) -> None:
-    redis = start_redis(work_dir / "redis-closed")
+    redis = start_redis_server(work_dir / "redis-closed")
     env = {
-        "aidial.redis.singleServerConfig.address": redis.address,
+        "aidial.redis.singleServerConfig.address": redis.url,
         "aidial.limits.onStoreFailure": "closed",
     }
     gw = start_gateway(work_dir, [shared_config(fake_model)], env=env)
