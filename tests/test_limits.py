@@ -78,12 +78,6 @@ def gateway(work_dir: Path, fake_model: FakeModel) -> Iterator[Gateway]:
     stop(gw.process)
 
 
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=30) as http:
-        yield http
-
-
 def call(
     client: httpx.Client, key: str, model: str, reply_words: int = 9, **extra: Any
 ) -> httpx.Response:

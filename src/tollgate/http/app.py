@@ -68,7 +68,8 @@ class Gateway:
             else SharedKeys(
                 self.redis,
                 settings.per_request_key_ttl_s,
-                store_healthy=lambda: bool(describe(self.ledger)["healthy"]),
+                # Read on every hop: the ledger's flag, not the dict /health builds from it.
+                store_healthy=lambda: getattr(self.ledger, "healthy", True),
             )
         )
         self.authenticator = Authenticator(
