@@ -1,0 +1,1 @@
+"""Applications built with `aidial-sdk`, run as Tollgate upstreams by the tests."""
