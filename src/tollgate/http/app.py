@@ -23,6 +23,7 @@ from tollgate.http import catalog
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.responses import error_response
 from tollgate.limits.cost import Prices
+from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.store import build_ledger, describe, redis_client
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.authenticate import Authenticator
@@ -75,6 +76,8 @@ class Gateway:
         self.authenticator = Authenticator(
             self.per_request_keys, settings.proxy_count, shared=self.shared_keys is not None
         )
+        # The embedded ledger is called directly (no coroutine per call); see Admission.
+        self.settle_now = self.ledger.settle_now if isinstance(self.ledger, MemoryLedger) else None
         self.admission = Admission(
             self.ledger,
             reserve=settings.admission == "reserve",
@@ -203,7 +206,12 @@ class Gateway:
             raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
         body = await _read_body(request)
         parsed = parse_body(body)
-        ticket = await self.admission.admit(snapshot, principal, deployment, api, body, parsed)
+        admission = self.admission
+        ticket = (
+            admission.admit_now(snapshot, principal, deployment, api, body, parsed)
+            if admission.synchronous
+            else await admission.admit(snapshot, principal, deployment, api, body, parsed)
+        )
         body = enhance(body, parsed, deployment)
 
         key, handle = self.per_request_keys.mint(principal, deployment.name)
@@ -256,17 +264,19 @@ class Gateway:
                 self.shared_keys.revoke(handle)
             if ticket is not None:
                 # Settled whatever happened: a failed call releases its reservation.
-                await self.ledger.settle(
-                    charge_for(
-                        ticket,
-                        relayed.response.status if relayed else 0,
-                        relayed.usage if relayed else None,
-                        parsed,
-                        relayed.body if relayed else b"",
-                        relayed is not None and relayed.streamed,
-                        api,
-                    )
+                charge = charge_for(
+                    ticket,
+                    relayed.response.status if relayed else 0,
+                    relayed.usage if relayed else None,
+                    parsed,
+                    relayed.body if relayed else b"",
+                    relayed is not None and relayed.streamed,
+                    api,
                 )
+                if self.settle_now is not None:
+                    self.settle_now(charge)
+                else:
+                    await self.ledger.settle(charge)
 
 
 def _prices_by_characters(prices: Prices | None) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import operator
 import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,6 @@ from tollgate.limits.ledger import (
     EntityUsage,
     Ledger,
     Refusal,
-    cost_limits_nano,
     retry_after_s,
 )
 from tollgate.limits.windows import (
@@ -61,50 +61,67 @@ def _sliding_add(counts: dict[int, int], slot: int, amount: int) -> None:
 class _Windows:
     """A sliding window plus the three calendar periods: tokens, or cost."""
 
-    __slots__ = ("calendar", "sliding")
+    __slots__ = ("day", "month", "sliding", "week")
 
     def __init__(self) -> None:
         self.sliding: dict[int, int] = {}
-        self.calendar: dict[Period, Calendar] = {p: [0, 0] for p in PERIODS}
+        # Calendar counters as their own fields, not a dict by period: read on every call.
+        self.day: Calendar = [0, 0]
+        self.week: Calendar = [0, 0]
+        self.month: Calendar = [0, 0]
+
+    @property
+    def calendar(self) -> dict[Period, Calendar]:
+        return {"day": self.day, "week": self.week, "month": self.month}
 
     def totals(self, window: Sliding, now: Instant) -> tuple[int, int, int, int]:
+        day, week, month = self.day, self.week, self.month
         return (
-            sliding_total(self.sliding, window, now.ms),
-            _calendar_total(self.calendar["day"], now.day),
-            _calendar_total(self.calendar["week"], now.week),
-            _calendar_total(self.calendar["month"], now.month),
+            sliding_total(self.sliding, window, now.ms) if self.sliding else 0,
+            day[1] if day[0] == now.day else 0,
+            week[1] if week[0] == now.week else 0,
+            month[1] if month[0] == now.month else 0,
         )
 
     def add(self, window: Sliding, now: Instant, amount: int) -> None:
-        if len(self.sliding) >= window.slots:
-            # Windows only written (attributed cost) are never read on the hot path, so they
-            # are pruned here, or they would keep a slot per second forever.
-            sliding_total(self.sliding, window, now.ms)
         if amount <= 0:
             return
+        sliding = self.sliding
         slot = now.ms // window.width_ms
-        self.sliding[slot] = self.sliding.get(slot, 0) + amount
-        # Unrolled: this runs three times for every call.
-        calendar = self.calendar
-        for counter, period in (
-            (calendar["day"], now.day),
-            (calendar["week"], now.week),
-            (calendar["month"], now.month),
-        ):
-            if counter[0] == period:
-                counter[1] += amount
-            else:
-                counter[0], counter[1] = period, amount
+        held = sliding.get(slot)
+        if held is not None:
+            sliding[slot] = held + amount
+        else:
+            if len(sliding) >= window.slots:
+                # Windows only written (attributed cost) are never read on the hot path, so
+                # they are pruned here, or they would keep a slot per second forever.
+                sliding_total(sliding, window, now.ms)
+            sliding[slot] = amount
+        # Unrolled: this runs for every call.
+        counter = self.day
+        if counter[0] == now.day:
+            counter[1] += amount
+        else:
+            counter[0], counter[1] = now.day, amount
+        counter = self.week
+        if counter[0] == now.week:
+            counter[1] += amount
+        else:
+            counter[0], counter[1] = now.week, amount
+        counter = self.month
+        if counter[0] == now.month:
+            counter[1] += amount
+        else:
+            counter[0], counter[1] = now.month, amount
 
     def release(self, window: Sliding, at: Instant, now: Instant, amount: int) -> None:
         """Take back what was added at `at`, from the slots and periods that still hold it."""
         slot = window.slot(at.ms)
         if slot >= window.oldest_live_slot(now.ms) and slot in self.sliding:
             _sliding_add(self.sliding, slot, -amount)
-        for period in PERIODS:
-            counter = self.calendar[period]
-            if counter[0] == at.period(period):
-                _calendar_add(counter, counter[0], -amount)
+        for counter, period in ((self.day, at.day), (self.week, at.week), (self.month, at.month)):
+            if counter[0] == period:
+                _calendar_add(counter, period, -amount)
 
     def dump(self) -> dict[str, Any]:
         return {"s": self.sliding, "c": self.calendar}
@@ -115,7 +132,9 @@ class _Windows:
         windows.sliding = {int(slot): int(n) for slot, n in data["s"].items()}
         # Fix: every period, or the row is unreadable (a missing one was a KeyError in admit).
         calendar = data["c"]
-        windows.calendar = {p: [int(calendar[p][0]), int(calendar[p][1])] for p in PERIODS}
+        windows.day, windows.week, windows.month = (
+            [int(calendar[p][0]), int(calendar[p][1])] for p in PERIODS
+        )
         return windows
 
 
@@ -187,6 +206,15 @@ def _exceeded(
     )
 
 
+def _over(used: tuple[int, ...], limits: tuple[int, ...], extra: int) -> bool:
+    """Whether any window refuses (see `_exceeded`), compared in C: the check of every call.
+
+    No limit is UNLIMITED, a value usage never reaches, so it needs no test of its own."""
+    if extra:
+        return any(map(operator.gt, map(extra.__add__, used), limits))
+    return any(map(operator.ge, used, limits))
+
+
 class MemoryLedger(Ledger):
     def __init__(self, path: str | None, flush_every_s: float = 1.0) -> None:
         self._buckets: dict[str, _Bucket] = {}
@@ -197,27 +225,55 @@ class MemoryLedger(Ledger):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-sqlite")
         self._task: asyncio.Task[None] | None = None
 
-    # --- the critical sections: no await inside ------------------------------------------
+    # --- the critical sections: plain functions, so nothing can run between check and write
 
     async def admit(self, ask: Ask) -> Refusal | None:
-        bucket = self._bucket(ask.bucket)
-        entity = bucket.entity(ask.entity)
+        return self.admit_now(ask)
+
+    async def settle(self, charge: Charge) -> None:
+        self.settle_now(charge)
+
+    def admit_now(self, ask: Ask) -> Refusal | None:
+        """`admit`, called directly: the gateway saves a coroutine per call on the hot path."""
+        bucket = self._buckets.get(ask.bucket) or self._bucket(ask.bucket)
+        entity = bucket.entities.get(ask.entity) or bucket.entity(ask.entity)
         now = ask.now
         limits = ask.limits
-        if limits.unlimited and not ask.tokens and not ask.cost_nano:
-            # Nothing can refuse the call: only count it (the common case, kept cheap).
-            if len(entity.request_hour) >= HOUR.slots:
-                sliding_total(entity.request_hour, HOUR, now.ms)  # drop expired slots
-            _sliding_add(entity.request_hour, HOUR.slot(now.ms), 1)
-            _calendar_add(entity.request_day, now.day, 1)
-            self._dirty.add(ask.bucket)
-            return None
+        if not (limits.unlimited and not ask.tokens and not ask.cost_nano):
+            refusal = self._check(ask, bucket, entity)
+            if refusal is not None:
+                return refusal
+            if ask.tokens:
+                entity.tokens.add(MINUTE, now, ask.tokens)
+            if ask.cost_nano:
+                bucket.cost.add(MINUTE, now, ask.cost_nano)
+        # Count the request (inlined: this runs for every call).
+        hour = entity.request_hour
+        slot = now.ms // HOUR.width_ms
+        held = hour.get(slot)
+        if held is not None:
+            hour[slot] = held + 1
+        else:
+            if len(hour) >= HOUR.slots:
+                sliding_total(hour, HOUR, now.ms)  # drop expired slots
+            hour[slot] = 1
+        day = entity.request_day
+        if day[0] == now.day:
+            day[1] += 1
+        else:
+            day[0], day[1] = now.day, 1
+        self._dirty.add(ask.bucket)
+        return None
 
+    def _check(self, ask: Ask, bucket: _Bucket, entity: _Entity) -> Refusal | None:
+        now = ask.now
+        limits = ask.limits
         tokens_used = entity.tokens.totals(MINUTE, now)
-        exceeded = _exceeded(
-            tokens_used, limits.tokens, ("minute", "day", "week", "month"), ask, ask.tokens
-        )
-        if exceeded:
+        if _over(tokens_used, limits.tokens, ask.tokens if ask.reserve else 0) and (
+            exceeded := _exceeded(
+                tokens_used, limits.tokens, ("minute", "day", "week", "month"), ask, ask.tokens
+            )
+        ):
             threshold = (
                 limits.tokens[0] - ask.tokens + 1
                 if ask.reserve and ask.tokens
@@ -235,8 +291,9 @@ class MemoryLedger(Ledger):
             sliding_total(entity.request_hour, HOUR, now.ms),
             _calendar_total(entity.request_day, now.day),
         )
-        exceeded = _exceeded(requests_used, limits.requests, ("hour", "day"), ask, 0)
-        if exceeded:
+        if _over(requests_used, limits.requests, 0) and (
+            exceeded := _exceeded(requests_used, limits.requests, ("hour", "day"), ask, 0)
+        ):
             return Refusal(
                 "request",
                 requests_used,
@@ -245,38 +302,33 @@ class MemoryLedger(Ledger):
                 retry_after_s(exceeded, entity.request_hour, HOUR, now, limits.requests[0]),
             )
 
-        cost_limits = cost_limits_nano(limits)
+        cost_limits = limits.cost_nano
         cost_used = bucket.cost.totals(MINUTE, now)
-        exceeded = _exceeded(
-            cost_used, cost_limits, ("minute", "day", "week", "month"), ask, ask.cost_nano
-        )
-        if exceeded:
-            minute_limit = cost_limits[0] or 0
+        if _over(cost_used, cost_limits, ask.cost_nano if ask.reserve else 0) and (
+            exceeded := _exceeded(
+                cost_used, cost_limits, ("minute", "day", "week", "month"), ask, ask.cost_nano
+            )
+        ):
             # Fix: `and ask.cost_nano`, as for tokens: with no cost to reserve `_exceeded` used
             # `used >= limit`, and a threshold of limit + 1 told the caller to retry at once.
             threshold = (
-                minute_limit - ask.cost_nano + 1 if ask.reserve and ask.cost_nano else minute_limit
+                cost_limits[0] - ask.cost_nano + 1
+                if ask.reserve and ask.cost_nano
+                else cost_limits[0]
             )
             return Refusal(
                 "cost",
                 cost_used,
-                tuple(UNLIMITED if c is None else c for c in cost_limits),
+                cost_limits,
                 exceeded,
                 retry_after_s(exceeded, bucket.cost.sliding, MINUTE, now, threshold),
             )
-
-        _sliding_add(entity.request_hour, HOUR.slot(now.ms), 1)
-        _calendar_add(entity.request_day, now.day, 1)
-        if ask.tokens:
-            entity.tokens.add(MINUTE, now, ask.tokens)
-        if ask.cost_nano:
-            bucket.cost.add(MINUTE, now, ask.cost_nano)
-        self._dirty.add(ask.bucket)
         return None
 
-    async def settle(self, charge: Charge) -> None:
-        bucket = self._bucket(charge.bucket)
-        entity = bucket.entity(charge.entity)
+    def settle_now(self, charge: Charge) -> None:
+        """`settle`, called directly (see `admit_now`)."""
+        bucket = self._buckets.get(charge.bucket) or self._bucket(charge.bucket)
+        entity = bucket.entities.get(charge.entity) or bucket.entity(charge.entity)
         if charge.reserved_at is not None:
             if charge.reserved_tokens:
                 entity.tokens.release(

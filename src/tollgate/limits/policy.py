@@ -18,6 +18,7 @@ TOKEN_WINDOWS = ("minute", "day", "week", "month")
 REQUEST_WINDOWS = ("hour", "day")
 COST_WINDOWS = ("minute", "day", "week", "month")
 MAX_CACHED = 65536
+NANO_PER_USD = 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +32,15 @@ class Limits:
     # Derived once (a Limits is cached per role set and deployment), read on every call.
     positive: bool = field(init=False)  # DIAL refuses with 403 when any limit is <= 0
     unlimited: bool = field(init=False)  # nothing to check: the call is only counted
+    # Cost limits in whole nano-dollars, UNLIMITED where there is none: what ledgers compare.
+    cost_nano: tuple[int, int, int, int] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positive", min(self.tokens) > 0 and min(self.requests) > 0)
+        minute, day, week, month = (
+            min(int(limit * NANO_PER_USD), UNLIMITED) for limit in self.cost
+        )
+        object.__setattr__(self, "cost_nano", (minute, day, week, month))
         object.__setattr__(
             self,
             "unlimited",

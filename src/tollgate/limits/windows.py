@@ -176,7 +176,9 @@ class Clock:
     def at(self, now_ms: int) -> Instant:
         cached = self._cached
         if cached is not None and cached.day * 1000 <= now_ms < cached.day_end * 1000:
-            return Instant(
+            if cached.ms == now_ms:  # busy: several calls a millisecond share one
+                return cached
+            self._cached = cached = Instant(
                 now_ms,
                 cached.day,
                 cached.week,
@@ -185,6 +187,7 @@ class Clock:
                 cached.week_end,
                 cached.month_end,
             )
+            return cached
         now = datetime.fromtimestamp(now_ms / 1000, UTC)
         s = self._schedule
         starts = [int(s.start(p, now).timestamp()) for p in PERIODS]

@@ -19,9 +19,10 @@ from tollgate.config.snapshot import Deployment, Kind, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.limits import messages
 from tollgate.limits.cost import Prices, to_nano_usd
-from tollgate.limits.ledger import Ask, Ledger, Refusal, cost_limits_nano, usd
+from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
+from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Limits
-from tollgate.limits.windows import Clock, Instant
+from tollgate.limits.windows import Clock
 from tollgate.security.principal import Principal
 
 CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
@@ -37,11 +38,7 @@ def bucket_of(principal: Principal) -> str:
 class Ticket:
     """An admitted call, to be settled when its response is done."""
 
-    bucket: str
-    entity: str
-    at: Instant
-    reserved_tokens: int
-    reserved_cost_nano: int
+    ask: Ask  # what was admitted: bucket, entity, instant and reservation
     prices: Prices | None
     clock: Clock  # the snapshot's, so a settle uses the schedule its admission used
 
@@ -51,6 +48,8 @@ class Admission:
         self.ledger = ledger
         self.reserve = reserve
         self.default_completion_tokens = default_completion_tokens
+        # The embedded ledger is synchronous: the gateway calls it directly (`admit_now`).
+        self.synchronous = isinstance(ledger, MemoryLedger)
 
     def limits(self, snapshot: Snapshot, principal: Principal, deployment: Deployment) -> Limits:
         return snapshot.limit_policy.limits(
@@ -66,33 +65,64 @@ class Admission:
         body: bytes,
         request: dict[str, Any],
     ) -> Ticket | None:
+        ask = self.ask(snapshot, principal, deployment, api, body, request)
+        if ask is None:
+            return None
+        refusal = await self.ledger.admit(ask)
+        if refusal is not None:
+            raise rejection(refusal)
+        return Ticket(ask, deployment.prices, snapshot.clock)
+
+    def admit_now(
+        self,
+        snapshot: Snapshot,
+        principal: Principal,
+        deployment: Deployment,
+        api: str,
+        body: bytes,
+        request: dict[str, Any],
+    ) -> Ticket | None:
+        """`admit` without a coroutine, when the ledger is `synchronous`."""
+        ask = self.ask(snapshot, principal, deployment, api, body, request)
+        if ask is None:
+            return None
+        assert isinstance(self.ledger, MemoryLedger)
+        refusal = self.ledger.admit_now(ask)
+        if refusal is not None:
+            raise rejection(refusal)
+        return Ticket(ask, deployment.prices, snapshot.clock)
+
+    def ask(
+        self,
+        snapshot: Snapshot,
+        principal: Principal,
+        deployment: Deployment,
+        api: str,
+        body: bytes,
+        request: dict[str, Any],
+    ) -> Ask | None:
+        """What to ask the ledger for this call; None when no limits apply (not a model)."""
         if deployment.kind is not Kind.MODEL:
             return None
-        limits = self.limits(snapshot, principal, deployment)
+        limits = snapshot.limit_policy.limits(
+            principal.role_set, deployment.name, deployment.user_roles
+        )
         if not limits.positive:
             raise GatewayError(403, "Access denied")
         now = snapshot.clock.at(time.time_ns() // 1_000_000)
-        tokens = cost_nano = 0
-        if self.reserve:
-            tokens, cost_nano = self._estimate(deployment, api, body, request)
-            # An estimate above a limit would refuse the call forever; capped, such a call is
-            # admitted when nothing else is in flight (and overshoots, as under DIAL's rule).
-            tokens = min(tokens, *limits.tokens)
-            cost_nano = min([cost_nano, *(c for c in cost_limits_nano(limits) if c is not None)])
-        ask = Ask(
+        if not self.reserve:
+            return Ask(bucket_of(principal), deployment.name, limits, now)
+        tokens, cost_nano = self._estimate(deployment, api, body, request)
+        # An estimate above a limit would refuse the call forever; capped, such a call is
+        # admitted when nothing else is in flight (and overshoots, as under DIAL's rule).
+        return Ask(
             bucket_of(principal),
             deployment.name,
             limits,
             now,
-            reserve=self.reserve,
-            tokens=tokens,
-            cost_nano=cost_nano,
-        )
-        refusal = await self.ledger.admit(ask)
-        if refusal is not None:
-            raise rejection(refusal)
-        return Ticket(
-            ask.bucket, ask.entity, now, tokens, cost_nano, deployment.prices, snapshot.clock
+            reserve=True,
+            tokens=min(tokens, *limits.tokens),
+            cost_nano=min(cost_nano, *limits.cost_nano),
         )
 
     def _estimate(

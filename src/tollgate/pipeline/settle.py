@@ -29,18 +29,20 @@ def charge_for(
     if status == 200:
         if usage is not None and usage.total_tokens > 0:
             tokens = usage.total_tokens
-        cost = call_cost(ticket.prices, usage, request, response, streamed, api)
-        if cost is not None and cost > 0:
-            cost_nano = to_nano_usd(cost)
+        if ticket.prices is not None:
+            cost = call_cost(ticket.prices, usage, request, response, streamed, api)
+            if cost is not None and cost > 0:
+                cost_nano = to_nano_usd(cost)
+    ask = ticket.ask
     return Charge(
-        ticket.bucket,
-        ticket.entity,
+        ask.bucket,
+        ask.entity,
         ticket.clock.at(time.time_ns() // 1_000_000),
         tokens,
         cost_nano,
-        reserved_at=ticket.at,
-        reserved_tokens=ticket.reserved_tokens,
-        reserved_cost_nano=ticket.reserved_cost_nano,
+        ask.now,  # reserved_at
+        ask.tokens,  # reserved_tokens
+        ask.cost_nano,  # reserved_cost_nano
     )
 
 
