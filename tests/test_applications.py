@@ -329,12 +329,6 @@ async def test_key_is_dead_after_the_hop(gateway: Gateway, echo_app: App) -> Non
                 assert bearer.status == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Tollgate keeps a hop's per-request key alive after the client disconnects, while it "
-    "drains the upstream for usage (relay_stream -> _drain, up to DRAIN_TIMEOUT_S = 30 s); "
-    "DIAL deletes it when the client disconnects (spec auth-limits 3.5)",
-)
 def test_key_dies_when_the_root_caller_disconnects(gateway: Gateway, echo_app: App) -> None:
     """The app's model stream lasts about 6 s; the root caller leaves after the first chunk.
     The app's key must die with the root's request, not when the app is done."""

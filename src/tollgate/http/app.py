@@ -232,7 +232,15 @@ class Gateway:
                 async with self.session.post(url, data=body, headers=headers) as upstream:
                     if is_stream(upstream):
                         keep = ticket is not None and _prices_by_characters(ticket.prices)
-                        relayed = await relay_stream(request, upstream, attempts=1, keep=keep)
+                        relayed = await relay_stream(
+                            request,
+                            upstream,
+                            attempts=1,
+                            keep=keep,
+                            # DIAL deletes the hop's key when its caller disconnects (spec
+                            # auth-limits 3.5); the drain for usage must not keep it alive.
+                            on_client_gone=lambda: self._end_hop(handle),
+                        )
                     else:
                         relayed = await relay_whole(upstream, attempts=1)
             except aiohttp.ClientConnectorError:
@@ -259,9 +267,7 @@ class Gateway:
                 )
             return relayed.response
         finally:
-            self.per_request_keys.invalidate(handle)
-            if self.shared_keys is not None:
-                self.shared_keys.revoke(handle)
+            self._end_hop(handle)
             if ticket is not None:
                 # Settled whatever happened: a failed call releases its reservation.
                 charge = charge_for(
@@ -277,6 +283,11 @@ class Gateway:
                     self.settle_now(charge)
                 else:
                     await self.ledger.settle(charge)
+
+    def _end_hop(self, handle: bytes) -> None:
+        """The hop's per-request key dies here (it may be called twice: harmless)."""
+        if self.per_request_keys.invalidate(handle) and self.shared_keys is not None:
+            self.shared_keys.revoke(handle)
 
 
 def _prices_by_characters(prices: Prices | None) -> bool:

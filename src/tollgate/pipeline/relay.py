@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
@@ -76,11 +77,17 @@ async def relay_whole(upstream: aiohttp.ClientResponse, attempts: int) -> Relaye
 
 
 async def relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, attempts: int, *, keep: bool = False
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    attempts: int,
+    *,
+    keep: bool = False,
+    on_client_gone: Callable[[], None] | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
     With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters.
+    `on_client_gone` runs as soon as the client is found gone, before the upstream is drained.
     """
     headers = response_headers(upstream.headers, attempts)
     # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
@@ -99,6 +106,8 @@ async def relay_stream(
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
+        if on_client_gone is not None:
+            on_client_gone()
         await _drain(content, tracker, kept)
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream broke off mid-stream: what was counted so far stands, and the client must

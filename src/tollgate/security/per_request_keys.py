@@ -70,8 +70,9 @@ class PerRequestKeys:
             return None
         return hop.principal
 
-    def invalidate(self, digest: bytes) -> None:
-        self._hops.pop(digest, None)
+    def invalidate(self, digest: bytes) -> bool:
+        """Forget the key; False when it was already gone."""
+        return self._hops.pop(digest, None) is not None
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_EVERY_S
