@@ -1,10 +1,14 @@
-"""The `tollgate` command: `serve` the gateway, run the bundled `fake-model`."""
+"""The `tollgate` command: `serve` the gateway, run the bundled `fake-model`, operator tools.
+
+`keys new` makes a project API key; `config check` validates config files without serving.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -88,6 +92,124 @@ def _fake_model(rest: Sequence[str]) -> int:
     return fake_model.main(list(rest))
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    from tollgate.security.key_generator import DEFAULT_ROLE, new_key
+
+    key = new_key(args.project, args.roles or [DEFAULT_ROLE])
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "key": key.secret,
+                    "name": key.name,
+                    "fingerprint": key.fingerprint,
+                    "entry": key.entry(),
+                }
+            )
+        )
+        return 0
+    print(
+        "New API key (256 random bits; shown only now: give it to the client, keep it out of "
+        f"config files and logs):\n  {key.secret}\n"
+        f"Its name for aidial.config.json (SHA-256 of the key):\n  {key.name}\n"
+        f"Logs name it by its fingerprint:\n  {key.fingerprint}\n"
+        f'Entry for the "keys" object:\n  {json.dumps(key.entry())}'
+    )
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from tollgate.config.check import check, exit_code
+
+    problems = check(args.files, settings_file=args.settings)
+    code = exit_code(problems, strict=args.strict)
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    if args.json:
+        report = {
+            "errors": errors,
+            "warnings": warnings,
+            "exitCode": code,
+            "problems": [p.to_json() for p in problems],
+        }
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return code
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{_count(errors, 'error')}, {_count(warnings, 'warning')}")
+    else:
+        print("no problems found")
+    return code
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _not_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _add_operator_commands(commands: Any) -> None:
+    from tollgate.security.key_generator import DEFAULT_PROJECT, DEFAULT_ROLE
+
+    keys = commands.add_parser("keys", help="make project API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser(
+        "new",
+        help="print a new 256-bit API key, its sha256: name and a `keys` entry",
+        description="Print a new random 256-bit API key, its `sha256:<hex>` name (what "
+        "aidial.config.json needs; the secret itself need not be stored) and a ready-to-paste "
+        "`keys` entry.",
+    )
+    new.add_argument(
+        "--project",
+        default=DEFAULT_PROJECT,
+        type=_not_empty,
+        help=f'project of the key (default "{DEFAULT_PROJECT}", a placeholder to replace)',
+    )
+    new.add_argument(
+        "--role",
+        action="append",
+        dest="roles",
+        metavar="R",
+        type=_not_empty,
+        help=f'role of the key; repeat for several (default "{DEFAULT_ROLE}", the role DIAL '
+        "falls back to for limits)",
+    )
+    new.add_argument("--json", action="store_true", help="print one JSON object")
+
+    config = commands.add_parser("config", help="work with aidial.config.json files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser(
+        "check",
+        help="validate config files without starting anything",
+        description="Validate dynamic config files, deep-merged in order as `serve` merges them, "
+        "and the static settings. Errors are what `serve` would refuse; warnings are likely "
+        "mistakes (unknown fields, weak keys, roles, interceptors and addons that lead "
+        "nowhere). Secrets are shown as sha256: fingerprints.",
+        epilog="Exit status: 0 no problems, 1 errors (or warnings with --strict), 2 warnings only.",
+    )
+    check.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="dynamic config file (aidial.config.json); several are deep-merged in order "
+        "(default: config.files of the settings)",
+    )
+    check.add_argument(
+        "--settings",
+        metavar="FILE",
+        help="static settings file to check too, whose config.jsonMergeStrategy applies "
+        "(default: $AIDIAL_SETTINGS)",
+    )
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tollgate", description="A DIAL-compatible LLM gateway.")
     parser.add_argument("--version", action="version", version=f"tollgate {__version__}")
@@ -116,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run the bundled fake model server (see `tollgate fake-model --help`)",
         add_help=False,
     )
+    _add_operator_commands(commands)
 
     args, rest = parser.parse_known_args(argv)
     level = getattr(args, "serve_log_level", None) or args.log_level
@@ -127,4 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fake_model(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "keys":
+        return _keys_new(args)
+    if args.command == "config":
+        return _config_check(args)
     return _serve(args)
