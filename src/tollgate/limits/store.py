@@ -29,7 +29,7 @@ def _address(text: Any, setting: str) -> tuple[str, int, bool]:
 
 
 def redis_client(settings: Settings) -> Any | None:
-    """A redis-py asyncio client for the configured server or cluster, or None."""
+    """A client for the configured server (`PipelinedRedis`) or cluster (redis-py's), or None."""
     redis_settings = settings.raw.get("redis")
     if not isinstance(redis_settings, dict):
         return None
@@ -38,39 +38,37 @@ def redis_client(settings: Settings) -> Any | None:
     common = single if single.get("address") else cluster
     timeout_s = float(common.get("timeout", DEFAULT_TIMEOUT_MS)) / 1000
     connect_s = float(common.get("connectTimeout", DEFAULT_TIMEOUT_MS)) / 1000
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    options: dict[str, Any] = {
-        "username": common.get("username"),
-        "password": common.get("password"),
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": connect_s,
-        # One immediate retry (a pooled connection may have died with a Redis restart), no
-        # back-off: a call must not wait seconds for a store that has a fallback.
-        "retry": Retry(NoBackoff(), 1),
-    }
     if single.get("address"):
-        import redis.asyncio
-        from redis.asyncio.connection import Connection, SSLConnection
+        from tollgate.limits.pipelined_redis import PipelinedRedis
 
         host, port, tls = _address(single["address"], "redis.singleServerConfig.address")
-        # A pool that waits for a free connection rather than failing: a burst of calls must
-        # queue for Redis, not be mistaken for Redis being down.
-        pool = redis.asyncio.BlockingConnectionPool(
-            max_connections=int(single.get("connectionPoolSize", DEFAULT_POOL_SIZE)),
-            timeout=timeout_s,
-            connection_class=SSLConnection if tls else Connection,
-            host=host,
-            port=port,
+        # One pipelined connection instead of a pool: every command in flight shares it, and
+        # Redis answers them in order (`connectionPoolSize` has no use here).
+        return PipelinedRedis(
+            host,
+            port,
             db=int(single.get("database", 0)),
-            **options,
+            username=common.get("username"),
+            password=common.get("password"),
+            tls=tls,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_s,
         )
-        return redis.asyncio.Redis(connection_pool=pool)
     nodes = cluster.get("nodeAddresses")
     if nodes:
         from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
+        options: dict[str, Any] = {
+            "username": common.get("username"),
+            "password": common.get("password"),
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": connect_s,
+            # One immediate retry (a pooled connection may have died with a Redis restart), no
+            # back-off: a call must not wait seconds for a store that has a fallback.
+            "retry": Retry(NoBackoff(), 1),
+        }
         if not isinstance(nodes, list):
             raise SettingsError("setting redis.clusterServersConfig.nodeAddresses: expected a list")
         addresses = [_address(n, "redis.clusterServersConfig.nodeAddresses") for n in nodes]
