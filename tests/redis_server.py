@@ -40,13 +40,18 @@ def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, password or not
     except OSError:
         return False
 
 
 def start_redis_server(
-    work_dir: Path, *, cluster: bool = False, port: int | None = None, durable: bool = False
+    work_dir: Path,
+    *,
+    cluster: bool = False,
+    port: int | None = None,
+    durable: bool = False,
+    password: str | None = None,
 ) -> RedisServer:
     """A throwaway server: no RDB snapshots, no AOF, files (if any) under `work_dir`.
 
@@ -65,6 +70,8 @@ def start_redis_server(
     args += (
         ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     )
+    if password is not None:
+        args += ["--requirepass", password]
     if cluster:
         # The bus port defaults to port + 10000, too high for many free ports: choose it too.
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -23,6 +24,7 @@ from redis_server import RedisServer, start_redis_server, stop_redis_server
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
 from tollgate.limits.ledger import Ask, Charge, Refusal
 from tollgate.limits.memory import MemoryLedger
+from tollgate.limits.pipelined_redis import PipelinedRedis
 from tollgate.limits.policy import Limits
 from tollgate.limits.redis_ledger import (
     ADMIT,
@@ -86,6 +88,24 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 @pytest_asyncio.fixture(loop_scope="function")  # the loop each test runs on
 async def client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     connection = redis.asyncio.Redis(port=redis_server.port)
+    yield connection
+    await connection.aclose()
+
+
+CLIENTS = ("redis-py", "pipelined")
+
+
+def make_client(kind: str, port: int) -> Any:
+    """The ledger works on redis-py's client and on Tollgate's pipelined one alike."""
+    if kind == "pipelined":
+        return PipelinedRedis("127.0.0.1", port)
+    return redis.asyncio.Redis(port=port)
+
+
+@pytest_asyncio.fixture(loop_scope="function", params=CLIENTS)
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Any]:
+    """The client a ledger runs on (each test once per client kind)."""
+    connection = make_client(request.param, redis_server.port)
     yield connection
     await connection.aclose()
 
@@ -230,13 +250,15 @@ def charge_of(op: DoSettle, now: Instant, admitted: list[Ask]) -> Charge:
     start_offset_ms=st.integers(0, 120_000),
     ops=st.lists(operations, min_size=5, max_size=50),
 )
+@pytest.mark.parametrize("client_kind", CLIENTS)
 async def test_same_answers_as_the_memory_ledger(
     redis_server: RedisServer,
+    client_kind: str,
     start: datetime,
     start_offset_ms: int,
     ops: list[DoAdmit | DoSettle | Advance],
 ) -> None:
-    connection = redis.asyncio.Redis(port=redis_server.port)
+    connection = make_client(client_kind, redis_server.port)
     memory = MemoryLedger(path=None)
     shared = RedisLedger(connection, prefix=fresh_prefix())
     now_ms = int(start.timestamp() * 1000) + start_offset_ms
@@ -281,7 +303,7 @@ MIDNIGHT_MS = int(datetime(2026, 5, 1, tzinfo=UTC).timestamp() * 1000)  # a new 
     ],
 )
 async def test_a_reservation_is_released_where_it_still_counts(
-    client: redis.asyncio.Redis,
+    store: Any,
     reserved_ms: int,
     settled_ms: int,
     other: int,
@@ -289,7 +311,7 @@ async def test_a_reservation_is_released_where_it_still_counts(
     tokens: tuple[int, int, int, int],
 ) -> None:
     memory = MemoryLedger(path=None)
-    shared = RedisLedger(client, prefix=fresh_prefix())
+    shared = RedisLedger(store, prefix=fresh_prefix())
     reserved_at, settled = instant(reserved_ms), instant(settled_ms)
     for ledger in (memory, shared):
         await ledger.settle(Charge("Keys/p", "m", reserved_at, 7, 3))  # an earlier call
@@ -307,9 +329,9 @@ async def test_a_reservation_is_released_where_it_still_counts(
 
 
 async def test_concurrent_reservations_never_cross_the_token_limit(
-    client: redis.asyncio.Redis,
+    store: Any,
 ) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     ask = Ask("Keys/p", "m", limits(minute=1_000), now, reserve=True, tokens=100)
     results = await asyncio.gather(*(ledger.admit(ask) for _ in range(50)))
@@ -321,9 +343,9 @@ async def test_concurrent_reservations_never_cross_the_token_limit(
 
 
 async def test_concurrent_reservations_never_cross_the_cost_limit(
-    client: redis.asyncio.Redis,
+    store: Any,
 ) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     per_call = 100_000_000  # $0.10
     ask = Ask(
@@ -334,8 +356,8 @@ async def test_concurrent_reservations_never_cross_the_cost_limit(
     assert (await ledger.usage("Keys/p", None, now)).cost_nano[0] == 7 * per_call
 
 
-async def test_concurrent_admissions_count_each_request_once(client: redis.asyncio.Redis) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+async def test_concurrent_admissions_count_each_request_once(store: Any) -> None:
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     ask = Ask("Keys/p", "m", limits(request_hour=7), now)
     results = await asyncio.gather(*(ledger.admit(ask) for _ in range(50)))
@@ -345,8 +367,8 @@ async def test_concurrent_admissions_count_each_request_once(client: redis.async
     assert (await ledger.usage("Keys/p", ["m"], now)).entities["m"].requests == (7, 7)
 
 
-async def test_concurrent_admit_and_settle_lose_no_update(client: redis.asyncio.Redis) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+async def test_concurrent_admit_and_settle_lose_no_update(store: Any) -> None:
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     ask = Ask("Keys/p", "m", limits(minute=1_000), now, reserve=True, tokens=100)
 
@@ -491,8 +513,8 @@ async def test_works_with_decoded_responses(redis_server: RedisServer) -> None:
 # --- 6. NOSCRIPT, prefix, big numbers ------------------------------------------------------------
 
 
-async def test_admit_survives_a_script_flush(client: redis.asyncio.Redis) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+async def test_admit_survives_a_script_flush(client: redis.asyncio.Redis, store: Any) -> None:
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     assert await ledger.admit(Ask("Keys/p", "m", limits(request_hour=1), now)) is None
     await client.script_flush()
@@ -511,8 +533,8 @@ def test_a_prefix_cannot_break_the_hash_tag() -> None:
         RedisLedger(redis.asyncio.Redis(), prefix="tollgate{x}")
 
 
-async def test_large_amounts_stay_exact_below_2_to_53(client: redis.asyncio.Redis) -> None:
-    ledger = RedisLedger(client, prefix=fresh_prefix())
+async def test_large_amounts_stay_exact_below_2_to_53(store: Any) -> None:
+    ledger = RedisLedger(store, prefix=fresh_prefix())
     now = instant(1_780_000_000_000)
     big = 2**52 + 1  # odd, so a float rounding anywhere would show
     await ledger.settle(Charge("Keys/p", "m", now, big, big))

@@ -217,13 +217,19 @@ class PipelinedRedis:
                     ssl=context,
                     server_hostname=self._host if context else None,
                 )
-                if self._password is not None:
-                    credentials: tuple[Arg, ...] = (
-                        (self._username, self._password) if self._username else (self._password,)
-                    )
-                    await connection.send(("AUTH", *credentials))
-                if self._db:
-                    await connection.send(("SELECT", self._db))
+                try:
+                    if self._password is not None:
+                        credentials: tuple[Arg, ...] = (
+                            (self._username, self._password)
+                            if self._username
+                            else (self._password,)
+                        )
+                        await connection.send(("AUTH", *credentials))
+                    if self._db:
+                        await connection.send(("SELECT", self._db))
+                except BaseException:
+                    connection.close()
+                    raise
         except TimeoutError:
             raise TimeoutError(f"Timeout connecting to Redis {self._host}:{self._port}") from None
         except OSError as exc:
