@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from tollgate.config.schema import UNLIMITED
 from tollgate.limits.cost import from_nano_usd
 from tollgate.limits.policy import Limits
 from tollgate.limits.windows import (
@@ -29,11 +28,6 @@ from tollgate.limits.windows import (
 )
 
 Kind = Literal["token", "request", "cost"]
-
-
-def cost_limits_nano(limits: Limits) -> tuple[int | None, ...]:
-    """Cost limits in nano-dollars; None where there is no limit."""
-    return tuple(None if limit >= UNLIMITED else limit for limit in limits.cost_nano)
 
 
 # Ask and Charge are built for every call: plain slotted dataclasses (a frozen one pays for

@@ -10,19 +10,18 @@ sharing a Redis agree as far as their clocks do.
 Key layout: every key of one caller bucket carries the bucket as its Redis Cluster hash tag, so a
 script only ever touches one slot (`{...}` in the bucket is escaped as `%7B`/`%7D`, `%` as `%25`):
 
-    <prefix>:{<bucket>}:entities         set: every entity the bucket used
-    <prefix>:{<bucket>}:cost             hash: minute slot (epoch s) -> nano-dollars spent
-    <prefix>:{<bucket>}:costcal          hash: cost:day|week|month = period id, `...:n` = count
-    <prefix>:{<bucket>}:tok:<entity>     hash: minute slot -> tokens
-    <prefix>:{<bucket>}:req:<entity>     hash: hour slot (epoch min) -> requests
-    <prefix>:{<bucket>}:ecost:<entity>   hash: minute slot -> nano-dollars attributed to it
-    <prefix>:{<bucket>}:cal:<entity>     hash: tokens:day|week|month, requests:day and
-                                         cost:day|week|month, each with its `...:n` count
+    <prefix>:{<bucket>}:entities    set: every entity the bucket used
+    <prefix>:{<bucket>}:cost        hash: the caller's total cost, sliding minute and calendar
+    <prefix>:{<bucket>}:e:<entity>  hash: the entity's tokens (sliding minute, calendar),
+                                    requests (sliding hour, calendar day) and attributed cost
 
-TTLs only collect idle keys: minute hashes live `MINUTE_TTL_S`, hour hashes `HOUR_TTL_S`,
-calendar hashes and the entity set `CALENDAR_TTL_S` after their last write. A window ends by the
-slot index or period id stored in it, never by a TTL, so refreshing one on write cannot keep a
-window alive (the LiteLLM bug in spec peers.md 3.A.4).
+Each window is a few fields of its hash (`lua/windows.lua`): a script reads a hash with one
+HMGET and writes it with one HSET, and a sliding window keeps its running total, so a call costs
+a handful of Redis commands whatever the number of windows and slots.
+
+TTLs only collect idle keys (`KEY_TTL_S` after the last write). A window ends by the slot index
+or period id stored in it, never by a TTL, so refreshing one on write cannot keep a window alive
+(the LiteLLM bug in spec peers.md 3.A.4).
 
 Numbers: counts are integers added with HINCRBY; Lua compares and sums them as doubles, exact
 while every count, window total, amount and limit stays below 2^53 (9.007e15 tokens, or
@@ -49,7 +48,6 @@ from tollgate.limits.ledger import (
     Kind,
     Ledger,
     Refusal,
-    cost_limits_nano,
     retry_after_s,
 )
 from tollgate.limits.windows import (
@@ -58,9 +56,8 @@ from tollgate.limits.windows import (
     Instant,
 )
 
-MINUTE_TTL_S = 2 * 60  # the 60 s window, twice over
-HOUR_TTL_S = 2 * 60 * 60  # the 60 min window, twice over
-CALENDAR_TTL_S = 35 * 24 * 60 * 60  # the longest month (31 days, plus a DST hour), and margin
+KEY_TTL_S = 35 * 24 * 60 * 60  # the longest month (31 days, plus a DST hour), and margin
+KEY_TTL = str(KEY_TTL_S)
 _KINDS: dict[str, Kind] = {"token": "token", "request": "request", "cost": "cost"}
 
 
@@ -157,33 +154,22 @@ class RedisLedger(Ledger):
         base = self._bucket_key(ask.bucket)
         now = ask.now
         limits = ask.limits
-        cost_limits = cost_limits_nano(limits)
+        cost_limits = limits.cost_nano
         reply = await self._redis.run(
             ADMIT,
-            [
-                base + "entities",
-                base + "tok:" + ask.entity,
-                base + "req:" + ask.entity,
-                base + "cal:" + ask.entity,
-                base + "cost",
-                base + "costcal",
-            ],
+            [base + "entities", base + "e:" + ask.entity, base + "cost"],
             [
                 ask.entity,
                 "1" if ask.reserve else "0",
                 str(ask.tokens),
                 str(ask.cost_nano),
-                str(MINUTE.slot(now.ms)),
-                str(MINUTE.oldest_live_slot(now.ms)),
-                str(HOUR.slot(now.ms)),
-                str(HOUR.oldest_live_slot(now.ms)),
+                str(now.ms // MINUTE.width_ms),
+                str(now.ms // HOUR.width_ms),
                 *_periods(now),
                 *map(_limit, limits.tokens),
                 *map(_limit, limits.requests),
                 *map(_limit, cost_limits),
-                str(MINUTE_TTL_S),
-                str(HOUR_TTL_S),
-                str(CALENDAR_TTL_S),
+                KEY_TTL,
             ],
         )
         if not isinstance(reply, list):
@@ -206,14 +192,13 @@ class RedisLedger(Ledger):
         if kind == "request":
             retry = retry_after_s(exceeded, slots, HOUR, now, limits.requests[0])
             return Refusal(kind, used, limits.requests, exceeded, retry)
-        minute_limit = cost_limits[0] or 0
         threshold = (
-            minute_limit - ask.cost_nano + 1 if ask.reserve and ask.cost_nano else minute_limit
+            cost_limits[0] - ask.cost_nano + 1 if ask.reserve and ask.cost_nano else cost_limits[0]
         )
         return Refusal(
             kind,
             used,
-            tuple(UNLIMITED if c is None else c for c in cost_limits),
+            cost_limits,
             exceeded,
             retry_after_s(exceeded, slots, MINUTE, now, threshold),
         )
@@ -222,57 +207,41 @@ class RedisLedger(Ledger):
         base = self._bucket_key(charge.bucket)
         now = charge.now
         at = charge.reserved_at
-        if at is None:
+        if at is None or not (charge.reserved_tokens or charge.reserved_cost_nano):
             release_tokens = release_cost = "0"
             reserved_slot = ""
             reserved_periods = ["", "", ""]
         else:
-            release_tokens = str(-charge.reserved_tokens)
-            release_cost = str(-charge.reserved_cost_nano)
+            release_tokens = str(charge.reserved_tokens)
+            release_cost = str(charge.reserved_cost_nano)
             slot = MINUTE.slot(at.ms)
             reserved_slot = str(slot) if slot >= MINUTE.oldest_live_slot(now.ms) else ""
             reserved_periods = _periods(at)
         await self._redis.run(
             SETTLE,
-            [
-                base + "entities",
-                base + "tok:" + charge.entity,
-                base + "cal:" + charge.entity,
-                base + "ecost:" + charge.entity,
-                base + "cost",
-                base + "costcal",
-            ],
+            [base + "entities", base + "e:" + charge.entity, base + "cost"],
             [
                 charge.entity,
                 str(charge.tokens),
                 str(charge.cost_nano),
-                str(MINUTE.slot(now.ms)),
-                str(MINUTE.oldest_live_slot(now.ms)),
+                str(now.ms // MINUTE.width_ms),
                 *_periods(now),
                 release_tokens,
                 release_cost,
                 reserved_slot,
                 *reserved_periods,
-                str(MINUTE_TTL_S),
-                str(CALENDAR_TTL_S),
+                KEY_TTL,
             ],
         )
 
     async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
         base = self._bucket_key(bucket)
         names = await self._redis.members(base + "entities") if entities is None else list(entities)
-        keys = [base + "cost", base + "costcal"]
-        for name in names:
-            keys += [base + "tok:" + name, base + "req:" + name, base + "cal:" + name]
-            keys.append(base + "ecost:" + name)
+        keys = [base + "cost", *(base + "e:" + name for name in names)]
         reply = await self._redis.run(
             USAGE,
             keys,
-            [
-                str(MINUTE.oldest_live_slot(now.ms)),
-                str(HOUR.oldest_live_slot(now.ms)),
-                *_periods(now),
-            ],
+            [str(now.ms // MINUTE.width_ms), str(now.ms // HOUR.width_ms), *_periods(now)],
         )
         n = [_int(value) for value in _list(reply)]
         report = BucketUsage(cost_nano=(n[0], n[1], n[2], n[3]))

@@ -1,45 +1,60 @@
 -- settle: MemoryLedger.settle as one atomic step (needs windows.lua in front).
 --
--- KEYS  1 the bucket's entity set   2 entity tokens, minute slots   3 entity calendar
---       4 entity's attributed cost, minute slots   5 bucket cost, minute slots
---       6 bucket cost calendar
+-- KEYS  1 the bucket's entity set   2 the entity's hash   3 the bucket's cost hash
 -- ARGV  1 entity   2 tokens used   3 cost (nano-dollars)
---       4 minute slot   5 oldest live minute slot   6 day id   7 week id   8 month id
---       9 reserved tokens, negated   10 reserved cost, negated ('0': nothing to release)
---       11 the reservation's minute slot ('' once it left the window)
---       12-14 the reservation's day, week and month ids
---       15 TTL of minute keys   16 TTL of calendar keys (seconds)
+--       4 minute slot   5 day id   6 week id   7 month id
+--       8 reserved tokens   9 reserved cost (released now; '0': nothing to release)
+--       10 the reservation's minute slot ('' once it left the window)
+--       11-13 the reservation's day, week and month ids
+--       14 TTL of the keys (seconds)
 --
--- Returns 0.
+-- Entity hash: tokens `t*` and the cost attributed to the entity `a*`; cost hash: `c*` (see
+-- admit.lua). Returns 0.
 
-local entity, tokens, cost = ARGV[1], ARGV[2], ARGV[3]
-local slot, oldest = ARGV[4], tonumber(ARGV[5])
-local periods = {ARGV[6], ARGV[7], ARGV[8]}
-local release_tokens, release_cost = ARGV[9], ARGV[10]
-local reserved_slot = ARGV[11]
-local reserved_periods = {ARGV[12], ARGV[13], ARGV[14]}
-local minute_ttl, calendar_ttl = ARGV[15], ARGV[16]
+local entity, tokens, cost = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local minute_slot = tonumber(ARGV[4])
+local oldest = minute_slot - SLOTS + 1
+local periods = {ARGV[5], ARGV[6], ARGV[7]}
+local release_tokens, release_cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local reserved_slot = tonumber(ARGV[10]) -- nil: it left the window
+local reserved_periods = {ARGV[11], ARGV[12], ARGV[13]}
+local ttl = ARGV[14]
 
-redis.call('SADD', KEYS[1], entity)
-redis.call('EXPIRE', KEYS[1], calendar_ttl)
+local fields = {'seen'}
+amounts_fields(fields, 't', minute_slot)
+if reserved_slot and release_tokens ~= 0 then
+  fields[#fields + 1] = 'tm.' .. reserved_slot
+end
+if cost > 0 then
+  amounts_fields(fields, 'a', minute_slot)
+end
+local e = open(KEYS[2], fields)
+remember(KEYS[1], e, entity, periods[1], ttl)
 
-if release_tokens ~= '0' then
-  release(KEYS[2], reserved_slot, KEYS[3], 'tokens', reserved_periods, release_tokens)
+if release_tokens ~= 0 then
+  amounts_release(e, 't', reserved_slot, oldest, reserved_periods, release_tokens)
 end
-if release_cost ~= '0' then
-  release(KEYS[5], reserved_slot, KEYS[6], 'cost', reserved_periods, release_cost)
+if tokens > 0 then
+  amounts_add(e, 't', minute_slot, oldest, periods, tokens)
 end
-if tonumber(tokens) > 0 then
-  add(KEYS[2], slot, oldest, KEYS[3], 'tokens', periods, tokens)
-  redis.call('EXPIRE', KEYS[2], minute_ttl)
-  redis.call('EXPIRE', KEYS[3], calendar_ttl)
+if cost > 0 then
+  amounts_add(e, 'a', minute_slot, oldest, periods, cost)
 end
-if tonumber(cost) > 0 then
-  add(KEYS[5], slot, oldest, KEYS[6], 'cost', periods, cost)
-  add(KEYS[4], slot, oldest, KEYS[3], 'cost', periods, cost)
-  redis.call('EXPIRE', KEYS[4], minute_ttl)
-  redis.call('EXPIRE', KEYS[5], minute_ttl)
-  redis.call('EXPIRE', KEYS[3], calendar_ttl)
-  redis.call('EXPIRE', KEYS[6], calendar_ttl)
+flush(e, ttl)
+
+if cost > 0 or release_cost ~= 0 then
+  local cost_fields = {}
+  amounts_fields(cost_fields, 'c', minute_slot)
+  if reserved_slot and release_cost ~= 0 then
+    cost_fields[#cost_fields + 1] = 'cm.' .. reserved_slot
+  end
+  local c = open(KEYS[3], cost_fields)
+  if release_cost ~= 0 then
+    amounts_release(c, 'c', reserved_slot, oldest, reserved_periods, release_cost)
+  end
+  if cost > 0 then
+    amounts_add(c, 'c', minute_slot, oldest, periods, cost)
+  end
+  flush(c, ttl)
 end
 return 0

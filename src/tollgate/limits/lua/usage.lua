@@ -1,14 +1,14 @@
 -- usage: the figures MemoryLedger.usage reports, read in one step (needs windows.lua in front).
 -- Writes nothing.
 --
--- KEYS  1 bucket cost, minute slots   2 bucket cost calendar; then four keys per entity:
---       tokens minute slots, requests hour slots, entity calendar, attributed cost minute slots
--- ARGV  1 oldest live minute slot   2 oldest live hour slot   3 day id   4 week id   5 month id
+-- KEYS  1 the bucket's cost hash; then one hash per entity
+-- ARGV  1 minute slot   2 hour slot   3 day id   4 week id   5 month id
 --
 -- Returns the bucket's cost {minute, day, week, month}, then per entity ten numbers: tokens
 -- (minute, day, week, month), requests (hour, day), attributed cost (minute, day, week, month).
 
-local minute_oldest, hour_oldest = tonumber(ARGV[1]), tonumber(ARGV[2])
+local minute_slot, hour_slot = tonumber(ARGV[1]), tonumber(ARGV[2])
+local minute_oldest, hour_oldest = minute_slot - SLOTS + 1, hour_slot - SLOTS + 1
 local periods = {ARGV[3], ARGV[4], ARGV[5]}
 local out = {}
 
@@ -18,11 +18,18 @@ local function append(values)
   end
 end
 
-append((totals(KEYS[1], minute_oldest, KEYS[2], 'cost', periods, false)))
-for first = 3, #KEYS, 4 do
-  local cal = KEYS[first + 2]
-  append((totals(KEYS[first], minute_oldest, cal, 'tokens', periods, false)))
-  append({(sliding(KEYS[first + 1], hour_oldest, false)), calendar(cal, 'requests:day', periods[1])})
-  append((totals(KEYS[first + 3], minute_oldest, cal, 'cost', periods, false)))
+local cost_fields = {}
+amounts_fields(cost_fields, 'c', minute_slot)
+append(amounts(open(KEYS[1], cost_fields), 'c', minute_oldest, periods, false))
+for i = 2, #KEYS do
+  local fields = {}
+  amounts_fields(fields, 't', minute_slot)
+  window_fields(fields, 'rh', hour_slot)
+  calendar_fields(fields, 'rd')
+  amounts_fields(fields, 'a', minute_slot)
+  local e = open(KEYS[i], fields)
+  append(amounts(e, 't', minute_oldest, periods, false))
+  append({total(e, 'rh', hour_oldest, false), calendar(e, 'rd', periods[1])})
+  append(amounts(e, 'a', minute_oldest, periods, false))
 end
 return out
