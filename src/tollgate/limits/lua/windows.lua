@@ -55,7 +55,7 @@ local function flush(h, ttl)
   local flat = {}
   for field in pairs(h.dirty) do
     flat[#flat + 1] = field
-    flat[#flat + 1] = string.format('%.0f', h.values[field])
+    flat[#flat + 1] = h.values[field] -- Redis writes a number as %.17g: exact below 2^53
   end
   if #flat > 0 then
     redis.call('HSET', h.key, unpack(flat))
