@@ -278,6 +278,9 @@ class Gateway:
                     relayed.body if relayed else b"",
                     relayed is not None and relayed.streamed,
                     api,
+                    # Charged in today's periods: a reload may have changed the schedule
+                    # since this call was admitted.
+                    self.store.current.clock,
                 )
                 if self.settle_now is not None:
                     self.settle_now(charge)

@@ -22,7 +22,6 @@ from tollgate.limits.cost import Prices, to_nano_usd
 from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Limits
-from tollgate.limits.windows import Clock
 from tollgate.security.principal import Principal
 
 CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
@@ -40,7 +39,6 @@ class Ticket:
 
     ask: Ask  # what was admitted: bucket, entity, instant and reservation
     prices: Prices | None
-    clock: Clock  # the snapshot's, so a settle uses the schedule its admission used
 
 
 class Admission:
@@ -71,7 +69,7 @@ class Admission:
         refusal = await self.ledger.admit(ask)
         if refusal is not None:
             raise rejection(refusal)
-        return Ticket(ask, deployment.prices, snapshot.clock)
+        return Ticket(ask, deployment.prices)
 
     def admit_now(
         self,
@@ -90,7 +88,7 @@ class Admission:
         refusal = self.ledger.admit_now(ask)
         if refusal is not None:
             raise rejection(refusal)
-        return Ticket(ask, deployment.prices, snapshot.clock)
+        return Ticket(ask, deployment.prices)
 
     def ask(
         self,

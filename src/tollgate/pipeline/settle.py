@@ -12,6 +12,7 @@ from typing import Any
 
 from tollgate.limits.cost import call_cost, to_nano_usd
 from tollgate.limits.ledger import Charge, Ledger
+from tollgate.limits.windows import Clock
 from tollgate.pipeline.admit import Ticket
 from tollgate.pipeline.usage import Usage
 
@@ -24,7 +25,13 @@ def charge_for(
     response: bytes,
     streamed: bool,
     api: str,
+    clock: Clock,
 ) -> Charge:
+    """What to charge for a finished call, at `clock`'s now: the current snapshot's clock, not
+    the one the call was admitted under. A reload that changed `rateLimitSchedule` while the
+    call was in flight would otherwise have it charged to a period that is no longer the
+    current one, and the ledger, seeing an older period id, would start that counter over and
+    drop what calls admitted under the new schedule had already counted."""
     tokens = cost_nano = 0
     if status == 200:
         if usage is not None and usage.total_tokens > 0:
@@ -37,7 +44,7 @@ def charge_for(
     return Charge(
         ask.bucket,
         ask.entity,
-        ticket.clock.at(time.time_ns() // 1_000_000),
+        clock.at(time.time_ns() // 1_000_000),
         tokens,
         cost_nano,
         ask.now,  # reserved_at

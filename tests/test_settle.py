@@ -1,0 +1,51 @@
+"""The settle step: what a finished call is charged, and in which periods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tollgate.config.schema import Config
+from tollgate.config.snapshot import build_snapshot
+from tollgate.limits.memory import MemoryLedger
+from tollgate.pipeline.admit import Admission
+from tollgate.pipeline.settle import charge_for
+from tollgate.pipeline.usage import Usage
+from tollgate.security.principal import Principal
+
+CALLER = Principal("proj", ("default",), frozenset({"default"}), "fp")
+BODY = b'{"messages": []}'
+
+
+def snapshot(timezone: str) -> Any:
+    config = Config.model_validate(
+        {
+            "models": {"m": {"type": "chat", "endpoint": "http://127.0.0.1:1/v1/chat"}},
+            "roles": {"default": {"limits": {"m": {"day": "1000000"}}}},
+            "rateLimitSchedule": {"timezone": timezone},
+        }
+    )
+    return build_snapshot(config)
+
+
+async def test_a_call_admitted_before_a_schedule_change_is_charged_in_the_new_period() -> None:
+    """A reload moves the day to another zone while a call is in flight: its tokens land in
+    the new day, beside those of calls admitted since, instead of starting the day over."""
+    ledger = MemoryLedger(path=None)
+    admission = Admission(ledger, reserve=False, default_completion_tokens=0)
+    before, after = snapshot("UTC"), snapshot("Pacific/Kiritimati")  # UTC+14: another day
+    deployment_before, deployment_after = before.resolve("m"), after.resolve("m")
+    assert deployment_before is not None and deployment_after is not None
+
+    in_flight = admission.admit_now(before, CALLER, deployment_before, "chat", BODY, {})
+    assert in_flight is not None
+    # The reload: a call admitted and settled under the new schedule.
+    fresh = admission.admit_now(after, CALLER, deployment_after, "chat", BODY, {})
+    assert fresh is not None
+    ledger.settle_now(charge_for(fresh, 200, Usage(0, 0, 100), {}, b"", False, "chat", after.clock))
+    # The call admitted before the reload ends now.
+    ledger.settle_now(
+        charge_for(in_flight, 200, Usage(0, 0, 50), {}, b"", False, "chat", after.clock)
+    )
+
+    usage = await ledger.usage("Keys/proj", ["m"], after.clock.at(in_flight.ask.now.ms))
+    assert usage.entities["m"].tokens[1] == 150  # the new day holds both calls
