@@ -36,7 +36,8 @@ def main_config(fake: FakeModel) -> dict[str, Any]:
                         "key": PROVIDER_SECRET,
                         "extraData": {"region": "eu"},
                     },
-                    {"endpoint": "https://second.example/v1", "key": "second-secret"},
+                    # A fallback: calls go to the first one while it is available.
+                    {"endpoint": "https://second.example/v1", "key": "second-secret", "tier": 1},
                 ],
                 "features": {"rateEndpoint": "http://127.0.0.1:1/rate", "toolsSupported": True},
                 "limits": {"maxTotalTokens": 1000, "maxPromptTokens": "200"},

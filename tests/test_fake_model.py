@@ -315,6 +315,36 @@ def test_recording(client: httpx.Client) -> None:
     # Order and spelling are kept as sent, repeated headers included.
     assert names.index("X-Trace") < names.index("x-trace") < names.index("Api-Key")
     assert ["Api-Key", "k"] in rec["headers"]
+    assert isinstance(rec["client_port"], int)
+
+
+def test_faults(client: httpx.Client) -> None:
+    def add(**fault: Any) -> httpx.Response:
+        return client.post("/_fake/faults", json=fault)
+
+    assert add(upstream="http://a", status=429, retryAfter=7, times=2).status_code == 204
+    assert add(status=503, bodyDelayMs=50).status_code == 204
+    through_a = {"X-UPSTREAM-ENDPOINT": "http://a"}
+    for _ in range(2):  # the first matching fault applies, as often as `times` says
+        resp = client.post(CHAT, json=_chat_body("x"), headers=through_a)
+        assert resp.status_code == 429 and resp.headers["Retry-After"] == "7"
+        assert resp.json() == {"error": {"message": "fake fault", "code": "429"}}
+    assert client.post(CHAT, json=_chat_body("x"), headers=through_a).status_code == 503
+    assert client.post(CHAT, json=_chat_body("x")).status_code == 503
+    assert client.delete("/_fake/faults").status_code == 204
+    assert client.post(CHAT, json=_chat_body("x"), headers=through_a).status_code == 200
+
+    assert add(disconnect=True, times=1).status_code == 204
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(CHAT, json=_chat_body("x"))
+    assert add(delayMs=300, times=1).status_code == 204
+    start = time.monotonic()
+    assert client.post(CHAT, json=_chat_body("x")).json()["object"] == "chat.completion"
+    assert time.monotonic() - start >= 0.29
+    for bad in ({"status": 42}, {"times": 0}, {"colour": "red"}, [1]):
+        resp = client.post("/_fake/faults", json=bad)
+        assert resp.status_code == 400
+    assert client.post(CHAT, json=_chat_body("x")).status_code == 200
 
 
 def test_recording_keeps_last_200(client: httpx.Client) -> None:

@@ -58,31 +58,50 @@ def test_url_keeps_the_query_as_sent() -> None:
 
 
 def test_headers() -> None:
-    d = deployment(
-        endpoint="http://u/x",
-        upstreams=[
-            {"endpoint": "http://off", "weight": 0},
-            {"endpoint": "http://tier1", "key": "k1", "tier": 1},
-            {"endpoint": "http://tier0", "key": "k0", "extraData": "raw text"},
-        ],
-    )
     client = [
         ("Host", "gw"),
         ("API-KEY", "client-secret"),
         ("Authorization", "Bearer client-secret"),
         ("X-Upstream-Key", "forged"),
+        ("x-upstream-endpoint", "forged"),
+        ("X-UPSTREAM-EXTRA-DATA", "forged"),
         ("Connection", "keep-alive"),
         ("X-Conversation-Id", "c1"),
         ("Accept-Encoding", "br"),
     ]
-    sent = upstream_headers(client, d, "hop-key", forward_authorization=False)
+    # X-UPSTREAM-* are the attempt's to add (pipeline/attempts.py), never the client's.
+    sent = upstream_headers(client, "hop-key", forward_authorization=False)
     assert sent == [
         ("X-Conversation-Id", "c1"),
         ("Api-Key", "hop-key"),
         ("Accept-Encoding", "identity"),
-        ("X-UPSTREAM-ENDPOINT", "http://tier0"),
-        ("X-UPSTREAM-KEY", "k0"),
-        ("X-UPSTREAM-EXTRA-DATA", "raw text"),
     ]
-    with_auth = upstream_headers(client, d, "hop-key", forward_authorization=True)
+    with_auth = upstream_headers(client, "hop-key", forward_authorization=True)
     assert ("Authorization", "Bearer client-secret") in with_auth
+
+
+def test_deployment_attempt_settings() -> None:
+    config = Config.model_validate(
+        {
+            "models": {
+                "plain": {"endpoint": "http://u/x"},
+                "tuned": {"endpoint": "http://u/x", "maxRetryAttempts": 2, "readTimeout": 1500},
+            },
+            "applications": {"app": {"endpoint": "http://a/x", "connect_timeout": "250"}},
+            "retriableErrorCodes": [401, 418],
+        }
+    )
+    snapshot = build_snapshot(config)
+    plain, tuned, app = (snapshot.deployments[n] for n in ("plain", "tuned", "app"))
+    assert (plain.max_attempts, plain.timeouts_ms) == (5, None)
+    assert (tuned.max_attempts, tuned.timeouts_ms) == (2, (None, 1500))
+    assert app.timeouts_ms == (250, None)
+    assert snapshot.retriable == {429, 502, 503, 504, 401, 418}
+    assert set(snapshot.balancers) == set(snapshot.deployments)
+
+
+@pytest.mark.parametrize("field", ["connectTimeout", "readTimeout"])
+@pytest.mark.parametrize("value", [0, -5, "soon"])
+def test_timeouts_must_be_positive_milliseconds(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field.removesuffix("Timeout")):
+        Config.model_validate({"models": {"m": {"endpoint": "http://u/x", field: value}}})

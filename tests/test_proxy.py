@@ -54,7 +54,7 @@ class TestForwarding:
         assert seen["api-key"] != DEFAULT_KEY and len(seen["api-key"]) == 32
         assert "authorization" not in seen
         assert seen["accept-encoding"] == "identity"  # not the client's gzip
-        # X-UPSTREAM-* from the model's first upstream.
+        # X-UPSTREAM-* of the upstream the balancer chose: the tier-0 one.
         assert seen["x-upstream-endpoint"] == "https://provider.example/v1/chat/completions"
         assert seen["x-upstream-key"] == PROVIDER_SECRET
         assert json.loads(seen["x-upstream-extra-data"]) == {"region": "eu"}

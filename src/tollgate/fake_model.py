@@ -10,11 +10,20 @@ Endpoints (any path prefix, e.g. ``/v1/...`` or ``/openai/deployments/<id>/...``
 * ``POST .../completions`` - legacy text completions, streaming or not;
 * ``POST .../embeddings`` - eight deterministic floats per input;
 * ``GET /health`` - ``ok``;
-* ``GET /_fake/requests`` / ``DELETE /_fake/requests`` - the recorded requests.
+* ``GET /_fake/requests`` / ``DELETE /_fake/requests`` - the recorded requests;
+* ``POST /_fake/faults`` / ``DELETE /_fake/faults`` - add a fault / clear them all.
 
 Request headers steer the answer: ``X-Fake-Status``, ``X-Fake-Delay-Ms``,
 ``X-Fake-Reply``, ``X-Fake-Chunk-Delay-Ms``, ``X-Fake-Chunks``,
 ``X-Fake-Drop-After`` and ``X-Fake-No-Usage`` (see ``_Control``).
+
+Faults make this server fail on command, as a DIAL model adapter does when the provider it
+reaches fails. A fault is a JSON object: ``upstream`` (the ``X-UPSTREAM-ENDPOINT`` it applies
+to; absent: every call), ``status`` with an optional ``retryAfter`` (answer that error),
+``delayMs`` (wait first; without ``status`` the normal answer follows), ``bodyDelayMs`` (send
+the error's headers, then its body that much later), ``disconnect`` (close the connection
+without answering) and ``times`` (how many calls it hits; absent: until cleared). The first
+fault that matches a call applies. Faults are checked before the ``X-Fake-*`` headers.
 
 Tokens are whitespace-separated words. Answers to identical requests without
 control headers are cached, so they repeat the same ``id`` and ``created``.
@@ -83,13 +92,38 @@ class _Answer:
     content_chunks: int = 0  # number of content events, which follow the role event
 
 
+@dataclass(slots=True)
+class _Fault:
+    """One fault set through ``POST /_fake/faults`` (see the module docstring)."""
+
+    upstream: str | None = None
+    status: int | None = None
+    retry_after: str | None = None
+    delay_ms: float = 0.0
+    body_delay_ms: float = 0.0
+    disconnect: bool = False
+    times: int | None = None
+
+
 class _State:
-    """Per-application mutable state: recorded requests and the answer cache."""
+    """Per-application mutable state: recorded requests, the answer cache and the faults."""
 
     def __init__(self, record: bool) -> None:
         self.record = record
         self.records: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDED)
         self.cache: dict[tuple[str, bytes], _Answer] = {}
+        self.faults: list[_Fault] = []
+
+    def take_fault(self, upstream: str | None) -> _Fault | None:
+        """The first fault for a call through `upstream`, one use of it counted."""
+        for fault in self.faults:
+            if fault.upstream is None or fault.upstream == upstream:
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.faults.remove(fault)
+                return fault
+        return None
 
 
 _STATE_KEY: Final = web.AppKey("fake_model_state", _State)
@@ -366,10 +400,69 @@ def _record(request: web.Request, body: bytes) -> None:
             "path": request.path,
             "query_string": request.query_string,
             "raw_path": request.raw_path,  # as sent: path and query undecoded
+            "client_port": _client_port(request),  # tells a reused connection from a new one
             "headers": [[_header_text(k), _header_text(v)] for k, v in request.raw_headers],
             "body": body.decode("utf-8", "replace"),
         }
     )
+
+
+def _client_port(request: web.Request) -> int | None:
+    transport = request.transport
+    peer = None if transport is None else transport.get_extra_info("peername")
+    return peer[1] if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
+def _parse_fault(value: Any) -> _Fault:
+    if not isinstance(value, dict):
+        raise _BadRequest("fake model: a fault is a JSON object")
+    fault = _Fault()
+    for name, item in value.items():
+        if name == "upstream" and isinstance(item, str):
+            fault.upstream = item
+        elif name == "status" and type(item) is int and 100 <= item <= 599:
+            fault.status = item
+        elif name == "retryAfter" and isinstance(item, str | int) and type(item) is not bool:
+            fault.retry_after = str(item)
+        elif name in ("delayMs", "bodyDelayMs") and type(item) in (int, float) and item >= 0:
+            if name == "delayMs":
+                fault.delay_ms = float(item)
+            else:
+                fault.body_delay_ms = float(item)
+        elif name == "disconnect" and isinstance(item, bool):
+            fault.disconnect = item
+        elif name == "times" and type(item) is int and item > 0:
+            fault.times = item
+        else:
+            raise _BadRequest(f"fake model: bad fault field {name!r}")
+    return fault
+
+
+async def _apply_fault(request: web.Request, fault: _Fault) -> web.StreamResponse | None:
+    """Answer as `fault` says; None when the normal answer follows (a mere delay)."""
+    if fault.delay_ms:
+        await asyncio.sleep(fault.delay_ms / 1000.0)
+    if fault.disconnect:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # no answer at all: the caller sees the connection drop
+        raise asyncio.CancelledError  # aiohttp ends the handler quietly, writing nothing
+    if fault.status is None:
+        return None
+    headers = {"Content-Type": _JSON}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = fault.retry_after
+    body = _error_body(fault.status, "fake fault")
+    if not fault.body_delay_ms:
+        return web.Response(status=fault.status, body=body, headers=headers)
+    # Headers now, the body later (chunked): a caller that does not read it cannot reuse the
+    # connection.
+    resp = web.StreamResponse(status=fault.status, headers=headers)
+    await resp.prepare(request)
+    await asyncio.sleep(fault.body_delay_ms / 1000.0)
+    await resp.write(body)
+    await resp.write_eof()
+    return resp
 
 
 async def _send_stream(
@@ -410,6 +503,12 @@ async def _handle_model(request: web.Request) -> web.StreamResponse:
     endpoint = _endpoint(path)
     if endpoint is None or request.method != "POST":
         return web.Response(status=404, body=_NOT_FOUND_BODY, content_type=_JSON)
+    if state.faults:
+        fault = state.take_fault(request.headers.get("X-UPSTREAM-ENDPOINT"))
+        if fault is not None:
+            faulty = await _apply_fault(request, fault)
+            if faulty is not None:
+                return faulty
     try:
         ctl = _parse_control(request.raw_headers)
         if ctl is None:
@@ -450,6 +549,24 @@ async def _clear_records(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _add_fault(request: web.Request) -> web.Response:
+    try:
+        try:
+            value = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise _BadRequest("fake model: a fault is a JSON object") from None
+        fault = _parse_fault(value)
+    except _BadRequest as exc:
+        return _error(400, str(exc))
+    request.app[_STATE_KEY].faults.append(fault)
+    return web.Response(status=204)
+
+
+async def _clear_faults(request: web.Request) -> web.Response:
+    request.app[_STATE_KEY].faults.clear()
+    return web.Response(status=204)
+
+
 def build_app(*, record: bool = True) -> web.Application:
     """Build the fake model application; ``record`` keeps the last 200 requests in memory."""
     app = web.Application()
@@ -458,6 +575,8 @@ def build_app(*, record: bool = True) -> web.Application:
     app.router.add_get("/health", _health, allow_head=False)
     app.router.add_get("/_fake/requests", _list_records, allow_head=False)
     app.router.add_delete("/_fake/requests", _clear_records)
+    app.router.add_post("/_fake/faults", _add_fault)
+    app.router.add_delete("/_fake/faults", _clear_faults)
     app.router.add_route("*", "/{tail:.*}", _handle_model)
     return app
 

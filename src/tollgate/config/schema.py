@@ -125,7 +125,12 @@ class Deployable(DialModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     interceptors: list[str] = Field(default_factory=list)
     description_keywords: list[str] = Field(default_factory=list)
-    max_retry_attempts: int | None = None
+    max_retry_attempts: int | None = None  # upstream attempts per call, the first included
+    # Tollgate extensions (DIAL has no per-deployment timeouts): milliseconds to connect to the
+    # endpoint and that it may stay silent while answering; unset: `upstream.connectTimeout` /
+    # `upstream.readTimeout` of the static settings.
+    connect_timeout: int | None = Field(default=None, gt=0)
+    read_timeout: int | None = Field(default=None, gt=0)
 
     @field_validator("endpoint")
     @classmethod

@@ -1,8 +1,9 @@
 """An immutable, precomputed view of one config: what the request path reads (STYLE).
 
 Building a snapshot does all the work that does not depend on a request: the key table, the
-deployment lookup (with DIAL's precedence), each deployment's access set, upstream headers,
-and listing payloads. A reload builds a new snapshot and swaps one reference.
+deployment lookup (with DIAL's precedence), each deployment's access set, its balancer (state
+carried over from the previous snapshot's), and listing payloads. A reload builds a new
+snapshot and swaps one reference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from yarl import URL
 
 from tollgate import listings
@@ -20,6 +20,13 @@ from tollgate.config.schema import Assistant, Config, Deployable, Model
 from tollgate.limits.cost import Prices
 from tollgate.limits.policy import LimitPolicy
 from tollgate.limits.windows import Clock, Schedule
+from tollgate.routing.balancer import (
+    MAX_ATTEMPTS,
+    Balancers,
+    DeploymentBalancer,
+    UpstreamSet,
+    retriable_statuses,
+)
 from tollgate.security.ip_ranges import IpRanges
 from tollgate.security.keys import (
     KeyTable,
@@ -61,34 +68,14 @@ class Deployment:
     accessible_by_per_request_key: bool
     defaults: Mapping[str, Any]
     override_name: str | None
-    upstream_headers: tuple[tuple[str, str], ...]  # X-UPSTREAM-* of the chosen upstream
+    max_attempts: int  # upstream attempts per call: `maxRetryAttempts`, else 5 (spec proxy 6.4)
+    # Tollgate's `connectTimeout`, `readTimeout` (ms); None when neither is set (the settings').
+    timeouts_ms: tuple[int | None, int | None] | None
     spec: Deployable
     prices: Prices | None  # models with `pricing` only
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _upstream_headers(model: Model) -> tuple[tuple[str, str], ...]:
-    """`X-UPSTREAM-*` for a model with `upstreams` (spec proxy 5.3).
-
-    The first usable upstream for now: lowest tier, first with a positive weight (the balancer
-    comes with the routing work).
-    """
-    usable = [u for u in model.upstreams if u.weight > 0]
-    if not usable:
-        return ()
-    upstream = min(usable, key=lambda u: u.tier)
-    headers: list[tuple[str, str]] = []
-    if upstream.endpoint is not None:
-        headers.append(("X-UPSTREAM-ENDPOINT", upstream.endpoint))
-    if upstream.key is not None:
-        headers.append(("X-UPSTREAM-KEY", upstream.key))
-    if upstream.extra_data is not None:
-        extra = upstream.extra_data
-        text = extra if isinstance(extra, str) else orjson.dumps(extra).decode()
-        headers.append(("X-UPSTREAM-EXTRA-DATA", text))
-    return tuple(headers)
 
 
 def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -> Deployment:
@@ -105,7 +92,12 @@ def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -
         accessible_by_per_request_key=accessible,
         defaults=spec.defaults,
         override_name=model.override_name if model else None,
-        upstream_headers=_upstream_headers(model) if model else (),
+        max_attempts=MAX_ATTEMPTS if spec.max_retry_attempts is None else spec.max_retry_attempts,
+        timeouts_ms=(
+            None
+            if spec.connect_timeout is None and spec.read_timeout is None
+            else (spec.connect_timeout, spec.read_timeout)
+        ),
         spec=spec,
         prices=Prices.of(model.pricing) if model else None,
     )
@@ -175,12 +167,22 @@ class Snapshot:
     addons: Listing
     limit_policy: LimitPolicy
     clock: Clock  # day/week/month periods of `rateLimitSchedule`
+    # One per deployment, by name; state carried over from the previous snapshot (spec proxy 6.1).
+    balancers: Mapping[str, DeploymentBalancer]
+    retriable: frozenset[int]  # 429, 502, 503, 504 and `retriableErrorCodes` (spec proxy 6.4)
 
     def resolve(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
 
 
-def build_snapshot(config: Config, digest: str = "") -> Snapshot:
+def build_snapshot(
+    config: Config, digest: str = "", balancers: Balancers | None = None
+) -> Snapshot:
+    """The snapshot of `config`; `balancers` is the registry whose state outlives snapshots.
+
+    Its `sync` is the last step, so a config that fails to build leaves the registry alone.
+    Without one (config checks, tests), the snapshot's balancers start afresh.
+    """
     section = config.assistant
     assistants: dict[str, Assistant] = dict(section.assistants)
     deployments: dict[str, Deployment] = {}
@@ -218,4 +220,8 @@ def build_snapshot(config: Config, digest: str = "") -> Snapshot:
         addons=_listing((n, a, listings.addon_item(n, a)) for n, a in config.addons.items()),
         limit_policy=LimitPolicy(config),
         clock=Clock(Schedule.of(config.rate_limit_schedule)),
+        balancers=(Balancers() if balancers is None else balancers).sync(
+            {name: UpstreamSet.of(d) for name, d in deployments.items()}
+        ),
+        retriable=retriable_statuses(config.retriable_error_codes),
     )

@@ -10,17 +10,26 @@ from collections.abc import Sequence
 
 from tollgate.config.load import ConfigError, load_config
 from tollgate.config.snapshot import Snapshot, build_snapshot
+from tollgate.routing.balancer import Balancers
 
 log = logging.getLogger("tollgate.config")
 
 
-def load_snapshot(paths: Sequence[str], *, overwrite_arrays: bool) -> Snapshot:
+def load_snapshot(
+    paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers | None = None
+) -> Snapshot:
     loaded = load_config(paths, overwrite_arrays=overwrite_arrays)
-    return build_snapshot(loaded.config, loaded.digest)
+    return build_snapshot(loaded.config, loaded.digest, balancers)
 
 
 class ConfigStore:
-    """Holds the current snapshot. A request reads `current` once and keeps that snapshot."""
+    """Holds the current snapshot. A request reads `current` once and keeps that snapshot.
+
+    `balancers` is the process's one balancer registry: each snapshot built here takes its
+    balancers from it, so upstream health and round-robin counters survive a reload that keeps
+    the upstream (spec proxy 6.1), while a call keeps the balancers of the snapshot it started
+    with.
+    """
 
     def __init__(
         self, paths: Sequence[str], *, overwrite_arrays: bool, reload_every_s: float
@@ -28,8 +37,11 @@ class ConfigStore:
         self.paths = tuple(paths)
         self.overwrite_arrays = overwrite_arrays
         self.reload_every_s = reload_every_s
+        self.balancers = Balancers()
         # Raises ConfigError at start-up: the caller exits non-zero with the message.
-        self.current: Snapshot = load_snapshot(self.paths, overwrite_arrays=overwrite_arrays)
+        self.current: Snapshot = load_snapshot(
+            self.paths, overwrite_arrays=overwrite_arrays, balancers=self.balancers
+        )
         self.reloads = 0
         self.failed_reloads = 0
         self._task: asyncio.Task[None] | None = None
@@ -48,7 +60,7 @@ class ConfigStore:
             return False
         if loaded.digest == self.current.digest:
             return False
-        self.current = build_snapshot(loaded.config, loaded.digest)
+        self.current = build_snapshot(loaded.config, loaded.digest, self.balancers)
         self.reloads += 1
         log.info("config reloaded from %s", ", ".join(self.paths))
         return True

@@ -26,10 +26,11 @@ from tollgate.limits.cost import Prices
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.store import build_ledger, describe, redis_client
 from tollgate.pipeline.admit import Admission
+from tollgate.pipeline.attempts import Timeouts, send
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
-from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whole
+from tollgate.pipeline.relay import Relayed
 from tollgate.pipeline.resolve import resolve
 from tollgate.pipeline.settle import charge_for
 from tollgate.security.per_request_keys import PerRequestKeys
@@ -84,6 +85,8 @@ class Gateway:
             default_completion_tokens=settings.default_completion_tokens,
         )
         self.limits_api = LimitsApi(self.ledger)
+        # Balancer state lives in `store.balancers`, one registry beside the swapped snapshot.
+        self.timeouts = Timeouts(settings.connect_timeout_s, settings.read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -94,11 +97,7 @@ class Gateway:
     async def start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.settings.connect_timeout_s,
-                sock_read=self.settings.read_timeout_s,
-            ),
+            timeout=self.timeouts.default,  # each call passes its deployment's (attempts.py)
             # Upstream bodies are relayed and parsed as they are (spec proxy 5.3): requests ask
             # for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
@@ -222,34 +221,26 @@ class Gateway:
             url = upstream_url(deployment, request.raw_path.partition("?")[2])
             headers = upstream_headers(
                 request.headers.items(),
-                deployment,
                 key,
                 forward_authorization=(
                     deployment.forward_auth_token and not _authorization_is_api_key(request)
                 ),
             )
-            try:
-                async with self.session.post(url, data=body, headers=headers) as upstream:
-                    if is_stream(upstream):
-                        keep = ticket is not None and _prices_by_characters(ticket.prices)
-                        relayed = await relay_stream(
-                            request,
-                            upstream,
-                            attempts=1,
-                            keep=keep,
-                            # DIAL deletes the hop's key when its caller disconnects (spec
-                            # auth-limits 3.5); the drain for usage must not keep it alive.
-                            on_client_gone=lambda: self._end_hop(handle),
-                        )
-                    else:
-                        relayed = await relay_whole(upstream, attempts=1)
-            except aiohttp.ClientConnectorError:
-                raise GatewayError(502, "Failed to connect to origin") from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                raise GatewayError(504, "Upstream timed out") from None
-            except aiohttp.ClientError as exc:
-                log.warning("upstream call to %s failed: %s", deployment.name, type(exc).__name__)
-                raise GatewayError(502, "Upstream connection failed") from None
+            # Balancer, retries and timeouts (spec proxy 6, DECISIONS 5), then the relay.
+            relayed = await send(
+                self.session,
+                request,
+                snapshot,
+                deployment,
+                url,
+                headers,
+                body,
+                self.timeouts,
+                keep=ticket is not None and _prices_by_characters(ticket.prices),
+                # DIAL deletes the hop's key when its caller disconnects (spec auth-limits
+                # 3.5); the drain for usage must not keep it alive.
+                on_client_gone=lambda: self._end_hop(handle),
+            )
             usage = relayed.usage
             if usage is not None:
                 request[USAGE] = usage

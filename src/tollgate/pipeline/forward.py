@@ -1,4 +1,7 @@
-"""Step 5: the upstream request: body enhancement and header rewriting (spec proxy 5)."""
+"""Step 5: the upstream request: body enhancement and header rewriting (spec proxy 5).
+
+Sending it, once per upstream the balancer hands out, is `tollgate.pipeline.attempts`.
+"""
 
 from __future__ import annotations
 
@@ -86,15 +89,14 @@ def upstream_url(deployment: Deployment, raw_query: str) -> URL:
 
 def upstream_headers(
     client_headers: Iterable[tuple[str, str]],
-    deployment: Deployment,
     per_request_key: str,
     *,
     forward_authorization: bool,
 ) -> list[tuple[str, str]]:
-    """Client headers minus the dropped ones, the hop's `Api-Key`, and `X-UPSTREAM-*`.
+    """Client headers minus the dropped ones, and the hop's `Api-Key`.
 
-    A plain list: the HTTP client builds its own multidict from it, so building one here would
-    be done twice.
+    Each attempt appends its upstream's `X-UPSTREAM-*` (see `attempts.send`). A plain list: the
+    HTTP client builds its own multidict from it, so building one here would be done twice.
     """
     dropped = DROPPED_HEADERS if forward_authorization else DROPPED_WITHOUT_AUTH_FORWARDING
     headers = [(name, value) for name, value in client_headers if name.lower() not in dropped]
@@ -102,5 +104,4 @@ def upstream_headers(
     # Uncompressed answers, so usage can be read from them; set here rather than with the
     # client's skip_auto_headers, which copies every request's headers to honour it.
     headers.append(("Accept-Encoding", "identity"))
-    headers.extend(deployment.upstream_headers)
     return headers
