@@ -1,12 +1,18 @@
-"""A shared ledger that survives its store going away (DECISIONS 10).
+"""A shared ledger that survives its store going away (DECISIONS 9, 10).
 
 Wraps the shared (Redis) ledger. While the store answers, every call goes to it. When a call
 fails, the store is marked down (loudly, once) and, by `limits.onStoreFailure`:
 - `local` (default): calls are admitted and charged on this instance's embedded ledger, and
-  every charge is also queued; when the store answers again the queue is replayed into it, so
-  the usage counted meanwhile is not lost;
+  every admission and charge is also queued; when the store answers again the queue is
+  replayed into it, so the usage counted meanwhile is not lost;
 - `closed`: limited calls are refused with 503 until the store is back.
 A background probe checks the store every second while it is down.
+
+The queue (`ReplayQueue`) is written to `limits.embedded.file`, so a restart or a crash while
+the store is down loses nothing either: at start the entries found in the file are counted
+again on the embedded ledger (its limits hold across the restart) and replayed into the store
+as soon as it answers, in the background. See `tollgate.limits.replay` for the file, its
+bound and what a crash in the middle of a replay costs (at most one batch counted twice).
 """
 
 from __future__ import annotations
@@ -14,22 +20,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Literal
 
-from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
 from tollgate.errors import GatewayError
 from tollgate.limits.ledger import Ask, BucketUsage, Charge, Ledger, Refusal
-from tollgate.limits.policy import Limits
-from tollgate.limits.windows import Instant
+from tollgate.limits.replay import NO_LIMITS, REPLAY_BATCH, Entry, ReplayQueue
+from tollgate.limits.windows import HOUR, Instant
 
 log = logging.getLogger("tollgate.limits")
 
 PROBE_EVERY_S = 1.0
-MAX_PENDING = 1_000_000  # charges kept for replay while the store is down
-NO_LIMITS = Limits(tokens=(UNLIMITED,) * 4, requests=(UNLIMITED,) * 2, cost=(UNLIMITED_COST,) * 4)
+SHUTDOWN_REPLAY_S = 5.0  # with a replay file, what is left after this waits for the next start
 STORE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
 
 
@@ -42,6 +47,25 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return (*STORE_ERRORS, redis.exceptions.RedisError)
 
 
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _ended(entry: Entry, now_ms: int) -> bool:
+    """Whether every window `entry` counts in has ended (its day, week and month, and the
+    sliding hour). Replaying such an entry could do nothing but harm: a calendar counter in the
+    store holds one period, and an older period id starts it over."""
+    at = entry.now
+    return (
+        now_ms >= max(at.day_end, at.week_end, at.month_end) * 1000
+        and now_ms - at.ms >= HOUR.slots * HOUR.width_ms
+    )
+
+
+def _unreserved(charge: Charge) -> Charge:
+    return replace(charge, reserved_at=None, reserved_tokens=0, reserved_cost_nano=0)
+
+
 class ResilientLedger(Ledger):
     def __init__(
         self,
@@ -49,44 +73,78 @@ class ResilientLedger(Ledger):
         local: Ledger,
         on_failure: Literal["local", "closed"],
         ping: Callable[[], Awaitable[object]],
+        queue: ReplayQueue | None = None,
+        now_ms: Callable[[], int] = _wall_clock_ms,
     ) -> None:
         self.shared = shared
         self.local = local
         self.on_failure = on_failure
         self._ping = ping
+        self._now_ms = now_ms
         self.healthy = True
         self._errors = store_errors()
         # Calls admitted locally and charges settled locally, to replay into the store.
-        self._pending: deque[tuple[Ask | None, Charge | None]] = deque(maxlen=MAX_PENDING)
-        self._probe_task: asyncio.Task[None] | None = None
+        self._queue = queue if queue is not None else ReplayQueue(None)
+        # The probe while the store is down, or the replay of entries loaded at start.
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
         # Admissions reserved on the local ledger, by the identity of their instant (a ticket
         # keeps that object alive until it settles): their release belongs to the local one.
-        self._local_reservations: set[int] = set()
+        # Counted: calls admitted in the same millisecond share one instant (see Clock.at).
+        self._local_reservations: Counter[int] = Counter()
         self.failures = 0
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Entries the full queue dropped: usage that will not reach the store."""
+        return self._queue.dropped
 
     async def start(self) -> None:
         await self.local.start()
+        restored = await self._queue.open()
+        if self.on_failure == "local":
+            # What this instance counted before it stopped, counted again here: its limits
+            # keep holding while the store is still down.
+            for entry in restored:
+                if isinstance(entry, Ask):
+                    await self.local.admit(entry)  # as loaded: unlimited, the request only
+                else:
+                    await self.local.settle(_unreserved(entry))
         try:
             await self.shared.start()
         except self._errors as exc:
             self._down(exc)
+        if self._queue and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._recover())
 
     async def close(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
-        if self._pending and self.healthy:
-            await self._replay()
-        if self._pending:
+        self._closing = True
+        self._closed.set()
+        if self._task is not None:
+            # It stops after the batch in flight: no entry is left half replayed.
+            await self._task
+        if self._queue and self.healthy:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SHUTDOWN_REPLAY_S if self._queue.durable else None
+            try:
+                await self._replay(lambda: deadline is None or loop.time() < deadline)
+            except self._errors as exc:
+                log.error("limits store failed during the replay at shutdown: %s", exc)
+        if self._queue:
             log.error(
-                "limits store still down at shutdown: %d calls counted on this instance only",
-                len(self._pending),
+                "limits store not up to date at shutdown: %d entries (admissions and charges) "
+                "counted on this instance only%s",
+                len(self._queue),
+                f", kept in {self._queue.path} for the next start"
+                if self._queue.durable
+                else " are lost (no limits.embedded.file)",
             )
+        await self._queue.close()
         await self.shared.close()
         await self.local.close()
 
@@ -102,7 +160,8 @@ class ResilientLedger(Ledger):
                 if self.on_failure == "local"
                 else "refusing limited calls until it returns",
             )
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+            if self._task is None and not self._closing:
+                self._task = asyncio.get_running_loop().create_task(self._recover())
 
     def _refuse(self) -> GatewayError:
         return GatewayError(503, "Limits store is unavailable")
@@ -117,23 +176,35 @@ class ResilientLedger(Ledger):
             raise self._refuse()
         refusal = await self.local.admit(ask)
         if refusal is None:
-            self._pending.append((ask, None))
-            self._local_reservations.add(id(ask.now))
+            self._queue.append(ask)
+            self._local_reservations[id(ask.now)] += 1
         return refusal
 
     async def settle(self, charge: Charge) -> None:
-        reserved_locally = id(charge.reserved_at) in self._local_reservations
-        self._local_reservations.discard(id(charge.reserved_at))
-        if self.healthy and not reserved_locally:
+        reserved_locally = False
+        if charge.reserved_at is not None:
+            key = id(charge.reserved_at)
+            held = self._local_reservations.get(key, 0)
+            if held:
+                reserved_locally = True
+                if held == 1:
+                    del self._local_reservations[key]
+                else:
+                    self._local_reservations[key] = held - 1
+        if reserved_locally:
+            # Each ledger releases only the reservation it holds: this one is the local one's,
+            # and the store (now, or at the replay) gets the charge alone.
+            await self.local.settle(charge)
+            charge = _unreserved(charge)
+        if self.healthy:
             try:
                 await self.shared.settle(charge)
                 return
             except self._errors as exc:
                 self._down(exc)
-        unreserved = replace(charge, reserved_at=None, reserved_tokens=0, reserved_cost_nano=0)
-        # Each ledger releases only the reservation it holds.
-        await self.local.settle(charge if reserved_locally else unreserved)
-        self._pending.append((None, unreserved if reserved_locally else charge))
+        if not reserved_locally:
+            await self.local.settle(_unreserved(charge))
+        self._queue.append(charge)
 
     async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
         if self.healthy:
@@ -145,28 +216,76 @@ class ResilientLedger(Ledger):
             raise self._refuse()
         return await self.local.usage(bucket, entities, now)
 
-    async def _probe(self) -> None:
-        while not self.healthy:
-            await asyncio.sleep(PROBE_EVERY_S)
-            try:
-                await self._ping()
-                await self._replay()
-            except self._errors:
-                continue
-            self.healthy = True
-            log.warning("limits store reachable again; shared counting resumed")
-        self._probe_task = None
+    async def _pause(self) -> None:
+        """Wait `PROBE_EVERY_S`, or less if the ledger closes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), PROBE_EVERY_S)
 
-    async def _replay(self) -> None:
-        """Push what was counted locally into the store, oldest first.
+    async def _recover(self) -> None:
+        """Until the store answers and the queue is replayed: ping (when down), replay."""
+        try:
+            while not self._closing:
+                if not self.healthy:
+                    await self._pause()
+                    if self._closing:
+                        return
+                try:
+                    if not self.healthy:
+                        await self._ping()
+                    await self._replay(lambda: not self._closing)
+                except self._errors as exc:
+                    if self.healthy:  # replaying entries loaded at start, the store went down
+                        self._down(exc)
+                    continue
+                if self._queue:  # stopped by close
+                    return
+                if not self.healthy:
+                    # No await since the queue emptied: nothing was counted locally meanwhile.
+                    self.healthy = True
+                    log.warning("limits store reachable again; shared counting resumed")
+                if self.dropped:
+                    log.error(
+                        "limits store: %d entries dropped from the full replay queue so far never "
+                        "reached it",
+                        self.dropped,
+                    )
+                return
+        finally:
+            self._task = None
+
+    async def _replay(self, keep_going: Callable[[], bool]) -> None:
+        """Push what was counted locally into the store, oldest first, while `keep_going()`.
 
         An admission is replayed as an unlimited admission at its own instant (it counts the
-        request; nothing is reserved, the local charge that follows says what was used).
+        request; nothing is reserved, the local charge that follows says what was used). A
+        charge is replayed as it was settled, at its own instant. An entry whose windows have
+        all ended (a file left for weeks) is dropped instead. Replayed entries are deleted from
+        the replay file after every batch, and when the replay stops (the store failed).
         """
-        while self._pending:
-            ask, charge = self._pending[0]
-            if ask is not None:
-                await self.shared.admit(replace(ask, limits=NO_LIMITS, tokens=0, cost_nano=0))
-            elif charge is not None:
-                await self.shared.settle(charge)
-            self._pending.popleft()
+        queue = self._queue
+        ended = 0
+        try:
+            while queue and keep_going():
+                for _ in range(REPLAY_BATCH):
+                    if not queue:
+                        break
+                    entry_id, entry = queue.head()
+                    if _ended(entry, self._now_ms()):
+                        ended += 1
+                    else:
+                        await self._send(entry)
+                    queue.replayed(entry_id)
+                await queue.sync()
+        finally:
+            await queue.sync()
+            if ended:
+                log.warning(
+                    "limits replay: %d entries not replayed, every window they count in has ended",
+                    ended,
+                )
+
+    async def _send(self, entry: Entry) -> None:
+        if isinstance(entry, Ask):
+            await self.shared.admit(replace(entry, limits=NO_LIMITS, tokens=0, cost_nano=0))
+        else:
+            await self.shared.settle(entry)

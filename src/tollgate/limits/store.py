@@ -2,7 +2,8 @@
 
 No Redis settings: the embedded ledger (memory + SQLite). `redis.singleServerConfig.address` or
 `redis.clusterServersConfig.nodeAddresses` (DIAL's Redisson settings): the shared Redis ledger,
-with the embedded one (memory only) as the fallback of `limits.onStoreFailure: local`.
+with the embedded one (memory only) as the fallback of `limits.onStoreFailure: local`, and the
+embedded file (`limits.embedded.file`) holding what that fallback still has to replay.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 from tollgate.limits.ledger import Ledger
 from tollgate.limits.memory import MemoryLedger
+from tollgate.limits.replay import ReplayQueue
 from tollgate.limits.resilient import ResilientLedger
 from tollgate.settings import Settings, SettingsError
 
@@ -88,7 +90,13 @@ def build_ledger(settings: Settings, client: Any | None) -> Ledger:
     from tollgate.limits.redis_ledger import RedisLedger
 
     on_failure: Literal["local", "closed"] = settings.on_store_failure
-    return ResilientLedger(RedisLedger(client), MemoryLedger(None), on_failure, ping=client.ping)
+    # The embedded ledger's file keeps this instance's replay queue: what it counted alone
+    # while Redis was down survives a restart. `closed` queues nothing, but replays a file
+    # left by an earlier `local` run.
+    queue = ReplayQueue(settings.usage_file, settings.usage_flush_s, create=on_failure == "local")
+    return ResilientLedger(
+        RedisLedger(client), MemoryLedger(None), on_failure, ping=client.ping, queue=queue
+    )
 
 
 def describe(ledger: Ledger) -> dict[str, Any]:
