@@ -544,3 +544,22 @@ def test_redis_server_helper_stops_the_server(tmp_path: Path) -> None:
     server = start_redis_server(tmp_path)
     stop_redis_server(server)
     assert server.process.poll() is not None
+
+
+async def test_a_late_charge_for_an_ended_period_leaves_the_current_one_alone(store: Any) -> None:
+    """A charge replayed or settled late, stamped in yesterday, must not start today's counters
+    over (they compare period ids, and an older id is an ended period)."""
+    memory = MemoryLedger(path=None)
+    shared = RedisLedger(store, prefix=fresh_prefix())
+    today, yesterday = instant(MIDNIGHT_MS + 5_000), instant(MIDNIGHT_MS - 5_000)
+    for ledger in (memory, shared):
+        assert await ledger.admit(Ask("Keys/p", "m", limits(), today)) is None
+        await ledger.settle(Charge("Keys/p", "m", today, 40, 7))
+        await ledger.settle(Charge("Keys/p", "m", yesterday, 25, 3))  # late, for yesterday
+    usage = await shared.usage("Keys/p", None, today)
+    assert usage == await memory.usage("Keys/p", None, today)
+    # Ten seconds apart: the same minute window and week, another day and month (MIDNIGHT_MS).
+    assert usage.entities["m"].tokens == (65, 40, 65, 40)
+    assert usage.entities["m"].requests == (1, 1)
+    assert usage.cost_nano == (10, 7, 10, 7)
+    await memory.close()

@@ -49,7 +49,11 @@ def _calendar_total(counter: Calendar, period: int) -> int:
 
 
 def _calendar_add(counter: Calendar, period: int, amount: int) -> None:
+    """Add in `period`; a later period starts from 0, an earlier one (a call replayed or
+    settled late) is over and counts nowhere, rather than starting the current one over."""
     if counter[0] != period:
+        if period < counter[0]:
+            return
         counter[0], counter[1] = period, 0
     counter[1] = max(counter[1] + amount, 0)
 
@@ -101,17 +105,17 @@ class _Windows:
         counter = self.day
         if counter[0] == now.day:
             counter[1] += amount
-        else:
+        elif now.day > counter[0]:  # an earlier period is over (see _calendar_add)
             counter[0], counter[1] = now.day, amount
         counter = self.week
         if counter[0] == now.week:
             counter[1] += amount
-        else:
+        elif now.week > counter[0]:  # an earlier period is over (see _calendar_add)
             counter[0], counter[1] = now.week, amount
         counter = self.month
         if counter[0] == now.month:
             counter[1] += amount
-        else:
+        elif now.month > counter[0]:  # an earlier period is over (see _calendar_add)
             counter[0], counter[1] = now.month, amount
 
     def release(self, window: Sliding, at: Instant, now: Instant, amount: int) -> None:
@@ -260,7 +264,7 @@ class MemoryLedger(Ledger):
         day = entity.request_day
         if day[0] == now.day:
             day[1] += 1
-        else:
+        elif now.day > day[0]:
             day[0], day[1] = now.day, 1
         self._dirty.add(ask.bucket)
         return None

@@ -120,7 +120,9 @@ end
 -- first; a slot never goes below 0. A slot that left the window is not touched.
 local function window_add(h, w, slot, oldest, amount)
   total(h, w, oldest, true)
-  if slot < oldest then
+  -- A slot before the window's start (a call replayed or settled late, by an instance whose
+  -- clock is behind) is outside every later window: it would never be taken off the total.
+  if slot < oldest or slot < number(h, w .. '.old') then
     return
   end
   local field = w .. '.' .. slot
@@ -157,9 +159,14 @@ local function calendar(h, c, id)
   return 0
 end
 
--- Add to calendar `c` in period `id`; a new period starts from 0, a count never goes below 0.
+-- Add to calendar `c` in period `id`; a later period starts from 0, an earlier one (a call
+-- replayed or settled late) is over and counts nowhere; a count never goes below 0.
 local function calendar_add(h, c, id, amount)
-  if get(h, c .. '.id') ~= id then
+  local stored = get(h, c .. '.id')
+  if stored ~= id then
+    if stored and tonumber(id) < tonumber(stored) then
+      return
+    end
     set(h, c .. '.id', id)
     h.values[c .. '.n'] = '0'
   end
