@@ -21,7 +21,7 @@ from tollgate.limits import messages
 from tollgate.limits.cost import Prices, to_nano_usd
 from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
 from tollgate.limits.memory import MemoryLedger
-from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS, Limits
+from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS
 from tollgate.security.principal import Principal
 
 CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
@@ -47,12 +47,8 @@ class Admission:
         self.reserve = reserve
         self.default_completion_tokens = default_completion_tokens
         # The embedded ledger is synchronous: the gateway calls it directly (`admit_now`).
-        self.synchronous = isinstance(ledger, MemoryLedger)
-
-    def limits(self, snapshot: Snapshot, principal: Principal, deployment: Deployment) -> Limits:
-        return snapshot.limit_policy.limits(
-            principal.role_set, deployment.name, deployment.user_roles
-        )
+        self._admit_now = ledger.admit_now if isinstance(ledger, MemoryLedger) else None
+        self.synchronous = self._admit_now is not None
 
     async def admit(
         self,
@@ -66,10 +62,7 @@ class Admission:
         ask = self.ask(snapshot, principal, deployment, api, body, request)
         if ask is None:
             return None
-        refusal = await self.ledger.admit(ask)
-        if refusal is not None:
-            raise rejection(refusal)
-        return Ticket(ask, deployment.prices)
+        return _ticket(ask, await self.ledger.admit(ask), deployment)
 
     def admit_now(
         self,
@@ -84,11 +77,8 @@ class Admission:
         ask = self.ask(snapshot, principal, deployment, api, body, request)
         if ask is None:
             return None
-        assert isinstance(self.ledger, MemoryLedger)
-        refusal = self.ledger.admit_now(ask)
-        if refusal is not None:
-            raise rejection(refusal)
-        return Ticket(ask, deployment.prices)
+        assert self._admit_now is not None
+        return _ticket(ask, self._admit_now(ask), deployment)
 
     def ask(
         self,
@@ -150,6 +140,12 @@ class Admission:
             completion * per_unit
         ) * (prices.completion or 0)
         return prompt + completion, to_nano_usd(cost)
+
+
+def _ticket(ask: Ask, refusal: Refusal | None, deployment: Deployment) -> Ticket:
+    if refusal is not None:
+        raise rejection(refusal)
+    return Ticket(ask, deployment.prices)
 
 
 def rejection(refusal: Refusal) -> GatewayError:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from tollgate.limits.cost import call_cost, to_nano_usd
-from tollgate.limits.ledger import Charge, Ledger
+from tollgate.limits.ledger import Charge
 from tollgate.limits.windows import Clock
 from tollgate.pipeline.admit import Ticket
 from tollgate.pipeline.usage import Usage
@@ -51,7 +51,3 @@ def charge_for(
         ask.tokens,  # reserved_tokens
         ask.cost_nano,  # reserved_cost_nano
     )
-
-
-async def settle(ledger: Ledger, charge: Charge) -> None:
-    await ledger.settle(charge)
