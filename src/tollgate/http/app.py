@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -23,9 +23,10 @@ from tollgate.http import catalog
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.responses import error_response
 from tollgate.limits.cost import Prices
+from tollgate.limits.ledger import Charge
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.store import build_ledger, describe, redis_client
-from tollgate.pipeline.admit import Admission
+from tollgate.pipeline.admit import Admission, Ticket
 from tollgate.pipeline.attempts import Timeouts, send
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.authorize import authorize
@@ -41,6 +42,8 @@ from tollgate.settings import Settings
 log = logging.getLogger("tollgate.http")
 access_log = logging.getLogger("tollgate.access")
 
+# Settles running in the background at most; past it, a finished call waits for its own.
+MAX_SETTLING: Final = 4096
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
 USAGE = "tollgate.usage"  # request key: the call's Usage, for the limits step that settles it
 DEPLOYMENT_CALL = re.compile(
@@ -88,6 +91,7 @@ class Gateway:
         # Balancer state lives in `store.balancers`, one registry beside the swapped snapshot.
         self.timeouts = Timeouts(settings.connect_timeout_s, settings.read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # see _settle_later
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -109,6 +113,8 @@ class Gateway:
         await self.store.stop()
         if self._session is not None:
             await self._session.close()
+        while self._settling:  # calls that finished before the stop are charged
+            await asyncio.gather(*self._settling, return_exceptions=True)
         await self.ledger.close()
         if self.shared_keys is not None:
             await self.shared_keys.close()
@@ -205,19 +211,27 @@ class Gateway:
             raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
         body = await _read_body(request)
         parsed = parse_body(body)
-        admission = self.admission
-        ticket = (
-            admission.admit_now(snapshot, principal, deployment, api, body, parsed)
-            if admission.synchronous
-            else await admission.admit(snapshot, principal, deployment, api, body, parsed)
-        )
-        body = enhance(body, parsed, deployment)
-
         key, handle = self.per_request_keys.mint(principal, deployment.name)
+        shared = self.shared_keys
+        # With Redis, the hop's key is published while the call is admitted: both commands
+        # leave in one write, one round trip instead of two.
+        publishing = (
+            None
+            if shared is None
+            else asyncio.ensure_future(shared.publish(handle, principal.via(deployment.name)))
+        )
+        ticket: Ticket | None = None
         relayed: Relayed | None = None
         try:
-            if self.shared_keys is not None:
-                await self.shared_keys.publish(handle, principal.via(deployment.name))
+            admission = self.admission
+            ticket = (
+                admission.admit_now(snapshot, principal, deployment, api, body, parsed)
+                if admission.synchronous
+                else await admission.admit(snapshot, principal, deployment, api, body, parsed)
+            )
+            body = enhance(body, parsed, deployment)
+            if publishing is not None:
+                await publishing  # the key must be readable everywhere before it is sent
             url = upstream_url(deployment, request.raw_path.partition("?")[2])
             headers = upstream_headers(
                 request.headers.items(),
@@ -258,6 +272,8 @@ class Gateway:
                 )
             return relayed.response
         finally:
+            if publishing is not None and not publishing.done():
+                await publishing  # a refused call: its key's SET must not land after the DEL
             self._end_hop(handle)
             if ticket is not None:
                 # Settled whatever happened: a failed call releases its reservation.
@@ -275,8 +291,24 @@ class Gateway:
                 )
                 if self.settle_now is not None:
                     self.settle_now(charge)
-                else:
+                elif len(self._settling) < MAX_SETTLING:
+                    self._settle_later(charge)
+                else:  # the store is that far behind: this caller waits for it
                     await self.ledger.settle(charge)
+
+    def _settle_later(self, charge: Charge) -> None:
+        """Settle with the shared store in the background: the caller has its whole answer and
+        need not wait one more round trip. Pending settles are awaited when the gateway stops
+        (`stop`), so none is lost on shutdown."""
+        task = asyncio.get_running_loop().create_task(self.ledger.settle(charge))
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The resilient ledger handles store failures itself; anything else is a bug.
+            log.error("settling a call failed", exc_info=task.exception())
 
     def _end_hop(self, handle: bytes) -> None:
         """The hop's per-request key dies here (it may be called twice: harmless)."""
