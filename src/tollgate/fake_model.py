@@ -9,6 +9,9 @@ Endpoints (any path prefix, e.g. ``/v1/...`` or ``/openai/deployments/<id>/...``
 * ``POST .../chat/completions`` - chat, streaming or not;
 * ``POST .../completions`` - legacy text completions, streaming or not;
 * ``POST .../embeddings`` - eight deterministic floats per input;
+* ``POST .../rate``, ``.../tokenize``, ``.../truncate_prompt`` and ``GET .../configuration`` -
+  DIAL's feature endpoints (``PONG``; words per input; messages dropped to fit
+  ``max_prompt_tokens``; a JSON schema);
 * ``GET /health`` - ``ok``;
 * ``GET /_fake/requests`` / ``DELETE /_fake/requests`` - the recorded requests;
 * ``POST /_fake/faults`` / ``DELETE /_fake/faults`` - add a fault / clear them all.
@@ -494,6 +497,98 @@ async def _send_stream(
     return resp
 
 
+# DIAL feature endpoints, as aidial-sdk serves them (spec proxy 14, 15.3): suffix → method.
+_FEATURES: Final = {
+    "rate": "POST",
+    "tokenize": "POST",
+    "truncate_prompt": "POST",
+    "configuration": "GET",
+}
+FAKE_CONFIGURATION: Final = {
+    "type": "object",
+    "properties": {"temperature": {"type": "number", "minimum": 0, "maximum": 2}},
+}
+
+
+def _feature_of(path: str, method: str) -> str | None:
+    feature = path.rpartition("/")[2]
+    return feature if _FEATURES.get(feature) == method else None
+
+
+def _tokens_of_input(item: Any) -> int:
+    """Words of one tokenize input: `{"type": "request", "value": <chat request>}` or
+    `{"type": "string", "value": <text>}` (aidial-sdk's `TokenizeInput`)."""
+    kind, value = (item.get("type"), item.get("value")) if isinstance(item, dict) else (None, None)
+    if kind == "string" and isinstance(value, str):
+        return _count_words([value])
+    if kind == "request" and isinstance(value, dict):
+        return _count_words(_message_texts(value.get("messages")))
+    raise _BadRequest("fake model: bad tokenize input")
+
+
+def _discarded(chat: Any) -> list[int]:
+    """Indices of the oldest non-system messages dropped until the words fit
+    `max_prompt_tokens` (the last message is always kept)."""
+    if not isinstance(chat, dict) or not isinstance(chat.get("messages"), list):
+        raise _BadRequest("fake model: bad truncate_prompt input")
+    messages = chat["messages"]
+    limit = chat.get("max_prompt_tokens")
+    total = _count_words(_message_texts(messages))
+    discarded: list[int] = []
+    if type(limit) is not int:
+        return discarded
+    for index, message in enumerate(messages[:-1]):
+        if total <= limit:
+            break
+        if isinstance(message, dict) and message.get("role") != "system":
+            discarded.append(index)
+            total -= _count_words(_message_texts([message]))
+    return discarded
+
+
+def _feature_answer(feature: str, body: bytes) -> web.Response:
+    if feature == "rate":
+        return web.Response(text="PONG")  # what DIAL's own feature tests expect (spec 16.15)
+    if feature == "configuration":
+        return web.Response(body=orjson.dumps(FAKE_CONFIGURATION), content_type=_JSON)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _BadRequest("fake model: body is not valid JSON") from None
+    inputs = payload.get("inputs") if isinstance(payload, dict) else None
+    if not isinstance(inputs, list):
+        raise _BadRequest("fake model: 'inputs' must be a list")
+    if feature == "tokenize":
+        outputs: list[dict[str, Any]] = [
+            {"status": "success", "token_count": _tokens_of_input(item)} for item in inputs
+        ]
+    else:
+        outputs = [{"status": "success", "discarded_messages": _discarded(c)} for c in inputs]
+    return web.Response(body=orjson.dumps({"outputs": outputs}), content_type=_JSON)
+
+
+async def _handle_feature(request: web.Request, feature: str, body: bytes) -> web.StreamResponse:
+    """rate (`PONG`), tokenize (words per input), truncate_prompt (messages dropped to fit),
+    configuration (a JSON schema); faults, `X-Fake-Status` and `X-Fake-Delay-Ms` apply."""
+    state = request.app[_STATE_KEY]
+    if state.faults:
+        fault = state.take_fault(request.headers.get("X-UPSTREAM-ENDPOINT"))
+        if fault is not None:
+            faulty = await _apply_fault(request, fault)
+            if faulty is not None:
+                return faulty
+    try:
+        ctl = _parse_control(request.raw_headers)
+        if ctl is not None:
+            if ctl.delay_ms:
+                await asyncio.sleep(ctl.delay_ms / 1000.0)
+            if ctl.status is not None:
+                return _error(ctl.status, "fake failure")
+        return _feature_answer(feature, body)
+    except _BadRequest as exc:
+        return _error(400, str(exc))
+
+
 async def _handle_model(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     state = request.app[_STATE_KEY]
@@ -502,6 +597,9 @@ async def _handle_model(request: web.Request) -> web.StreamResponse:
     path = request.path
     endpoint = _endpoint(path)
     if endpoint is None or request.method != "POST":
+        feature = _feature_of(path, request.method)
+        if feature is not None:  # off the chat path: it costs the benchmark nothing
+            return await _handle_feature(request, feature, body)
         return web.Response(status=404, body=_NOT_FOUND_BODY, content_type=_JSON)
     if state.faults:
         fault = state.take_fault(request.headers.get("X-UPSTREAM-ENDPOINT"))

@@ -48,7 +48,6 @@ MIN_KEY_BITS = 128
 UNSUPPORTED_DIAL_SECTIONS = frozenset(
     {
         "toolsets",
-        "globalInterceptors",
         "applicationTypeSchemas",
         "catalogSchemas",
         "translators",
@@ -426,6 +425,11 @@ def _deployables(config: Config) -> Iterator[tuple[Loc, Deployable]]:
 def reference_problems(config: Config) -> list[Problem]:
     """Interceptors and addons named but not defined (DIAL answers 404 when they are called)."""
     problems: list[Problem] = []
+    for index, name in enumerate(config.global_interceptors):
+        if name not in config.interceptors:
+            problems.append(
+                at(("globalInterceptors", index), f'no interceptor "{name}" in interceptors')
+            )
     for loc, item in _deployables(config):
         for index, name in enumerate(item.interceptors):
             if name not in config.interceptors:

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from tollgate.config.java_regex import JavaRegexError, compile_java
+
 UNLIMITED = 9223372036854775807  # Java's Long.MAX_VALUE: DIAL's "no limit" (spec auth-limits 2.2)
 UNLIMITED_COST = Decimal(UNLIMITED)
 
@@ -181,7 +183,7 @@ class Interceptor(Deployable):
 
 
 class RouteResponse(DialModel):
-    status: int = 200
+    status: int = Field(default=200, ge=100, le=599)
     body: str = ""
 
 
@@ -198,12 +200,24 @@ class Route(DialModel):
     @field_validator("paths")
     @classmethod
     def _paths_compile(cls, paths: list[str]) -> list[str]:
+        # DIAL's paths are Java regexes (spec proxy 10): translated, and refused here when
+        # invalid or Java-only, so a bad route stops the load instead of every call.
         for path in paths:
             try:
-                re.compile(path)
-            except re.error as exc:
-                raise ValueError(f"Invalid route path regex {path!r}: {exc}") from exc
+                compile_java(path)
+            except JavaRegexError as exc:
+                raise ValueError(str(exc)) from None
         return paths
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_urls(cls, upstreams: list[Upstream]) -> list[Upstream]:
+        # A route's upstream endpoint is the URL called (spec proxy 10), not a header value.
+        for upstream in upstreams:
+            endpoint = upstream.endpoint
+            if endpoint is None or not re.match(r"(https?|wss?)://[^/?#]+", endpoint, re.I):
+                raise ValueError(f"route upstream endpoint must be an absolute URL: {endpoint}")
+        return upstreams
 
 
 def _validate_cidr(text: str) -> str:
@@ -335,4 +349,6 @@ class Config(DialModel):
     roles: dict[str, Role] = Field(default_factory=dict)
     retriable_error_codes: list[int] = Field(default_factory=list)
     interceptors: dict[str, Interceptor] = Field(default_factory=dict)
+    # Newer DIAL: interceptor names run before every deployment's own (spec proxy 8).
+    global_interceptors: list[str] = Field(default_factory=list)
     rate_limit_schedule: RateLimitSchedule = Field(default_factory=RateLimitSchedule)

@@ -20,6 +20,7 @@ from tollgate.config.schema import Assistant, Config, Deployable, Model
 from tollgate.limits.cost import Prices
 from tollgate.limits.policy import LimitPolicy
 from tollgate.limits.windows import Clock, Schedule
+from tollgate.routing import routes
 from tollgate.routing.balancer import (
     MAX_ATTEMPTS,
     Balancers,
@@ -27,6 +28,8 @@ from tollgate.routing.balancer import (
     UpstreamSet,
     retriable_statuses,
 )
+from tollgate.routing.routes import EMPTY as EMPTY_ROUTES
+from tollgate.routing.routes import RouteTable
 from tollgate.security.ip_ranges import IpRanges
 from tollgate.security.keys import (
     KeyTable,
@@ -43,6 +46,7 @@ class Kind(enum.Enum):
     MODEL = "model"
     APPLICATION = "application"
     ASSISTANT = "assistant"
+    INTERCEPTOR = "interceptor"  # in `Snapshot.interceptors` only: never resolved by id
 
 
 def may_use(user_roles: frozenset[str] | None, role_set: frozenset[str]) -> bool:
@@ -73,12 +77,21 @@ class Deployment:
     timeouts_ms: tuple[int | None, int | None] | None
     spec: Deployable
     prices: Prices | None  # models with `pricing` only
+    # `globalInterceptors` then the deployment's `interceptors`: the chain a call runs through
+    # first (spec proxy 8). Empty for nearly every deployment: the request path tests it once.
+    interceptors: tuple[str, ...] = ()
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -> Deployment:
+def _deployment(
+    name: str,
+    kind: Kind,
+    spec: Deployable,
+    endpoint: str | None,
+    global_interceptors: tuple[str, ...] = (),
+) -> Deployment:
     features = spec.features
     accessible = features is None or features.accessible_by_per_request_key is not False
     model = spec if isinstance(spec, Model) else None
@@ -100,6 +113,7 @@ def _deployment(name: str, kind: Kind, spec: Deployable, endpoint: str | None) -
         ),
         spec=spec,
         prices=Prices.of(model.pricing) if model else None,
+        interceptors=(*global_interceptors, *spec.interceptors),
     )
 
 
@@ -170,6 +184,10 @@ class Snapshot:
     # One per deployment, by name; state carried over from the previous snapshot (spec proxy 6.1).
     balancers: Mapping[str, DeploymentBalancer]
     retriable: frozenset[int]  # 429, 502, 503, 504 and `retriableErrorCodes` (spec proxy 6.4)
+    # Interceptors by name, reached only through a deployment's chain (spec proxy 8).
+    interceptors: Mapping[str, Deployment] = field(default_factory=dict)
+    # `routes`, compiled in the order they are tried (spec proxy 10); falsy when none.
+    routes: RouteTable = EMPTY_ROUTES
 
     def resolve(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
@@ -186,19 +204,25 @@ def build_snapshot(
     section = config.assistant
     assistants: dict[str, Assistant] = dict(section.assistants)
     deployments: dict[str, Deployment] = {}
+    chain = tuple(config.global_interceptors)
     # DIAL's lookup precedence: applications, then models, then assistants (spec proxy 4).
     for name, assistant in assistants.items():
         endpoint = assistant.endpoint or section.endpoint
-        deployments[name] = _deployment(name, Kind.ASSISTANT, assistant, endpoint)
+        # Unset features come from `assistant.features` (spec proxy 1), as the listing shows.
+        inherited = listings.inherit_features(assistant.features, section.features)
+        spec = assistant.model_copy(update={"features": inherited})
+        deployments[name] = _deployment(name, Kind.ASSISTANT, spec, endpoint, chain)
     if section.endpoint and BASE_ASSISTANT not in assistants:
         base = Assistant(endpoint=section.endpoint, features=section.features)
         deployments[BASE_ASSISTANT] = _deployment(
-            BASE_ASSISTANT, Kind.ASSISTANT, base, section.endpoint
+            BASE_ASSISTANT, Kind.ASSISTANT, base, section.endpoint, chain
         )
     for name, model in config.models.items():
-        deployments[name] = _deployment(name, Kind.MODEL, model, model.endpoint)
+        deployments[name] = _deployment(name, Kind.MODEL, model, model.endpoint, chain)
     for name, application in config.applications.items():
-        deployments[name] = _deployment(name, Kind.APPLICATION, application, application.endpoint)
+        deployments[name] = _deployment(
+            name, Kind.APPLICATION, application, application.endpoint, chain
+        )
 
     return Snapshot(
         config=config,
@@ -220,8 +244,20 @@ def build_snapshot(
         addons=_listing((n, a, listings.addon_item(n, a)) for n, a in config.addons.items()),
         limit_policy=LimitPolicy(config),
         clock=Clock(Schedule.of(config.rate_limit_schedule)),
-        balancers=(Balancers() if balancers is None else balancers).sync(
-            {name: UpstreamSet.of(d) for name, d in deployments.items()}
+        balancers=(
+            synced := (Balancers() if balancers is None else balancers).sync(
+                {
+                    **{name: UpstreamSet.of(d) for name, d in deployments.items()},
+                    # Routes have entries of their own, so their upstreams' health survives
+                    # reloads too (spec proxy 10, 6.1).
+                    **routes.upstream_sets(config.routes),
+                }
+            )
         ),
         retriable=retriable_statuses(config.retriable_error_codes),
+        interceptors={
+            name: _deployment(name, Kind.INTERCEPTOR, interceptor, interceptor.endpoint)
+            for name, interceptor in config.interceptors.items()
+        },
+        routes=routes.build_table(config.routes, synced),
     )

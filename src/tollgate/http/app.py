@@ -16,24 +16,34 @@ import aiohttp
 from aiohttp import web
 
 from tollgate import __version__
-from tollgate.config.snapshot import Snapshot
+from tollgate.config.snapshot import Kind, Snapshot
 from tollgate.config.watch import ConfigStore
 from tollgate.errors import GatewayError, no_route, unknown_api_key
-from tollgate.http import catalog
+from tollgate.http import catalog, protocol_errors
 from tollgate.http.limits_api import LimitsApi
+from tollgate.http.openapi import openapi_response
+from tollgate.http.ops import Ops, metrics_app
 from tollgate.http.responses import error_response
 from tollgate.limits.cost import Prices
-from tollgate.limits.ledger import Charge
+from tollgate.limits.ledger import Ask, Charge, Refusal
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.store import build_ledger, describe, redis_client
+from tollgate.observability.calls import CallNote, Observer
+from tollgate.observability.logs import AccessLog
+from tollgate.observability.metrics import Metrics, StoreView
+from tollgate.pipeline import features
 from tollgate.pipeline.admit import Admission, Ticket
+from tollgate.pipeline.assistants import addon_headers, assistant_request
 from tollgate.pipeline.attempts import Timeouts, send
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
+from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
 from tollgate.pipeline.relay import Relayed
 from tollgate.pipeline.resolve import resolve
+from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import charge_for
+from tollgate.security.admin import AdminRules
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import RemoteKeyLookup, SharedKeys
@@ -45,10 +55,12 @@ access_log = logging.getLogger("tollgate.access")
 # Settles running in the background at most; past it, a finished call waits for its own.
 MAX_SETTLING: Final = 4096
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
+BODY_READ_TIMEOUT = web.AppKey("tollgate.body_read_timeout", float)  # server.bodyReadTimeout
 USAGE = "tollgate.usage"  # request key: the call's Usage, for the limits step that settles it
 DEPLOYMENT_CALL = re.compile(
     r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
 )
+OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
 
 
 class DeploymentCall(NamedTuple):
@@ -88,10 +100,64 @@ class Gateway:
             default_completion_tokens=settings.default_completion_tokens,
         )
         self.limits_api = LimitsApi(self.ledger)
+        # Telemetry (DECISIONS 12): None when off, so a call pays one attribute check.
+        self.metrics = (
+            Metrics(
+                StoreView(
+                    lambda: (store.reloads, store.failed_reloads),
+                    lambda: store.current.balancers,
+                    lambda: describe(self.ledger),
+                )
+            )
+            if settings.metrics_enabled
+            else None
+        )
+        access = (
+            AccessLog(settings.log_format)
+            if settings.access_log and AccessLog.enabled()
+            else None
+        )
+        self.observer = (
+            Observer(self.metrics, access)
+            if self.metrics is not None or access is not None
+            else None
+        )
+        if self.metrics is not None:
+            self.admission.on_refusal = self._count_refusal
+        self.ops = Ops(store, AdminRules.from_settings(settings.raw), self.metrics)
+        # `/metrics` on this port (for admins), unless it has a port of its own.
+        self._metrics_here = self.metrics is not None and settings.metrics_port is None
+        self._metrics_runner: web.AppRunner | None = None
         # Balancer state lives in `store.balancers`, one registry beside the swapped snapshot.
         self.timeouts = Timeouts(settings.connect_timeout_s, settings.read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()  # see _settle_later
+        self.features = features.FeatureCalls(
+            lambda: self.session,
+            self.per_request_keys,
+            self.shared_keys,
+            self.timeouts,
+            end_hop=self._end_hop,
+            authorization_is_api_key=_authorization_is_api_key,
+            read_body=_read_body,
+        )
+        self.interceptors = Interceptors(
+            self.per_request_keys,
+            self.shared_keys,
+            self.timeouts,
+            session=lambda: self.session,
+            read_body=_read_body,
+            end_hop=self._end_hop,
+            authorization_is_api_key=_authorization_is_api_key,
+            finish=self.deployment_call,
+        )
+        self.routes = RouteCalls(
+            lambda: self.session,
+            self.ledger,
+            self.timeouts,
+            read_body=_read_body,
+            authorization_is_api_key=_authorization_is_api_key,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -108,8 +174,16 @@ class Gateway:
         )
         await self.ledger.start()
         self.store.start(asyncio.get_running_loop())
+        port = self.settings.metrics_port
+        if self.metrics is not None and port is not None:
+            self._metrics_runner = web.AppRunner(metrics_app(self.ops), access_log=None)
+            await self._metrics_runner.setup()
+            host = self.settings.metrics_host or self.settings.host
+            await web.TCPSite(self._metrics_runner, host, port).start()
 
     async def stop(self, app: web.Application) -> None:
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         await self.store.stop()
         if self._session is not None:
             await self._session.close()
@@ -123,19 +197,26 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request enters here. Every answer allows any origin (spec proxy 2)."""
+        routed: web.StreamResponse | DeploymentCall | AsyncAnswer | None = None
         try:
             try:
                 routed = self._route(request)
             except RemoteKeyLookup as lookup:
                 routed = self._route(request, await self._remote_principal(lookup))
             if isinstance(routed, DeploymentCall):
-                response = await self.deployment_call(request, *routed)
+                response = await (
+                    self.deployment_call(request, *routed)
+                    if self.observer is None
+                    else self._observed_call(request, routed, self.observer)
+                )
             elif isinstance(routed, AsyncAnswer):
                 response = await routed.answer
             else:
                 response = routed
         except GatewayError as error:
             response = error_response(error)
+            if routed is None and self.observer is not None:
+                self._observe_refusal(request, error.status, self.observer)
         except Exception:
             # A bug must still answer in DIAL's error shape, and must not log request data.
             log.exception("unexpected error on %s %s", request.method, request.path)
@@ -151,6 +232,38 @@ class Gateway:
         if principal is None:
             raise unknown_api_key()
         return principal
+
+    async def _observed_call(
+        self, request: web.Request, call: DeploymentCall, observer: Observer
+    ) -> web.StreamResponse:
+        """`deployment_call`, recorded in the metrics and the access log once it settled."""
+        note = observer.begin()
+        status = 500
+        try:
+            response = await self.deployment_call(request, *call, note=note)
+            status = response.status
+            return response
+        except GatewayError as error:
+            status = error.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer (nginx's code)
+            raise
+        finally:
+            observer.end(note, request.headers, call.principal, call.raw_id, status)
+
+    def _observe_refusal(self, request: web.Request, status: int, observer: Observer) -> None:
+        """A deployment call refused before its caller was known (401, 400, 413...)."""
+        if request.method != "POST":
+            return
+        call = DEPLOYMENT_CALL.fullmatch(request.raw_path.partition("?")[0])
+        if call is not None:
+            observer.end(observer.begin(), request.headers, None, call[1], status, timed=False)
+
+    def _count_refusal(self, ask: Ask, refusal: Refusal) -> None:
+        assert self.metrics is not None
+        project = ask.bucket.removeprefix("Keys/")
+        self.metrics.rejected(project, ask.entity, refusal.kind, refusal.exceeded[0])
 
     def _route(
         self, request: web.Request, principal: Principal | None = None
@@ -175,6 +288,8 @@ class Gateway:
                 return web.json_response({"status": status, "limits": store})
             if path == "/version":
                 return web.Response(text=__version__)
+            if path == "/openapi.json":  # public, like /health: it names no secret
+                return openapi_response()
         snapshot = self.store.current
         if principal is None:
             principal = self.authenticator.authenticate(request.headers, request, snapshot)
@@ -182,6 +297,17 @@ class Gateway:
             call = DEPLOYMENT_CALL.fullmatch(path)
             if call is not None:
                 return DeploymentCall(principal, snapshot, call[1], call[2])
+            if OPS_RELOAD.fullmatch(path):  # administrators only (spec auth-limits 6.4)
+                return self.ops.reload(principal)
+        elif method == "GET" and path == "/metrics" and self._metrics_here:
+            return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
+        for route_method, pattern, feature in FEATURE_ROUTES:
+            if route_method == method:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    return AsyncAnswer(
+                        self.features.call(request, principal, snapshot, match[1], feature)
+                    )
         if method == "GET":
             for pattern, async_handler in ASYNC_ROUTES:
                 match = pattern.fullmatch(path)
@@ -192,6 +318,10 @@ class Gateway:
                 match = pattern.fullmatch(path)
                 if match is not None:
                     return handler(request, principal, snapshot, match)
+        # Anything else goes to the configured routes (spec proxy 3, 10), first match wins.
+        route = snapshot.routes.match(method, request.raw_path) if snapshot.routes else None
+        if route is not None:
+            return AsyncAnswer(self.routes.call(request, principal, snapshot, route))
         raise no_route()
 
     async def deployment_call(
@@ -201,14 +331,29 @@ class Gateway:
         snapshot: Snapshot,
         raw_id: str,
         api: str,
+        *,
+        chained: bool = False,
+        note: CallNote | None = None,
     ) -> web.StreamResponse:
-        """POST /openai/deployments/{id}/(chat/completions|completions|embeddings)."""
+        """POST /openai/deployments/{id}/(chat/completions|completions|embeddings).
+
+        `chained`: called by the end of an interceptor chain, which this call has run through.
+        `note`: what the call reports to the metrics and the access log, when they are on.
+        """
         if "application/json" not in request.headers.get("Content-Type", "").lower():
             raise GatewayError(415, "Only application/json is supported")
+        if raw_id == INTERCEPTOR_ID:  # an interceptor's callback (spec proxy 8)
+            return await self.interceptors.next(request, principal, snapshot)
         deployment = resolve(snapshot, raw_id)
+        if note is not None:
+            note.deployment = deployment.name
         authorize(principal, deployment)
         if deployment.endpoint_url is None:
             raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
+        if deployment.interceptors and not chained:
+            return await self.interceptors.enter(
+                request, principal, snapshot, deployment, raw_id, api
+            )
         body = await _read_body(request)
         parsed = parse_body(body)
         key, handle = self.per_request_keys.mint(principal, deployment.name)
@@ -230,6 +375,10 @@ class Gateway:
                 else await admission.admit(snapshot, principal, deployment, api, body, parsed)
             )
             body = enhance(body, parsed, deployment)
+            assistant = None
+            if deployment.kind is Kind.ASSISTANT:  # prompt, addons, model (spec proxy 9)
+                assistant = assistant_request(parsed, snapshot, principal, deployment)
+                body = assistant.body
             if publishing is not None:
                 await publishing  # the key must be readable everywhere before it is sent
             url = upstream_url(deployment, request.raw_path.partition("?")[2])
@@ -240,6 +389,8 @@ class Gateway:
                     deployment.forward_auth_token and not _authorization_is_api_key(request)
                 ),
             )
+            if assistant is not None:
+                headers = addon_headers(headers, assistant.headers)
             # Balancer, retries and timeouts (spec proxy 6, DECISIONS 5), then the relay.
             relayed = await send(
                 self.session,
@@ -254,22 +405,13 @@ class Gateway:
                 # DIAL deletes the hop's key when its caller disconnects (spec auth-limits
                 # 3.5); the drain for usage must not keep it alive.
                 on_client_gone=lambda: self._end_hop(handle),
+                note=note,
             )
             usage = relayed.usage
             if usage is not None:
                 request[USAGE] = usage
-            if access_log.isEnabledFor(logging.DEBUG):
-                access_log.debug(
-                    "call project=%s key=%s deployment=%s status=%d prompt_tokens=%d "
-                    "completion_tokens=%d total_tokens=%d",
-                    principal.project,
-                    principal.key_fingerprint,
-                    deployment.name,
-                    relayed.response.status,
-                    usage.prompt_tokens if usage else 0,
-                    usage.completion_tokens if usage else 0,
-                    usage.total_tokens if usage else 0,
-                )
+                if note is not None:
+                    note.usage = usage
             return relayed.response
         finally:
             if publishing is not None and not publishing.done():
@@ -289,6 +431,8 @@ class Gateway:
                     # since this call was admitted.
                     self.store.current.clock,
                 )
+                if note is not None:
+                    note.cost_nano = charge.cost_nano
                 if self.settle_now is not None:
                     self.settle_now(charge)
                 elif len(self._settling) < MAX_SETTLING:
@@ -337,10 +481,21 @@ def _authorization_is_api_key(request: web.Request) -> bool:
 
 async def _read_body(request: web.Request) -> bytes:
     try:
-        return await request.read()
+        if request.content.is_eof():  # the body came with the headers: no timer needed
+            return await request.read()
+        # A body that trickles or never ends must not hold the call (and its slot) forever.
+        async with asyncio.timeout(request.app[BODY_READ_TIMEOUT]):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise GatewayError(413, "Request body is too large") from None
-    except (ConnectionError, asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
+    except TimeoutError:
+        raise GatewayError(408, "Failed to receive body") from None
+    except (
+        ConnectionError,
+        asyncio.IncompleteReadError,
+        aiohttp.ClientPayloadError,
+        web.RequestPayloadError,  # the client closed or broke its side mid-body
+    ):
         raise GatewayError(422, "Failed to receive body") from None
 
 
@@ -366,6 +521,15 @@ AsyncHandler = Callable[
     [Gateway, web.Request, Principal, Snapshot, re.Match[str]],
     Coroutine[Any, Any, web.StreamResponse],
 ]
+
+# Feature endpoints (spec proxy 3, 14), DIAL's patterns: rate has no `deployments/` segment.
+# Checked before ROUTES, whose `/v1/deployments/(.+?)` would take `.../configuration` as an id.
+FEATURE_ROUTES: tuple[tuple[str, re.Pattern[str], features.Feature], ...] = (
+    ("POST", re.compile(r"/+v1/(.+?)/rate"), features.RATE),
+    ("POST", re.compile(r"/+v1/deployments/(.+?)/tokenize"), features.TOKENIZE),
+    ("POST", re.compile(r"/+v1/deployments/(.+?)/truncate_prompt"), features.TRUNCATE_PROMPT),
+    ("GET", re.compile(r"/+v1/deployments/(.+?)/configuration"), features.CONFIGURATION),
+)
 
 # Checked before ROUTES: these paths would otherwise match `/v1/deployments/(.+?)`.
 ASYNC_ROUTES: tuple[tuple[re.Pattern[str], AsyncHandler], ...] = (
@@ -418,7 +582,11 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
 def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     gateway = Gateway(settings, store)
     app = web.Application(client_max_size=settings.max_body_size)
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app[BODY_READ_TIMEOUT] = settings.body_read_timeout_s
+    protocol_errors.install()  # no request bytes from aiohttp's own 400s in the log
+    # Every path, even one whose decoded form holds a newline (`.` would not match it, and
+    # aiohttp would answer its own text/plain 404).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gateway.handle)
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
     return app

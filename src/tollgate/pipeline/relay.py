@@ -33,7 +33,8 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop ones, plus `X-UPSTREAM-ATTEMPTS`.
+    """The upstream's headers minus hop-by-hop ones, plus `X-UPSTREAM-ATTEMPTS` (unless
+    `attempts` is 0: an interceptor's answer keeps the header of the call it relays).
 
     Copied whole and pruned: both are single calls into multidict's C code, cheaper than
     filtering header by header in Python.
@@ -42,7 +43,8 @@ def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiD
     for name in DROPPED_RESPONSE_HEADERS:
         if name in headers:
             del headers[name]
-    headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
+    if attempts:
+        headers["X-UPSTREAM-ATTEMPTS"] = str(attempts)
     return headers
 
 

@@ -16,7 +16,7 @@ RANDOM_POOL_BYTES = KEY_BYTES * 256
 
 
 class Hop(NamedTuple):
-    principal: Principal  # the root caller, acting through the hop's deployment
+    principal: Principal  # the root caller, acting through the hop's deployment (or interceptor)
     expires_at: float
 
 
@@ -44,12 +44,16 @@ class PerRequestKeys:
 
         32 characters of `0-9 a-z A-Z - _` from a CSPRNG, DIAL's format (192 bits).
         """
+        return self.issue(root.via(deployment))
+
+    def issue(self, principal: Principal) -> tuple[str, bytes]:
+        """A fresh key acting as `principal` (an interceptor's carries its chain step)."""
         now = time.monotonic()
         if now >= self._next_sweep:
             self._sweep(now)
         key = base64.urlsafe_b64encode(self._random_bytes()).decode("ascii")
         digest = digest_of(key)
-        self._hops[digest] = Hop(root.via(deployment), now + self._ttl_s)
+        self._hops[digest] = Hop(principal, now + self._ttl_s)
         return key, digest
 
     def _random_bytes(self) -> bytes:

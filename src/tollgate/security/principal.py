@@ -5,13 +5,31 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+class ChainStep(NamedTuple):
+    """Where a per-request key given to an interceptor stands in its chain (spec proxy 8).
+
+    DIAL keeps the same in the key's data (`interceptors`, `interceptorIndex`,
+    `initialDeployment`, `initialDeploymentApi`, spec auth-limits 3.5).
+    """
+
+    interceptors: tuple[str, ...]  # the whole chain, in call order
+    position: int  # of the interceptor holding the key, in `interceptors`
+    deployment: str  # the deployment the client called, as its raw path segment
+    api: str  # the API the client called: chat/completions, completions or embeddings
+
+    @property
+    def mid_chain(self) -> bool:
+        return 0 <= self.position < len(self.interceptors)
+
+
 class Principal(NamedTuple):
     """The identity a request acts as.
 
     A call made with a per-request key acts as the root caller (spec auth-limits 3.5): same
     project, roles and `secured` flag; `source_deployment` names the deployment that received
-    the key, and is `None` for a call made with a project key. (A named tuple: one is built for
-    every hop, and tuples are the cheapest immutable objects to build.)
+    the key, and is `None` for a call made with a project key. `chain` is set only for a key
+    given to an interceptor. (A named tuple: one is built for every hop, and tuples are the
+    cheapest immutable objects to build.)
     """
 
     project: str
@@ -20,9 +38,22 @@ class Principal(NamedTuple):
     key_fingerprint: str
     secured: bool = False
     source_deployment: str | None = None
+    chain: ChainStep | None = None
 
     def via(self, deployment: str) -> Principal:
         """The same root caller, acting through a per-request key given to `deployment`."""
         return Principal(
             self.project, self.roles, self.role_set, self.key_fingerprint, self.secured, deployment
+        )
+
+    def via_interceptor(self, step: ChainStep) -> Principal:
+        """The same root caller, acting through the key given to the interceptor of `step`."""
+        return Principal(
+            self.project,
+            self.roles,
+            self.role_set,
+            self.key_fingerprint,
+            self.secured,
+            step.interceptors[step.position],
+            step,
         )

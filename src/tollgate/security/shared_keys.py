@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from tollgate.limits.resilient import store_errors
-from tollgate.security.principal import Principal
+from tollgate.security.principal import ChainStep, Principal
 
 log = logging.getLogger("tollgate.keys")
 
@@ -53,6 +53,9 @@ class SharedKeys:
     async def publish(self, digest: bytes, principal: Principal) -> None:
         if not self._store_healthy():
             return
+        # An interceptor's key carries its chain step (spec proxy 8), so that the interceptor's
+        # callback may land on any instance; other keys store `null` there.
+        chain = principal.chain
         value = orjson.dumps(
             [
                 principal.project,
@@ -60,6 +63,9 @@ class SharedKeys:
                 principal.key_fingerprint,
                 principal.secured,
                 principal.source_deployment,
+                None
+                if chain is None
+                else [chain.interceptors, chain.position, chain.deployment, chain.api],
             ]
         )
         try:
@@ -77,8 +83,18 @@ class SharedKeys:
             return None
         if value is None:
             return None
-        project, roles, fingerprint, secured, source = orjson.loads(value)
-        return Principal(project, tuple(roles), frozenset(roles), fingerprint, secured, source)
+        project, roles, fingerprint, secured, source, *rest = orjson.loads(value)
+        # Five fields: published by a Tollgate from before interceptor chains; no chain then.
+        chain = rest[0] if rest else None
+        return Principal(
+            project,
+            tuple(roles),
+            frozenset(roles),
+            fingerprint,
+            secured,
+            source,
+            None if chain is None else ChainStep(tuple(chain[0]), chain[1], chain[2], chain[3]),
+        )
 
     def revoke(self, digest: bytes) -> None:
         """Delete in the background: the hop is over, its answer need not wait for Redis."""

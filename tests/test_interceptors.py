@@ -1,0 +1,535 @@
+"""Interceptor chains end to end (spec proxy 8, 15.5; auth-limits 3.3, 3.5, 5.1).
+
+Real processes on loopback: Tollgate, the fake model, `apps/relay_interceptor.py` (an aiohttp
+interceptor service that records what it gets, appends ` [<name>]` to the last message and
+calls Tollgate back with its per-request key) and, in its own virtualenv, an interceptor built
+with `aidial-interceptors-sdk` from PyPI (`apps/sdk_interceptor.py`, upper-cases answers).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from harness import (
+    FakeModel,
+    Gateway,
+    _wait_healthy,
+    free_port,
+    start_fake_model,
+    start_gateway,
+    stop,
+)
+from interceptors_sdk import start_sdk_interceptor
+from redis_server import RedisServer, start_redis_server, stop_redis_server
+from tollgate.errors import GatewayError
+from tollgate.fake_model import DEFAULT_REPLY
+from tollgate.pipeline.interceptors import Interceptors
+from tollgate.security.principal import ChainStep, Principal
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT_KEY = "icpt-key-root-0123456789"
+OTHER_KEY = "icpt-key-other-0123456789"  # same role, another project
+API_VERSION = "2024-02-01"
+PROVIDER_KEY = "icpt-provider-secret"
+CLOSED_PORT = "http://127.0.0.1:9/x/chat/completions"
+PER_REQUEST_KEY = re.compile(r"[0-9a-zA-Z_-]{32}")
+REPLY = "alpha beta gamma"  # 3 tokens for the fake model
+
+
+class Relay:
+    """The relay interceptor service: one process, one interceptor per path prefix."""
+
+    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
+        self.port = port
+        self.process = process
+
+    def endpoint(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}/chat/completions"
+
+    def got(self, name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = httpx.get(
+            f"http://127.0.0.1:{self.port}/_test/requests/{name}"
+        ).json()
+        return result
+
+    def clear(self) -> None:
+        httpx.delete(f"http://127.0.0.1:{self.port}/_test/requests")
+
+
+def start_relay(log_dir: Path, port: int, dial_url: str) -> Relay:
+    log = log_dir / f"relay-interceptor-{port}.log"
+    args = [sys.executable, str(TESTS_DIR / "apps" / "relay_interceptor.py")]
+    args += ["--port", str(port), "--dial-url", dial_url]
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+    return Relay(port, process)
+
+
+def interceptors_config(fake: FakeModel, relay_port: int, sdk_port: int) -> dict[str, Any]:
+    def relay(name: str) -> str:
+        return f"http://127.0.0.1:{relay_port}/{name}/chat/completions"
+
+    def model(name: str, chain: list[str], **extra: Any) -> dict[str, Any]:
+        return {"endpoint": fake.endpoint(name), "interceptors": chain, **extra}
+
+    return {
+        "models": {
+            "plain-model": {"endpoint": fake.endpoint("plain-model")},
+            "one-model": model(
+                "one-model",
+                ["first"],
+                upstreams=[{"endpoint": "https://provider.example/v1", "key": PROVIDER_KEY}],
+                defaults={"temperature": 0.5},
+                overrideName="provider-one",
+            ),
+            "two-model": model("two-model", ["first", "second"]),
+            "other-model": model("other-model", ["second"]),
+            "auth-model": model("auth-model", ["first", "authfwd"]),
+            "limited-model": model("limited-model", ["first"]),
+            "ghost-model": model("ghost-model", ["ghost"]),
+            "ghost-second-model": model("ghost-second-model", ["first", "ghost"]),
+            "dead-model": model("dead-model", ["dead"]),
+            "sdk-model": model("sdk-model", ["first", "shout"]),
+        },
+        "applications": {
+            # Not chained: the relay service at `/probe/...` calls `interceptor` with the
+            # application's key, which holds no chain step.
+            "probe-app": {"endpoint": relay("probe")},
+        },
+        "interceptors": {
+            "first": {"endpoint": relay("first")},
+            "second": {"endpoint": relay("second")},
+            "authfwd": {"endpoint": relay("authfwd"), "forwardAuthToken": True},
+            "dead": {"endpoint": CLOSED_PORT},
+            "shout": {
+                "endpoint": f"http://127.0.0.1:{sdk_port}/openai/deployments/shout/chat/completions"
+            },
+        },
+        "keys": {
+            ROOT_KEY: {"project": "icpt-root", "role": "default"},
+            OTHER_KEY: {"project": "icpt-other", "role": "default"},
+        },
+        "roles": {
+            "default": {"limits": {"limited-model": {"minute": "5", "requestDay": "100"}}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def ports() -> tuple[int, int]:
+    """The relay's and the SDK interceptor's: Tollgate's config names them before they start."""
+    return free_port(), free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(work_dir: Path, fake_model: FakeModel, ports: tuple[int, int]) -> Iterator[Gateway]:
+    gw = start_gateway(work_dir, [interceptors_config(fake_model, *ports)])
+    yield gw
+    stop(gw.process)
+
+
+@pytest.fixture(scope="module")
+def relay_service(work_dir: Path, gateway: Gateway, ports: tuple[int, int]) -> Iterator[Relay]:
+    relay = start_relay(work_dir, ports[0], gateway.url)
+    yield relay
+    stop(relay.process)
+
+
+@pytest.fixture
+def relay(relay_service: Relay) -> Relay:
+    relay_service.clear()
+    return relay_service
+
+
+def call(
+    gateway: Gateway,
+    model: str,
+    content: str = "hi",
+    *,
+    key: str = ROOT_KEY,
+    headers: dict[str, str] | None = None,
+    **body: Any,
+) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/openai/deployments/{model}/chat/completions",
+        params={"api-version": API_VERSION},
+        headers={
+            "Api-Key": key,
+            "Content-Type": "application/json",
+            "X-Fake-Reply": REPLY,
+            **(headers or {}),
+        },
+        json={"messages": [{"role": "user", "content": content}], **body},
+        timeout=30,
+    )
+
+
+def headers_of(record: dict[str, Any]) -> dict[str, str]:
+    return {name.lower(): value for name, value in record["headers"]}
+
+
+def content_of(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    content: str = response.json()["choices"][0]["message"]["content"]
+    return content
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    message: str = response.json()["error"]["message"]
+    return response.status_code, message
+
+
+def streamed_content(body: str) -> str:
+    text = []
+    for line in body.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text)
+
+
+def model_request(fake: FakeModel) -> tuple[dict[str, str], dict[str, Any]]:
+    last = fake.last()
+    return headers_of(last), json.loads(last["body"])
+
+
+class TestOneInterceptor:
+    def test_the_interceptor_gets_the_request_and_a_key_of_its_own(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        assert content_of(call(gateway, "one-model", "hi")) == REPLY
+        [got] = relay.got("first")
+        assert got["path"] == "/first/chat/completions"
+        assert got["query"] == f"api-version={API_VERSION}"  # the client's query, passed on
+        headers = headers_of(got)
+        key = headers["api-key"]
+        assert PER_REQUEST_KEY.fullmatch(key) and key != ROOT_KEY
+        # An interceptor hop: no defaults, no overrideName, no X-UPSTREAM-* (spec proxy 8).
+        assert json.loads(got["body"]) == {"messages": [{"role": "user", "content": "hi"}]}
+        assert not any(name.startswith("x-upstream-") for name in headers)
+        assert "authorization" not in headers
+
+    def test_the_model_sees_the_modified_request_on_its_normal_path(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = call(gateway, "one-model", "hi")
+        assert content_of(response) == REPLY
+        headers, body = model_request(fake)
+        assert fake.last()["path"] == "/openai/deployments/one-model/chat/completions"
+        assert body["messages"] == [{"role": "user", "content": "hi [first]"}]
+        # The deployment's own path: defaults, overrideName, upstream headers.
+        assert body["temperature"] == 0.5 and body["model"] == "provider-one"
+        assert headers["x-upstream-key"] == PROVIDER_KEY
+        assert headers["x-upstream-endpoint"] == "https://provider.example/v1"
+        # The model's hop has a key of its own: neither the root's nor the interceptor's.
+        interceptor_key = headers_of(relay.got("first")[0])["api-key"]
+        assert PER_REQUEST_KEY.fullmatch(headers["api-key"])
+        assert headers["api-key"] not in (ROOT_KEY, interceptor_key)
+        # An interceptor hop makes one attempt and says nothing of attempts (the relay service
+        # does not pass the model call's header on either).
+        assert "X-UPSTREAM-ATTEMPTS" not in response.headers
+
+    def test_streaming_through_the_chain(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = call(gateway, "one-model", "hi", stream=True, headers={"X-Fake-Chunks": "3"})
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert streamed_content(response.text) == REPLY
+        assert response.text.rstrip().endswith("data: [DONE]")
+        _, body = model_request(fake)
+        assert body["stream"] is True
+        assert body["messages"][-1]["content"] == "hi [first]"
+
+    def test_a_plain_model_is_not_intercepted(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        assert content_of(call(gateway, "plain-model", "hi")) == REPLY
+        assert relay.got("first") == []
+        _, body = model_request(fake)
+        assert body["messages"][-1]["content"] == "hi"
+
+
+class TestTwoInterceptors:
+    def test_the_request_goes_through_both_in_order(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        assert content_of(call(gateway, "two-model", "hi")) == REPLY
+        [first], [second] = relay.got("first"), relay.got("second")
+        assert json.loads(second["body"])["messages"][-1]["content"] == "hi [first]"
+        _, body = model_request(fake)
+        assert body["messages"][-1]["content"] == "hi [first] [second]"
+        keys = {headers_of(first)["api-key"], headers_of(second)["api-key"]}
+        keys.add(model_request(fake)[0]["api-key"])
+        assert len(keys) == 3 and ROOT_KEY not in keys  # one key per hop
+
+    def test_streaming_through_both(self, gateway: Gateway, relay: Relay, fake: FakeModel) -> None:
+        response = call(gateway, "two-model", "hi", stream=True, headers={"X-Fake-Chunks": "3"})
+        assert response.status_code == 200
+        assert streamed_content(response.text) == REPLY
+        assert model_request(fake)[1]["messages"][-1]["content"] == "hi [first] [second]"
+
+    def test_an_unknown_second_interceptor_is_404_through_the_first(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = call(gateway, "ghost-second-model")
+        assert error_of(response) == (404, "Interceptor is not found")
+        assert len(relay.got("first")) == 1
+        assert fake.requests() == []
+
+
+class TestAuthorization:
+    def test_forwarded_to_an_interceptor_only_with_forward_auth_token(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # `first` calls back with a token of its own: a mid-chain key may come with a different
+        # Authorization (spec auth-limits 3.3); `authfwd` has forwardAuthToken (newer DIAL).
+        response = call(gateway, "auth-model", headers={"X-Test-Mode-first": "auth:user-token"})
+        assert content_of(response) == REPLY
+        assert headers_of(relay.got("authfwd")[0])["authorization"] == "Bearer user-token"
+        # The model has no forwardAuthToken: its hop drops it.
+        assert "authorization" not in model_request(fake)[0]
+
+    def test_not_forwarded_without_forward_auth_token(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = call(gateway, "two-model", headers={"X-Test-Mode-first": "auth:user-token"})
+        assert content_of(response) == REPLY
+        assert "authorization" not in headers_of(relay.got("second")[0])
+
+    def test_an_api_key_in_authorization_is_never_forwarded(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # The openai SDK sends the key in both headers; forwarding it would leak the root key.
+        response = call(gateway, "auth-model", headers={"Authorization": f"Bearer {ROOT_KEY}"})
+        assert content_of(response) == REPLY
+        assert "authorization" not in headers_of(relay.got("first")[0])
+        assert "authorization" not in headers_of(relay.got("authfwd")[0])
+
+
+class TestLimits:
+    def test_charged_once_to_the_root_caller(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        def used(key: str) -> tuple[int, int]:
+            stats = httpx.get(
+                f"{gateway.url}/v1/deployments/limited-model/limits", headers={"Api-Key": key}
+            ).json()
+            return stats["minuteTokenStats"]["used"], stats["dayRequestStats"]["used"]
+
+        assert used(ROOT_KEY) == (0, 0)
+        response = call(gateway, "limited-model", "one two")  # prompt 3 words, reply 3
+        assert content_of(response) == REPLY
+        assert used(ROOT_KEY) == (6, 1)
+        assert used(OTHER_KEY) == (0, 0)
+        # Over the minute limit now: refused where the chain reaches the model (auth-limits
+        # 5.1), and the interceptor relays DIAL's answer.
+        refused = call(gateway, "limited-model")
+        assert refused.status_code == 429
+        assert error_of(refused)[1].startswith("Hit token rate limit. Minute limit: 6 / 5 tokens.")
+        assert len(relay.got("first")) == 2
+        assert len(fake.requests()) == 1
+        assert used(ROOT_KEY) == (6, 1)  # the refused call counts nowhere
+        assert content_of(call(gateway, "limited-model", key=OTHER_KEY)) == REPLY
+
+
+class TestErrors:
+    def test_unknown_interceptor(self, gateway: Gateway, fake: FakeModel) -> None:
+        assert error_of(call(gateway, "ghost-model")) == (404, "Interceptor is not found")
+        assert fake.requests() == []
+
+    def test_unreachable_interceptor(self, gateway: Gateway, fake: FakeModel) -> None:
+        assert error_of(call(gateway, "dead-model")) == (502, "Failed to connect to origin")
+        assert fake.requests() == []
+
+    def test_interceptor_breaking_off_after_connecting(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # DIAL 2024 leaves the client waiting here; Tollgate ends the call.
+        response = call(gateway, "one-model", headers={"X-Test-Mode-first": "drop"})
+        assert error_of(response) == (502, "Upstream connection failed")
+        assert len(relay.got("first")) == 1
+        assert fake.requests() == []
+
+    def test_interceptor_called_with_a_project_key(self, gateway: Gateway) -> None:
+        response = call(gateway, "interceptor")
+        assert error_of(response) == (400, "Provided API key is not per request key")
+
+    def test_interceptor_called_with_a_key_outside_a_chain(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # probe-app's key is a per-request key, but no interceptor's: the app relays the 400.
+        response = call(gateway, "probe-app")
+        assert error_of(response) == (
+            400,
+            "Provided API key is not a per request key of an interceptor",
+        )
+        assert len(relay.got("probe")) == 1
+        assert fake.requests() == []
+
+    async def test_interceptor_called_with_a_key_past_its_chain_end(self) -> None:
+        # Tollgate never mints such a key (a chain's last key is at its last position); a key
+        # published by something else must still be refused (spec proxy 16 item 4).
+        def never(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("must not be reached")
+
+        interceptors = Interceptors(
+            None,  # type: ignore[arg-type]
+            None,
+            None,  # type: ignore[arg-type]
+            session=never,
+            read_body=never,
+            end_hop=never,
+            authorization_is_api_key=never,
+            finish=never,
+        )
+        step = ChainStep(("a", "b"), 2, "m", "chat/completions")
+        past_end = Principal("p", ("default",), frozenset({"default"}), "fp", False, "b", step)
+        with pytest.raises(GatewayError) as refused:
+            await interceptors.next(None, past_end, None)  # type: ignore[arg-type]
+        assert (refused.value.status, refused.value.message) == (
+            400,
+            "Provided API key is not a per request key of an interceptor",
+        )
+
+    def test_content_type_is_checked_first(self, gateway: Gateway) -> None:
+        response = httpx.post(
+            f"{gateway.url}/openai/deployments/interceptor/chat/completions",
+            headers={"Api-Key": ROOT_KEY, "Content-Type": "text/plain"},
+            content=b"{}",
+        )
+        assert error_of(response) == (415, "Only application/json is supported")
+
+    def test_invalid_json_is_refused_before_the_first_hop(
+        self, gateway: Gateway, relay: Relay
+    ) -> None:
+        response = httpx.post(
+            f"{gateway.url}/openai/deployments/one-model/chat/completions",
+            headers={"Api-Key": ROOT_KEY, "Content-Type": "application/json"},
+            content=b"{not json",
+        )
+        assert response.status_code == 400
+        assert relay.got("first") == []
+
+
+class TestKeys:
+    def test_an_interceptor_key_dies_when_its_hop_ends(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        assert content_of(call(gateway, "two-model")) == REPLY
+        for name in ("first", "second"):
+            key = headers_of(relay.got(name)[0])["api-key"]
+            for target in ("interceptor", "plain-model"):
+                assert error_of(call(gateway, target, key=key)) == (401, "Unknown api key")
+
+    def test_another_deployment_called_with_an_interceptor_key_is_a_fresh_call(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # `first` (of one-model's chain) calls other-model itself: other-model's own chain
+        # (`second`) runs, then other-model; one-model is never reached (newer DIAL).
+        response = call(gateway, "one-model", headers={"X-Test-Mode-first": "call:other-model"})
+        assert content_of(response) == REPLY
+        assert len(relay.got("second")) == 1
+        [request] = fake.requests()
+        assert request["path"] == "/openai/deployments/other-model/chat/completions"
+        assert json.loads(request["body"])["messages"][-1]["content"] == "hi [first] [second]"
+
+
+# --- an interceptor built with aidial-interceptors-sdk ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdk_interceptor(
+    work_dir: Path, gateway: Gateway, ports: tuple[int, int]
+) -> Iterator[subprocess.Popen[bytes]]:
+    _, process = start_sdk_interceptor(work_dir, dial_url=gateway.url, port=ports[1])
+    yield process
+    stop(process)
+
+
+class TestSdkInterceptor:
+    def test_in_a_chain(
+        self,
+        gateway: Gateway,
+        relay: Relay,
+        sdk_interceptor: subprocess.Popen[bytes],
+        fake: FakeModel,
+    ) -> None:
+        response = call(gateway, "sdk-model", "hi")
+        # The SDK interceptor upper-cases the answer (its DIAL client passes no X-Fake-Reply on:
+        # the model's default reply); the relay passes it back unchanged.
+        assert content_of(response) == DEFAULT_REPLY.upper()
+        _, body = model_request(fake)
+        assert body["messages"][-1]["content"] == "hi [first] [shout]"
+
+    def test_streaming(
+        self,
+        gateway: Gateway,
+        relay: Relay,
+        sdk_interceptor: subprocess.Popen[bytes],
+        fake: FakeModel,
+    ) -> None:
+        response = call(gateway, "sdk-model", "hi", stream=True, headers={"X-Fake-Chunks": "3"})
+        assert response.status_code == 200
+        assert streamed_content(response.text) == DEFAULT_REPLY.upper()
+        assert model_request(fake)[1]["stream"] is True
+
+
+# --- keys shared through Redis -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis(work_dir: Path) -> Iterator[RedisServer]:
+    server = start_redis_server(work_dir / "redis-interceptors")
+    yield server
+    stop_redis_server(server)
+
+
+def test_a_chain_across_instances_sharing_redis(work_dir: Path, redis: RedisServer) -> None:
+    """The interceptor calls back another instance: the chain step travels in Redis."""
+    fake = start_fake_model(work_dir)
+    relay_port = free_port()
+    config = {
+        "models": {
+            "shared-model": {
+                "endpoint": fake.endpoint("shared-model"),
+                "interceptors": ["cross", "cross"],  # twice: the position must travel too
+            }
+        },
+        "interceptors": {
+            "cross": {"endpoint": f"http://127.0.0.1:{relay_port}/cross/chat/completions"}
+        },
+        "keys": {ROOT_KEY: {"project": "icpt-root", "role": "default"}},
+    }
+    env = {"aidial.redis.singleServerConfig.address": redis.url}
+    a = start_gateway(work_dir, [config], env=env)
+    b = start_gateway(work_dir, [config], env=env)
+    relay = start_relay(work_dir, relay_port, b.url)  # it always calls instance b back
+    try:
+        response = call(a, "shared-model", "hi")
+        assert content_of(response) == REPLY
+        assert len(relay.got("cross")) == 2
+        _, body = model_request(fake)
+        assert body["messages"][-1]["content"] == "hi [cross] [cross]"
+        # The first key was minted by a and used on b: dead on both once its hop is over (the
+        # shared copy is deleted in the background).
+        first_key = headers_of(relay.got("cross")[0])["api-key"]
+        deadline = time.monotonic() + 10
+        for gw in (a, b):
+            while (status := call(gw, "interceptor", key=first_key).status_code) != 401:
+                assert time.monotonic() < deadline, f"the key still works on {gw.url}: {status}"
+                time.sleep(0.1)
+    finally:
+        for process in (relay.process, a.process, b.process, fake.process):
+            stop(process)
