@@ -18,11 +18,13 @@ Endpoints (any path prefix, e.g. ``/v1/...`` or ``/openai/deployments/<id>/...``
 
 Request headers steer the answer: ``X-Fake-Status``, ``X-Fake-Delay-Ms``,
 ``X-Fake-Reply``, ``X-Fake-Chunk-Delay-Ms``, ``X-Fake-Chunks``,
-``X-Fake-Drop-After`` and ``X-Fake-No-Usage`` (see ``_Control``).
+``X-Fake-Drop-After`` and ``X-Fake-No-Usage`` (see ``_Control``). On any other path, any
+method, ``X-Fake-Echo-Path`` answers 200 with the raw path and query as text.
 
 Faults make this server fail on command, as a DIAL model adapter does when the provider it
 reaches fails. A fault is a JSON object: ``upstream`` (the ``X-UPSTREAM-ENDPOINT`` it applies
-to; absent: every call), ``status`` with an optional ``retryAfter`` (answer that error),
+to; absent: every call), ``path`` (only calls to that path, which may be one no model serves),
+``status`` with an optional ``retryAfter`` (answer that error),
 ``delayMs`` (wait first; without ``status`` the normal answer follows), ``bodyDelayMs`` (send
 the error's headers, then its body that much later), ``disconnect`` (close the connection
 without answering) and ``times`` (how many calls it hits; absent: until cleared). The first
@@ -100,6 +102,7 @@ class _Fault:
     """One fault set through ``POST /_fake/faults`` (see the module docstring)."""
 
     upstream: str | None = None
+    path: str | None = None  # only calls to this path (e.g. a route's upstream endpoint)
     status: int | None = None
     retry_after: str | None = None
     delay_ms: float = 0.0
@@ -117,9 +120,16 @@ class _State:
         self.cache: dict[tuple[str, bytes], _Answer] = {}
         self.faults: list[_Fault] = []
 
-    def take_fault(self, upstream: str | None) -> _Fault | None:
-        """The first fault for a call through `upstream`, one use of it counted."""
+    def take_fault(
+        self, upstream: str | None, path: str | None = None, *, path_only: bool = False
+    ) -> _Fault | None:
+        """The first fault for a call through `upstream` to `path`, one use of it counted;
+        with `path_only`, only a fault set for that path."""
         for fault in self.faults:
+            if fault.path is not None and fault.path != path:
+                continue
+            if path_only and fault.path is None:
+                continue
             if fault.upstream is None or fault.upstream == upstream:
                 if fault.times is not None:
                     fault.times -= 1
@@ -423,6 +433,8 @@ def _parse_fault(value: Any) -> _Fault:
     for name, item in value.items():
         if name == "upstream" and isinstance(item, str):
             fault.upstream = item
+        elif name == "path" and isinstance(item, str):
+            fault.path = item
         elif name == "status" and type(item) is int and 100 <= item <= 599:
             fault.status = item
         elif name == "retryAfter" and isinstance(item, str | int) and type(item) is not bool:
@@ -589,6 +601,22 @@ async def _handle_feature(request: web.Request, feature: str, body: bytes) -> we
         return _error(400, str(exc))
 
 
+async def _handle_other(request: web.Request, path: str) -> web.StreamResponse:
+    """A path no model serves: a fault set for that path, else the echo of its raw path (and
+    query) that `X-Fake-Echo-Path` asks for (as DIAL's route tests' upstream), else 404."""
+    state = request.app[_STATE_KEY]
+    if state.faults:
+        upstream = request.headers.get("X-UPSTREAM-ENDPOINT")
+        fault = state.take_fault(upstream, path, path_only=True)
+        if fault is not None:
+            faulty = await _apply_fault(request, fault)
+            if faulty is not None:
+                return faulty
+    if "X-Fake-Echo-Path" in request.headers:
+        return web.Response(text=request.raw_path)
+    return web.Response(status=404, body=_NOT_FOUND_BODY, content_type=_JSON)
+
+
 async def _handle_model(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     state = request.app[_STATE_KEY]
@@ -600,9 +628,11 @@ async def _handle_model(request: web.Request) -> web.StreamResponse:
         feature = _feature_of(path, request.method)
         if feature is not None:  # off the chat path: it costs the benchmark nothing
             return await _handle_feature(request, feature, body)
+        if state.faults or "X-Fake-Echo-Path" in request.headers:
+            return await _handle_other(request, path)
         return web.Response(status=404, body=_NOT_FOUND_BODY, content_type=_JSON)
     if state.faults:
-        fault = state.take_fault(request.headers.get("X-UPSTREAM-ENDPOINT"))
+        fault = state.take_fault(request.headers.get("X-UPSTREAM-ENDPOINT"), path)
         if fault is not None:
             faulty = await _apply_fault(request, fault)
             if faulty is not None:
