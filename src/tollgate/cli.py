@@ -59,7 +59,14 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=None,
         print=None,
         loop=loop,
-        shutdown_timeout=30,
+        # SIGTERM: stop listening, close idle connections, let calls and streams in flight
+        # finish for up to the grace period, then flush counters (Gateway.stop) and exit 0.
+        shutdown_timeout=settings.shutdown_grace_s,
+        keepalive_timeout=settings.keep_alive_timeout_s,
+        backlog=1024,
+        max_line_size=settings.max_header_size,
+        max_field_size=settings.max_header_size,
+        max_headers=settings.max_headers,
     )
     return 0
 

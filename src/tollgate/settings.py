@@ -44,6 +44,12 @@ class Settings:
     usage_flush_s: float
     on_store_failure: Literal["local", "closed"]
     raw: Mapping[str, Any]
+    # Hostile input and shutdown (`server.*`): see `_server_limits`.
+    shutdown_grace_s: float = 30.0
+    keep_alive_timeout_s: float = 75.0
+    body_read_timeout_s: float = 60.0
+    max_header_size: int = 8190
+    max_headers: int = 128
 
 
 def _convert_env_value(text: str) -> Any:
@@ -182,4 +188,23 @@ def load_settings(
         usage_flush_s=_number(tree, "limits", "embedded", "flushInterval") / 1000,
         on_store_failure=on_store_failure,
         raw=tree,
+        **_server_limits(tree),
     )
+
+
+def _server_limits(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Connection hygiene (`server.*`): how long a shutdown waits for calls in flight, how long
+    an idle connection or a request body may take, and how large request headers may be."""
+    limits: dict[str, Any] = {}
+    for field, name, scale in (
+        ("shutdown_grace_s", "shutdownGracePeriod", 1000),
+        ("keep_alive_timeout_s", "keepAliveTimeout", 1000),
+        ("body_read_timeout_s", "bodyReadTimeout", 1000),
+        ("max_header_size", "maxHeaderSize", 0),
+        ("max_headers", "maxHeaders", 0),
+    ):
+        value = _number(tree, "server", name)
+        if value <= 0:
+            raise SettingsError(f"setting server.{name}: must be a positive number")
+        limits[field] = value / scale if scale else int(value)
+    return limits
