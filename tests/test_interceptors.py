@@ -31,6 +31,8 @@ from harness import (
 )
 from interceptors_sdk import start_sdk_interceptor
 from redis_server import RedisServer, start_redis_server, stop_redis_server
+from tollgate.config.check import reference_problems
+from tollgate.config.schema import Config
 from tollgate.errors import GatewayError
 from tollgate.fake_model import DEFAULT_REPLY
 from tollgate.pipeline.interceptors import Interceptors
@@ -101,6 +103,9 @@ def interceptors_config(fake: FakeModel, relay_port: int, sdk_port: int) -> dict
             "ghost-second-model": model("ghost-second-model", ["first", "ghost"]),
             "dead-model": model("dead-model", ["dead"]),
             "sdk-model": model("sdk-model", ["first", "shout"]),
+            "closed-model": model(
+                "closed-model", ["first"], features={"accessibleByPerRequestKey": False}
+            ),
         },
         "applications": {
             # Not chained: the relay service at `/probe/...` calls `interceptor` with the
@@ -318,6 +323,23 @@ class TestAuthorization:
         assert "authorization" not in headers_of(relay.got("authfwd")[0])
 
 
+class TestAccess:
+    def test_a_chain_reaches_a_model_closed_to_per_request_keys(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        # The root caller was let in when the chain was entered; the last interceptor's key is
+        # the chain going on, not a per-request-key caller of its own.
+        assert content_of(call(gateway, "closed-model")) == REPLY
+        assert model_request(fake)[1]["messages"][-1]["content"] == "hi [first]"
+
+    def test_but_an_interceptor_calling_it_directly_is_refused(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = call(gateway, "one-model", headers={"X-Test-Mode-first": "call:closed-model"})
+        assert error_of(response) == (403, "Deployment closed-model is not accessible by first")
+        assert fake.requests() == []
+
+
 class TestLimits:
     def test_charged_once_to_the_root_caller(
         self, gateway: Gateway, relay: Relay, fake: FakeModel
@@ -533,3 +555,50 @@ def test_a_chain_across_instances_sharing_redis(work_dir: Path, redis: RedisServ
     finally:
         for process in (relay.process, a.process, b.process, fake.process):
             stop(process)
+
+
+def test_global_interceptors_run_before_a_deployment_own(work_dir: Path) -> None:
+    """Newer DIAL's `globalInterceptors`: every deployment's chain starts with them."""
+    fake = start_fake_model(work_dir)
+    relay_port = free_port()
+
+    def relay(name: str) -> str:
+        return f"http://127.0.0.1:{relay_port}/{name}/chat/completions"
+
+    config = {
+        "globalInterceptors": ["audit"],
+        "models": {
+            "own-model": {"endpoint": fake.endpoint("own-model"), "interceptors": ["local"]},
+            "bare-model": {"endpoint": fake.endpoint("bare-model")},
+        },
+        "applications": {"bare-app": {"endpoint": fake.endpoint("bare-app")}},
+        "interceptors": {
+            "audit": {"endpoint": relay("audit")},
+            "local": {"endpoint": relay("local")},
+        },
+        "keys": {ROOT_KEY: {"project": "icpt-root", "role": "default"}},
+    }
+    gw = start_gateway(work_dir, [config])
+    relay_service = start_relay(work_dir, relay_port, gw.url)
+    try:
+        assert content_of(call(gw, "own-model", "hi")) == REPLY
+        assert json.loads(fake.last()["body"])["messages"][-1]["content"] == "hi [audit] [local]"
+        for deployment in ("bare-model", "bare-app"):
+            assert content_of(call(gw, deployment, "hi")) == REPLY
+            assert json.loads(fake.last()["body"])["messages"][-1]["content"] == "hi [audit]"
+        assert len(relay_service.got("audit")) == 3
+    finally:
+        for process in (relay_service.process, gw.process, fake.process):
+            stop(process)
+
+
+def test_config_check_names_undefined_global_interceptors() -> None:
+    config = Config.model_validate(
+        {
+            "globalInterceptors": ["audit", "ghost"],
+            "interceptors": {"audit": {"endpoint": CLOSED_PORT}},
+        }
+    )
+    assert [(p.severity, p.path, p.message) for p in reference_problems(config)] == [
+        ("warning", "$.globalInterceptors[1]", 'no interceptor "ghost" in interceptors')
+    ]
