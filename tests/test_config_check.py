@@ -268,7 +268,9 @@ class TestRoles:
         assert check_files([write(tmp_path, "c.json", config)]) == []
 
     def test_access_role_nobody_can_hold(self, tmp_path: Path) -> None:
-        config = clean_config(routes={"r": {"paths": ["/x"], "userRoles": ["ghost", "admin"]}})
+        config = clean_config(
+            routes={"r": {"paths": ["/x"], "userRoles": ["ghost", "admin"], "response": {}}}
+        )
         config["models"]["gpt"]["userRoles"] = ["admin", "power-user"]
         problems = check_files([write(tmp_path, "c.json", config)])
         unreachable = "and roles does not define it: no caller can use it to reach this deployment"
@@ -285,7 +287,7 @@ class TestRoles:
 
     def test_limit_for_a_deployment_that_does_not_exist(self, tmp_path: Path) -> None:
         config = clean_config(
-            routes={"route": {"paths": ["/r"]}},
+            routes={"route": {"paths": ["/r"], "response": {}}},
             applications={"app": {"endpoint": "http://app/x"}},
             assistant={"endpoint": "http://assistant/x", "assistants": {"helper": {}}},
         )

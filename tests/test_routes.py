@@ -10,6 +10,7 @@ as long as the gateway.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ from harness import (
     start_gateway,
     stop,
 )
+from tollgate.config.check import check_files
 from tollgate.config.java_regex import JavaRegexError, compile_java
+from tollgate.config.schema import Config
+from tollgate.config.snapshot import build_snapshot
+from tollgate.routing.balancer import Balancers
 
 USER_KEY = "routes-vstore-user-0123456789"
 ADMIN_KEY = "routes-vstore-admin-0123456789"
@@ -480,3 +485,68 @@ def test_java_regex_translation(pattern: str, matching: str, not_matching: str) 
 def test_java_regex_refusals(pattern: str) -> None:
     with pytest.raises(JavaRegexError):
         compile_java(pattern)
+
+
+def test_config_check_warns_about_routes_that_cannot_work(tmp_path: Path) -> None:
+    config = {
+        "routes": {
+            "both": {"paths": ["/a"], "response": {}, "upstreams": [{"endpoint": "http://u"}]},
+            "socket": {"paths": ["/b"], "upstreams": [{"endpoint": "wss://u"}]},
+            "everything": {"order": 5},
+            "after": {"paths": ["/c"], "response": {}},
+        }
+    }
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps(config, indent=2))
+    problems = sorted((p.severity, p.path, p.message) for p in check_files([str(path)]))
+    no_upstream = 'no response and no usable upstream: every call answers 502 "No route"'
+    assert problems == sorted(
+        [
+            ("warning", "$.routes.everything", no_upstream),
+            (
+                "warning",
+                "$.routes.both",
+                'route "everything" before it takes every request: it is never used',
+            ),
+            ("warning", "$.routes.both.upstreams", "the route's response answers: never called"),
+            (
+                "warning",
+                "$.routes.socket",
+                'route "everything" before it takes every request: it is never used',
+            ),
+            (
+                "warning",
+                "$.routes.socket.upstreams[0].endpoint",
+                "WebSocket upstreams are not supported: never called",
+            ),
+            ("warning", "$.routes.socket", no_upstream),
+            (
+                "warning",
+                "$.routes.after",
+                'route "everything" before it takes every request: it is never used',
+            ),
+        ]
+    )
+
+
+def test_route_balancer_state_survives_a_reload() -> None:
+    """A route's upstreams keep their parking across snapshots, as a deployment's (spec 6.1)."""
+    registry = Balancers()
+    config = Config.model_validate(
+        {"routes": {"r": {"upstreams": [{"endpoint": "http://a"}, {"endpoint": "http://b"}]}}}
+    )
+    first = build_snapshot(config, "1", registry).routes.routes[0]
+    plan = first.balancer.plan(5, frozenset({429}))
+    parked = plan.next()
+    assert parked is not None and plan.record(429, "100")
+    renamed = Config.model_validate(
+        {
+            "models": {"r": {"endpoint": "http://m"}},  # a model of the same name: no clash
+            "routes": {"r": {"upstreams": [{"endpoint": "http://b"}, {"endpoint": "http://a"}]}},
+        }
+    )
+    second = build_snapshot(renamed, "2", registry)
+    again = second.routes.routes[0].balancer
+    assert again is first.balancer  # same upstreams in another order: the balancer is kept
+    assert [s.endpoint for s in again.states if not s.available(again.clock())] == [parked.endpoint]
+    assert second.balancers["r"] is not again

@@ -35,6 +35,7 @@ from tollgate.config.load import (
 from tollgate.config.merge import deep_merge
 from tollgate.config.schema import Config, Deployable
 from tollgate.config.snapshot import BASE_ASSISTANT, build_snapshot
+from tollgate.routing.routes import DEFAULT_ORDER as DEFAULT_ROUTE_ORDER
 from tollgate.security.keys import HASHED_NAME, digest_of_name
 from tollgate.settings import Settings, SettingsError, load_settings
 
@@ -217,7 +218,12 @@ def _snapshot_problems(config: Config) -> list[Problem]:
 
 def check_config(config: Config) -> list[Problem]:
     """Warnings about a valid config: weak or duplicate keys, dangling roles and names."""
-    return [*key_problems(config), *role_problems(config), *reference_problems(config)]
+    return [
+        *key_problems(config),
+        *role_problems(config),
+        *reference_problems(config),
+        *route_problems(config),
+    ]
 
 
 # --- Unknown fields ------------------------------------------------------------------------------
@@ -445,6 +451,52 @@ def reference_problems(config: Config) -> list[Problem]:
                         f'no addon "{addon}" in addons',
                     )
                 )
+    return problems
+
+
+# --- Routes ------------------------------------------------------------------------------------
+
+
+def route_problems(config: Config) -> list[Problem]:
+    """Routes that cannot do what they seem to (spec proxy 10): a `response` beside `upstreams`
+    (the response answers), no way to answer (every call is 502 `No route`), WebSocket
+    upstreams (Tollgate does not proxy them), and routes after one that takes every request."""
+    problems: list[Problem] = []
+    catch_all: str | None = None
+    for name, route in sorted(
+        config.routes.items(),
+        key=lambda item: DEFAULT_ROUTE_ORDER if item[1].order is None else item[1].order,
+    ):
+        loc: Loc = ("routes", name)
+        if catch_all is not None:
+            problems.append(
+                at(loc, f'route "{catch_all}" before it takes every request: it is never used')
+            )
+        elif not route.paths and not route.methods:
+            catch_all = name
+        if route.response is not None:
+            if route.upstreams:
+                problems.append(
+                    at((*loc, "upstreams"), "the route's response answers: never called")
+                )
+            continue
+        for index, upstream in enumerate(route.upstreams):
+            if (upstream.endpoint or "").lower().startswith(("ws:", "wss:")):
+                problems.append(
+                    at(
+                        (*loc, "upstreams", index, "endpoint"),
+                        "WebSocket upstreams are not supported: never called",
+                    )
+                )
+        usable = [
+            u
+            for u in route.upstreams
+            if u.weight > 0 and not (u.endpoint or "").lower().startswith(("ws:", "wss:"))
+        ]
+        if not usable:
+            problems.append(
+                at(loc, 'no response and no usable upstream: every call answers 502 "No route"')
+            )
     return problems
 
 
