@@ -42,6 +42,8 @@ def assistants_config(fake: FakeModel) -> dict[str, Any]:
         },
         "assistant": {
             "endpoint": fake.endpoint("assistant"),
+            # Inherited by every assistant that does not set it (spec proxy 1).
+            "features": {"accessibleByPerRequestKey": False},
             "assistants": {
                 "helper": {"prompt": "You help.", "addons": ["search", "calc"]},
                 "plain": {},
@@ -49,6 +51,7 @@ def assistants_config(fake: FakeModel) -> dict[str, Any]:
                 "own-endpoint": {"endpoint": fake.endpoint("own-assistant"), "prompt": "Own."},
                 "private": {"userRoles": ["power"]},
                 "with-defaults": {"defaults": {"model": "gpt-4", "addons": [{"name": "calc"}]}},
+                "open": {"features": {"accessibleByPerRequestKey": True}},
             },
         },
         "keys": {
@@ -282,3 +285,22 @@ class TestRefusals:
         assert call(client, "private", body, POWER_KEY).status_code == 200
         response = call(client, "no-such-assistant", body)
         assert error_of(response) == (404, "Unknown application: no-such-assistant")
+
+    def test_assistant_features_are_inherited_on_calls(
+        self, client: httpx.Client, fake: FakeModel
+    ) -> None:
+        # A per-request key (of a model call held open) may not call an assistant closed to it
+        # through the shared `assistant.features`, and may call one that opens itself.
+        slow = headers(**{"X-Fake-Chunks": "3", "X-Fake-Chunk-Delay-Ms": "150"})
+        chat = {"model": "gpt-4", "messages": [user("hi")], "stream": True}
+        url = "/openai/deployments/gpt-4/chat/completions"
+        with client.stream("POST", url, headers=slow, json=chat) as stream:
+            chunks = stream.iter_raw()
+            next(chunks)
+            hop_key = sent(fake)[1]["api-key"]
+            body = {"model": "gpt-4", "messages": []}
+            response = call(client, "helper", body, hop_key)
+            assert error_of(response) == (403, "Deployment helper is not accessible by gpt-4")
+            assert call(client, "open", body, hop_key).status_code == 200
+            for _ in chunks:
+                pass
