@@ -23,6 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tollgate.config.load import ConfigError
     from tollgate.config.watch import ConfigStore
     from tollgate.http.app import build_app
+    from tollgate.observability.logs import configure as configure_logging
+    from tollgate.security.admin import AdminRules
     from tollgate.settings import SettingsError, load_settings
 
     overrides: dict[str, Any] = {}
@@ -32,8 +34,15 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["server"] = {
             k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
         }
+    log_level = args.serve_log_level or args.log_level
+    if log_level is not None or args.log_format is not None:  # over log.* of the settings
+        overrides["log"] = {
+            k: v for k, v in (("level", log_level), ("format", args.log_format)) if v is not None
+        }
     try:
         settings = load_settings(args.settings, overrides=overrides)
+        configure_logging(settings.log_level, settings.log_format)
+        AdminRules.from_settings(settings.raw)  # a malformed rule stops the start
         store = ConfigStore(
             settings.config_files,
             overwrite_arrays=settings.overwrite_arrays,
@@ -221,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tollgate", description="A DIAL-compatible LLM gateway.")
     parser.add_argument("--version", action="version", version=f"tollgate {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+        "--log-level",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO; for serve, log.level of the settings)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -239,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--log-level", dest="serve_log_level", help="as the global --log-level")
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line (default: log.format of the settings)",
+    )
 
     commands.add_parser(
         "fake-model",
@@ -248,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_operator_commands(commands)
 
     args, rest = parser.parse_known_args(argv)
-    level = getattr(args, "serve_log_level", None) or args.log_level
+    level = getattr(args, "serve_log_level", None) or args.log_level or "INFO"
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

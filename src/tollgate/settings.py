@@ -50,6 +50,13 @@ class Settings:
     body_read_timeout_s: float = 60.0
     max_header_size: int = 8190
     max_headers: int = 128
+    # Telemetry (DECISIONS 12): `metrics.*` and `log.*`.
+    metrics_enabled: bool = True
+    metrics_host: str | None = None  # None: server.host
+    metrics_port: int | None = None  # None: `/metrics` on the gateway's port, for admins only
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    access_log: bool = True
 
 
 def _convert_env_value(text: str) -> Any:
@@ -169,6 +176,19 @@ def load_settings(
     reload_ms = int(_number(tree, "config", "reload"))
     if reload_ms <= 0:
         raise SettingsError("setting config.reload: must be a positive number of milliseconds")
+    metrics_port = _get(tree, "metrics", "port")
+    if metrics_port is not None:
+        metrics_port = int(_number(tree, "metrics", "port"))
+        if not 0 < metrics_port <= 65535:
+            raise SettingsError(f"setting metrics.port: {metrics_port} is not a TCP port")
+    log_format = _get(tree, "log", "format")
+    if log_format not in ("text", "json"):
+        raise SettingsError(f'setting log.format: expected "text" or "json", got {log_format!r}')
+    log_level = str(_get(tree, "log", "level")).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(
+            f"setting log.level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+        )
     return Settings(
         host=str(_get(tree, "server", "host") or "0.0.0.0"),
         port=port,
@@ -189,6 +209,12 @@ def load_settings(
         on_store_failure=on_store_failure,
         raw=tree,
         **_server_limits(tree),
+        metrics_enabled=_get(tree, "metrics", "enabled") is not False,
+        metrics_host=_get(tree, "metrics", "host") or None,
+        metrics_port=metrics_port,
+        log_format=log_format,
+        log_level=log_level,
+        access_log=_get(tree, "log", "access") is not False,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -49,6 +50,8 @@ class Admission:
         # The embedded ledger is synchronous: the gateway calls it directly (`admit_now`).
         self._admit_now = ledger.admit_now if isinstance(ledger, MemoryLedger) else None
         self.synchronous = self._admit_now is not None
+        # Told of every refusal (metrics: limit rejections by kind and window).
+        self.on_refusal: Callable[[Ask, Refusal], None] | None = None
 
     async def admit(
         self,
@@ -62,7 +65,10 @@ class Admission:
         ask = self.ask(snapshot, principal, deployment, api, body, request)
         if ask is None:
             return None
-        return _ticket(ask, await self.ledger.admit(ask), deployment)
+        refusal = await self.ledger.admit(ask)
+        if refusal is not None and self.on_refusal is not None:
+            self.on_refusal(ask, refusal)
+        return _ticket(ask, refusal, deployment)
 
     def admit_now(
         self,
@@ -78,7 +84,10 @@ class Admission:
         if ask is None:
             return None
         assert self._admit_now is not None
-        return _ticket(ask, self._admit_now(ask), deployment)
+        refusal = self._admit_now(ask)
+        if refusal is not None and self.on_refusal is not None:
+            self.on_refusal(ask, refusal)
+        return _ticket(ask, refusal, deployment)
 
     def ask(
         self,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final
+from time import perf_counter
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,9 @@ from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whole
 from tollgate.routing.balancer import AttemptPlan
+
+if TYPE_CHECKING:
+    from tollgate.observability.calls import CallNote
 
 log = logging.getLogger("tollgate.attempts")
 
@@ -49,6 +53,8 @@ CONNECT_FAILED: Final = (502, "Failed to connect to origin")
 TIMED_OUT: Final = (504, "Upstream timed out")
 BROKE_OFF: Final = (502, "Upstream connection failed")
 Failure = tuple[int, str]
+# The `outcome` label of an attempt that got no answer (metrics).
+_OUTCOMES: Final = {CONNECT_FAILED: "connect_failed", TIMED_OUT: "timeout", BROKE_OFF: "broken"}
 
 
 class Timeouts:
@@ -96,14 +102,18 @@ async def send(
     *,
     keep: bool = False,
     on_client_gone: Callable[[], None] | None = None,
+    note: CallNote | None = None,
 ) -> Relayed:
     """Try the deployment's upstreams until one answers for good; relay that answer.
 
     `headers` are the hop's (see `forward.upstream_headers`); each attempt appends its
     upstream's `X-UPSTREAM-*` to them. `keep` and `on_client_gone` go to `relay_stream`.
+    `note`, when the call is observed, is told each attempt's upstream, outcome and time to
+    the status line (metrics, access log).
     Raises the `GatewayError` of an exhausted plan (see the module docstring).
     """
-    plan = snapshot.balancers[deployment.name].plan(deployment.max_attempts, snapshot.retriable)
+    balancer = snapshot.balancers[deployment.name]
+    plan = balancer.plan(deployment.max_attempts, snapshot.retriable)
     timeout = timeouts.of(deployment)
     common = len(headers)
     failure: Failure | None = None
@@ -111,6 +121,7 @@ async def send(
     while (upstream := plan.next()) is not None:
         del headers[common:]  # the previous attempt's X-UPSTREAM-*
         headers.extend(upstream.headers)
+        sent = perf_counter() if note is not None else 0.0
         try:
             answer = await session.post(url, data=body, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError as exc:
@@ -122,6 +133,8 @@ async def send(
         else:
             async with answer:
                 status = answer.status
+                if note is not None:
+                    note.attempt(balancer, upstream, str(status), perf_counter() - sent)
                 retry_after = answer.headers.get("Retry-After") if status == 429 else None
                 if not plan.record(status, retry_after):
                     # Relayed as it is; past its status line nothing is retried. (Inline: one
@@ -153,6 +166,8 @@ async def send(
                 )
             continue
         plan.record_transport_failure()
+        if note is not None:
+            note.attempt(balancer, upstream, _OUTCOMES[failure], None)
         log.warning(
             "upstream call to %s failed (attempt %d): %s",
             deployment.name,

@@ -1,0 +1,147 @@
+"""Operator endpoints: `POST /v1/ops/config/reload` (spec auth-limits 6.4) and `/metrics`.
+
+Both are for administrators (`access.admin.rules`, see `security.admin`): anyone else gets
+403 `User must be admin`. `/metrics` may instead be served on a port of its own
+(`metrics.port`), without authentication: that port is meant to be reachable by Prometheus
+only, and the gateway's port then has no `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
+
+from tollgate.config.load import ConfigError
+from tollgate.config.schema import Config
+from tollgate.config.watch import ConfigStore
+from tollgate.errors import GatewayError
+from tollgate.http.responses import json_bytes_response
+from tollgate.observability.metrics import CONTENT_TYPE, Metrics
+from tollgate.security.admin import AdminRules
+from tollgate.security.keys import fingerprint_of_name
+from tollgate.security.principal import Principal
+
+log = logging.getLogger("tollgate.ops")
+
+MASK: Final = "********"
+# Unknown fields (DIAL's newer ones, adapters' extraData) named like a credential are masked.
+_SECRET_WORDS: Final = ("key", "secret", "token", "password", "credential", "auth")
+
+
+def not_admin() -> GatewayError:
+    return GatewayError(403, "User must be admin")
+
+
+class Ops:
+    def __init__(self, store: ConfigStore, admins: AdminRules, metrics: Metrics | None) -> None:
+        self.store = store
+        self.admins = admins
+        self.metrics = metrics
+
+    def reload(self, principal: Principal) -> web.Response:
+        """Re-read the config files now. 200: the config now serving, without secrets; a file
+        that cannot be used: 500 with its problems, and the previous config keeps serving."""
+        if not self.admins.allows(principal):
+            raise not_admin()
+        try:
+            self.store.reload_now()
+        except ConfigError as exc:
+            log.warning("Failed to reload config: %s", "; ".join(exc.problems))
+            raise GatewayError(500, "; ".join(exc.problems)) from None
+        return json_bytes_response(orjson.dumps(public_config(self.store.current.config)))
+
+    def metrics_for(self, principal: Principal) -> web.Response:
+        """`GET /metrics` on the gateway's own port: administrators only."""
+        if not self.admins.allows(principal):
+            raise not_admin()
+        return self.scrape()
+
+    def scrape(self) -> web.Response:
+        assert self.metrics is not None
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def metrics_app(ops: Ops) -> web.Application:
+    """The application of the separate metrics port: `GET /metrics`, no authentication."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        return ops.scrape()
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape, allow_head=False)
+    return app
+
+
+# --- the config as JSON, without secrets ---------------------------------------------------
+
+
+def public_config(config: Config) -> dict[str, Any]:
+    """The config in DIAL's camelCase, secrets left out (spec auth-limits 6.4: secrets are
+    write-only). Keys are named by their fingerprint (`sha256:1a2b3c4d…`, DECISIONS 11);
+    upstream and key `key` fields are dropped; credentials in endpoint URLs and unknown fields
+    that look like credentials are masked."""
+    tree = _public(config)
+    assert isinstance(tree, dict)
+    keys = tree.get("keys")
+    if isinstance(keys, dict):
+        tree["keys"] = {fingerprint_of_name(name): entry for name, entry in keys.items()}
+    return tree
+
+
+def _public(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out: dict[str, Any] = {}
+        for name in type(value).model_fields:
+            item = getattr(value, name)
+            if name == "key":
+                continue  # an upstream's or a key's secret
+            if name == "endpoint" and isinstance(item, str):
+                item = _url_without_password(item)
+            elif name == "extra_data":  # sent to the adapter as it is: may hold credentials
+                out["extraData"] = _masked("", item)
+                continue
+            out[to_camel(name)] = _public(item)
+        for name, item in (value.model_extra or {}).items():
+            out[name] = _masked(name, item)
+        return out
+    if isinstance(value, Mapping):
+        return {str(name): _public(item) for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(item) for item in value]
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def _masked(name: str, value: Any) -> Any:
+    """A field the schema does not know: masked if its name says credential; its object's
+    fields likewise."""
+    if any(word in name.lower() for word in _SECRET_WORDS) and value is not None:
+        return MASK if not isinstance(value, bool) else value
+    if isinstance(value, Mapping):
+        return {str(k): _masked(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked("", item) for item in value]
+    return _public(value)
+
+
+def _url_without_password(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:{MASK}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,121 @@
+"""What one deployment call reports when it ends: metrics and its access-log line.
+
+The HTTP edge starts a `CallNote` per call only when metrics or the access log are on; the
+steps that know something fill it in (the forward step: upstream, attempts, time to first
+byte; the settle step: usage and cost), and `Observer.end` records it once the call has
+settled, answered or refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from time import perf_counter
+from typing import Any, Final
+
+from tollgate.observability.logs import AccessLog
+from tollgate.observability.metrics import Metrics, upstream_label
+from tollgate.pipeline.usage import Usage
+from tollgate.routing.balancer import DeploymentBalancer, UpstreamState
+from tollgate.security.principal import Principal
+
+# W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
+TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}.*")
+MAX_LOGGED_ID: Final = 256  # a deployment id the config does not know, as the client sent it
+
+
+class CallNote:
+    """One call's facts, filled in by the steps that know them."""
+
+    __slots__ = ("attempts", "cost_nano", "deployment", "metrics", "started", "upstream", "usage")
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self.started = perf_counter()
+        self.deployment = ""  # the resolved deployment's name; "" until then
+        self.upstream: str | None = None  # of the last attempt
+        self.attempts = 0
+        self.usage: Usage | None = None
+        self.cost_nano: int | None = None  # None: not charged (not a model, or not settled)
+
+    def attempt(
+        self,
+        balancer: DeploymentBalancer | None,
+        state: UpstreamState,
+        outcome: str,
+        ttfb_s: float | None,
+    ) -> None:
+        """One upstream attempt ended: `outcome` is its status, or why it got no answer."""
+        self.attempts += 1
+        label = self.upstream = upstream_label(balancer, state)
+        if self.metrics is not None:
+            self.metrics.attempt(self.deployment, label, outcome, ttfb_s)
+
+
+def trace_id(headers: Mapping[str, str]) -> str | None:
+    """The trace id of a W3C `traceparent` header, if there is a valid one."""
+    value = headers.get("traceparent")
+    if value is None:
+        return None
+    match = TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None or match[1] == "0" * 32:
+        return None
+    return match[1]
+
+
+class Observer:
+    """Records ended calls into the metrics and the access log (either may be off)."""
+
+    __slots__ = ("access", "metrics")
+
+    def __init__(self, metrics: Metrics | None, access: AccessLog | None) -> None:
+        self.metrics = metrics
+        self.access = access
+
+    def begin(self) -> CallNote:
+        return CallNote(self.metrics)
+
+    def end(
+        self,
+        note: CallNote,
+        headers: Mapping[str, str],
+        principal: Principal | None,
+        raw_id: str,
+        status: int,
+        *,
+        timed: bool = True,
+    ) -> None:
+        """Record the call; `timed` False: refused before it was timed (no duration)."""
+        seconds = perf_counter() - note.started
+        usage = note.usage
+        prompt = usage.prompt_tokens if usage is not None else 0
+        completion = usage.completion_tokens if usage is not None else 0
+        project = principal.project if principal is not None else ""
+        if self.metrics is not None:
+            self.metrics.call(
+                note.deployment,
+                project,
+                status,
+                seconds if timed else None,
+                prompt,
+                completion,
+                note.cost_nano or 0,
+            )
+        if self.access is None:
+            return
+        fields: dict[str, Any] = {
+            "project": project or None,
+            "key": principal.key_fingerprint if principal is not None else None,
+            "via": principal.source_deployment if principal is not None else None,
+            "deployment": note.deployment or raw_id[:MAX_LOGGED_ID],
+            "status": status,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": usage.total_tokens if usage is not None else 0,
+            "cost_usd": None if note.cost_nano is None else note.cost_nano / 1e9,
+            "upstream": note.upstream,
+            "attempts": note.attempts,
+            "duration_ms": round(seconds * 1000, 3) if timed else None,
+            "trace_id": trace_id(headers),
+        }
+        self.access.write(fields)

@@ -1,0 +1,146 @@
+"""Logging set-up (`log.format`, `log.level`) and the access log: one line per call.
+
+`json` writes every record as one JSON object per line (`time` in UTC ISO-8601, `level`,
+`logger`, `message`, and `exception` when there is one), for log shippers; `text` is the
+classic `time LEVEL logger: message`.
+
+The access log (logger `tollgate.access`, INFO) bypasses the `logging` machinery: a call's line
+is built with orjson (or an f-string) and written with one `os.write`, so that lines from
+concurrent calls never interleave and the request path pays a few microseconds, not the tens
+a LogRecord, a handler lock and a formatter cost. It follows the logger's level, read once at
+start-up, and goes where the root handler writes: standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Final, Literal
+
+import orjson
+
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ACCESS_LOGGER: Final = "tollgate.access"
+_PLAIN: Final = re.compile(r"[\w.:@/+\-\[\]]+")
+
+LogFormat = Literal["text", "json"]
+
+
+class _Stamp:
+    """Timestamps for log lines; the formatting of the second is cached (a line per call)."""
+
+    __slots__ = ("_iso", "_iso_second", "_text", "_text_second")
+
+    def __init__(self) -> None:
+        self._iso_second = self._text_second = -1
+        self._iso = self._text = ""
+
+    def iso(self, at: float) -> str:
+        """`2026-11-22T22:30:01.123Z` (UTC)."""
+        second = int(at)
+        if second != self._iso_second:
+            self._iso_second = second
+            self._iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._iso}.{int((at - second) * 1000):03d}Z"
+
+    def text(self, at: float) -> str:
+        """`2026-11-22 22:30:01,123` (local time), as `logging`'s default `asctime`."""
+        second = int(at)
+        if second != self._text_second:
+            self._text_second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._text},{int((at - second) * 1000):03d}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Stamp()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self._stamp.iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure(level: str, log_format: LogFormat) -> None:
+    """Replace the root handler: standard error, in `log_format`, at `level`."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def _text_value(value: object) -> str:
+    """A value of a `key=value` text line; quoted (JSON) when it has spaces or odd characters."""
+    if type(value) is not str:
+        return str(value)  # a number
+    quoted = _QUOTED.get(value)
+    if quoted is None:
+        # Names repeat from call to call (projects, deployments, upstreams): cached, bounded.
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        quoted = _QUOTED[value] = value if _PLAIN.fullmatch(value) else orjson.dumps(value).decode()
+    return quoted
+
+
+_QUOTED: dict[str, str] = {}
+
+
+class AccessLog:
+    """Writes the access-log line of each call to standard error (see the module docstring)."""
+
+    __slots__ = ("_fd", "_json", "_stamp")
+
+    def __init__(self, log_format: LogFormat, fd: int | None = None) -> None:
+        self._json = log_format == "json"
+        self._fd = sys.stderr.fileno() if fd is None else fd
+        self._stamp = _Stamp()
+
+    @staticmethod
+    def enabled() -> bool:
+        return logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """`fields` in order; None values are left out."""
+        now = time.time()
+        if self._json:
+            entry: dict[str, Any] = {
+                "time": self._stamp.iso(now),
+                "level": "INFO",
+                "logger": ACCESS_LOGGER,
+                "message": "call",
+            }
+            for name, value in fields.items():
+                if value is not None:
+                    entry[name] = value
+            line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        else:
+            pairs = " ".join(
+                f"{name}={_text_value(value)}"
+                for name, value in fields.items()
+                if value is not None
+            )
+            line = f"{self._stamp.text(now)} INFO {ACCESS_LOGGER}: call {pairs}\n".encode()
+        try:
+            written = os.write(self._fd, line)
+            while written < len(line):  # a short write (a full pipe): the rest, in order
+                written += os.write(self._fd, line[written:])
+        except OSError:
+            pass  # a log that cannot be written must not fail the call

@@ -1,0 +1,251 @@
+"""Prometheus metrics (DECISIONS 12): scraped from a real Tollgate after real calls.
+
+One gateway serves `/metrics` on a port of its own (`metrics.port`, no authentication); another
+keeps it on its own port, for administrators only. Upstreams fail on command through the fake
+model's `/_fake/faults`. No label or value may carry a key, a key's digest or an upstream key
+(DECISIONS 11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import chat, error_of
+from harness import FakeModel, Gateway, free_port, start_fake_model, start_gateway, stop, write_json
+from test_reload import eventually
+
+USER_KEY = "metrics-user-key-0123456789"
+ADMIN_KEY = "metrics-admin-key-0123456789"
+UPSTREAM_KEYS = ("upstream-secret-one-0123", "upstream-secret-two-0123")
+SECRETS = (USER_KEY, ADMIN_KEY, *UPSTREAM_KEYS)
+JSON = {"Content-Type": "application/json"}
+
+
+def fingerprint(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def config(fake: FakeModel) -> dict[str, Any]:
+    return {
+        "models": {
+            "priced": {
+                "endpoint": fake.endpoint("priced"),
+                "pricing": {"unit": "token", "prompt": "0.5", "completion": "1"},
+            },
+            "pair": {
+                "endpoint": fake.endpoint("pair"),
+                "upstreams": [
+                    {"endpoint": "http://first-upstream", "key": UPSTREAM_KEYS[0]},
+                    {"endpoint": "http://second-upstream", "key": UPSTREAM_KEYS[1]},
+                ],
+            },
+            "keyless": {
+                "endpoint": fake.endpoint("keyless"),
+                "upstreams": [{"endpoint": "http://keyless-a"}, {"endpoint": "http://keyless-b"}],
+            },
+            "scarce": {"endpoint": fake.endpoint("scarce")},
+        },
+        "keys": {
+            USER_KEY: {"project": "team-metrics", "role": "user"},
+            ADMIN_KEY: {"project": "ops", "role": "admin"},
+        },
+        "roles": {
+            "user": {"limits": {"scarce": {"requestDay": "1"}}},
+            "admin": {"limits": {}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def fake(work_dir: Path) -> Iterator[FakeModel]:
+    """A fake model of this module's own: its faults must not leak into other tests."""
+    model = start_fake_model(work_dir)
+    yield model
+    stop(model.process)
+
+
+@pytest.fixture(scope="module")
+def separate(work_dir: Path, fake: FakeModel) -> Iterator[tuple[Gateway, int, Path]]:
+    """A gateway with `metrics.port`; its config file, for reloads."""
+    port = free_port()
+    path = write_json(work_dir / "metrics-config.json", config(fake))
+    gw = start_gateway(work_dir, [path], settings={"metrics": {"port": port, "host": "127.0.0.1"}})
+    yield gw, port, path
+    stop(gw.process)
+
+
+def call(gw: Gateway, deployment: str, key: str = USER_KEY, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{gw.url}/openai/deployments/{deployment}/chat/completions",
+        headers={"Api-Key": key, **JSON, **headers},
+        json=chat("one two three"),
+        timeout=30,
+    )
+
+
+def scrape(url: str, **headers: str) -> str:
+    response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def samples(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """The samples named `name`, by their label set."""
+    found: dict[frozenset[tuple[str, str]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    found = samples(text, name)
+    key = frozenset(labels.items())
+    assert key in found, f"no {name}{labels} in {sorted(map(sorted, found))}"
+    return found[key]
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text
+        assert hashlib.sha256(secret.encode()).hexdigest() not in text
+
+
+def test_calls_tokens_cost_and_latency(separate: tuple[Gateway, int, Path]) -> None:
+    gw, port, _ = separate
+    for _ in range(3):
+        assert call(gw, "priced").status_code == 200
+    assert call(gw, "unknown-deployment").status_code == 404
+    assert call(gw, "priced", key="not-a-key-0123456789").status_code == 401
+
+    text = scrape(f"http://127.0.0.1:{port}")
+    ok = {"deployment": "priced", "project": "team-metrics", "status": "200"}
+    assert value(text, "tollgate_requests_total", **ok) == 3
+    # Unknown deployments and unknown callers are labelled "": clients cannot add labels.
+    assert value(text, "tollgate_requests_total", deployment="", project="team-metrics",
+                 status="404") == 1  # fmt: skip
+    assert value(text, "tollgate_requests_total", deployment="", project="", status="401") == 1
+    assert "unknown-deployment" not in text
+    # The fake counts words: 3 prompt tokens, 5 completion tokens per call.
+    pair = {"project": "team-metrics", "deployment": "priced"}
+    assert value(text, "tollgate_tokens_total", **pair, type="prompt") == 9
+    assert value(text, "tollgate_tokens_total", **pair, type="completion") == 15
+    assert value(text, "tollgate_cost_usd_total", **pair) == pytest.approx(3 * (1.5 + 5))
+    assert value(text, "tollgate_request_duration_seconds_count", deployment="priced") == 3
+    assert value(text, "tollgate_request_duration_seconds_bucket", deployment="priced",
+                 le="+Inf") == 3  # fmt: skip
+    assert value(text, "tollgate_upstream_ttfb_seconds_count", deployment="priced") == 3
+    assert value(text, "tollgate_limits_store_healthy", store="embedded") == 1
+    assert_no_secret(text)
+
+
+def test_attempts_and_parked_upstreams(
+    separate: tuple[Gateway, int, Path], fake: FakeModel
+) -> None:
+    gw, port, _ = separate
+    first, second = (f"sha256:{fingerprint(k)}" for k in UPSTREAM_KEYS)
+    httpx.post(f"{fake.url}/_fake/faults", json={"upstream": "http://first-upstream",
+                                                 "status": 502, "times": 1})  # fmt: skip
+    try:
+        response = call(gw, "pair")
+        assert response.status_code == 200
+        assert response.headers["X-UPSTREAM-ATTEMPTS"] == "2"
+        text = scrape(f"http://127.0.0.1:{port}")
+        attempts = "tollgate_upstream_attempts_total"
+        assert value(text, attempts, deployment="pair", upstream=first, outcome="502") == 1
+        assert value(text, attempts, deployment="pair", upstream=second, outcome="200") == 1
+        assert value(text, "tollgate_upstream_parked", deployment="pair", upstream=second) == 0
+
+        # Both answer 429 with a long Retry-After: both parked, the call gets 503.
+        httpx.post(f"{fake.url}/_fake/faults", json={"status": 429, "retryAfter": 120})
+        assert call(gw, "keyless").status_code == 503
+        text = scrape(f"http://127.0.0.1:{port}")
+        # Upstreams without a key are named by their position.
+        for label in ("#0", "#1"):
+            assert value(text, attempts, deployment="keyless", upstream=label, outcome="429") == 1
+            assert value(text, "tollgate_upstream_parked", deployment="keyless",
+                         upstream=label) == 1  # fmt: skip
+        assert value(text, "tollgate_requests_total", deployment="keyless",
+                     project="team-metrics", status="503") == 1  # fmt: skip
+        assert_no_secret(text)
+    finally:
+        httpx.delete(f"{fake.url}/_fake/faults")
+
+
+def test_limit_rejections(separate: tuple[Gateway, int, Path]) -> None:
+    gw, port, _ = separate
+    assert call(gw, "scarce").status_code == 200
+    refused = call(gw, "scarce")
+    assert refused.status_code == 429
+    text = scrape(f"http://127.0.0.1:{port}")
+    assert value(text, "tollgate_limit_rejections_total", project="team-metrics",
+                 deployment="scarce", kind="request", window="day") == 1  # fmt: skip
+    assert value(text, "tollgate_requests_total", deployment="scarce", project="team-metrics",
+                 status="429") == 1  # fmt: skip
+
+
+def test_config_reloads_and_failures(separate: tuple[Gateway, int, Path], fake: FakeModel) -> None:
+    gw, port, path = separate
+    url = f"http://127.0.0.1:{port}"
+    before = scrape(url)
+    reloads = value(before, "tollgate_config_reloads_total")
+    failures = value(before, "tollgate_config_reload_failures_total")
+
+    changed = config(fake)
+    changed["models"]["added"] = {"endpoint": fake.endpoint("added")}
+    write_json(path, changed)
+    gw.process.send_signal(signal.SIGHUP)
+    eventually(lambda: value(scrape(url), "tollgate_config_reloads_total") == reloads + 1)
+
+    path.write_text('{"models": ')
+    gw.process.send_signal(signal.SIGHUP)
+    eventually(lambda: value(scrape(url), "tollgate_config_reload_failures_total") == failures + 1)
+    assert value(scrape(url), "tollgate_config_reloads_total") == reloads + 1
+    write_json(path, changed)  # leave a valid file for the tests after this one
+
+
+def test_separate_port_leaves_none_on_the_gateway_port(
+    separate: tuple[Gateway, int, Path],
+) -> None:
+    gw, _, _ = separate
+    response = httpx.get(f"{gw.url}/metrics", headers={"Api-Key": ADMIN_KEY})
+    assert error_of(response) == (404, "No route")
+
+
+def test_metrics_on_the_gateway_port_are_for_admins(work_dir: Path, fake: FakeModel) -> None:
+    gw = start_gateway(work_dir, [config(fake)])
+    try:
+        assert call(gw, "priced").status_code == 200
+        assert error_of(httpx.get(f"{gw.url}/metrics"))[0] == 401
+        assert error_of(httpx.get(f"{gw.url}/metrics", headers={"Api-Key": USER_KEY})) == (
+            403,
+            "User must be admin",
+        )
+        # Prometheus sends its credential as a bearer token.
+        text = scrape(gw.url, Authorization=f"Bearer {ADMIN_KEY}")
+        assert value(text, "tollgate_requests_total", deployment="priced",
+                     project="team-metrics", status="200") == 1  # fmt: skip
+        assert_no_secret(text)
+        assert_no_secret(gw.output())
+    finally:
+        stop(gw.process)
+
+
+def test_metrics_can_be_turned_off(work_dir: Path, fake: FakeModel) -> None:
+    gw = start_gateway(work_dir, [config(fake)], env={"aidial.metrics.enabled": "false"})
+    try:
+        assert call(gw, "priced").status_code == 200
+        response = httpx.get(f"{gw.url}/metrics", headers={"Api-Key": ADMIN_KEY})
+        assert error_of(response) == (404, "No route")
+    finally:
+        stop(gw.process)
