@@ -102,6 +102,12 @@ def interceptors_config(fake: FakeModel, relay_port: int, sdk_port: int) -> dict
             "ghost-model": model("ghost-model", ["ghost"]),
             "ghost-second-model": model("ghost-second-model", ["first", "ghost"]),
             "dead-model": model("dead-model", ["dead"]),
+            "slow-model": model("slow-model", ["slow"]),
+            "embedding-model": {
+                "type": "embedding",
+                "endpoint": fake.endpoint("embedding-model", "embeddings"),
+                "interceptors": ["first"],
+            },
             "sdk-model": model("sdk-model", ["first", "shout"]),
             "closed-model": model(
                 "closed-model", ["first"], features={"accessibleByPerRequestKey": False}
@@ -117,6 +123,7 @@ def interceptors_config(fake: FakeModel, relay_port: int, sdk_port: int) -> dict
             "second": {"endpoint": relay("second")},
             "authfwd": {"endpoint": relay("authfwd"), "forwardAuthToken": True},
             "dead": {"endpoint": CLOSED_PORT},
+            "slow": {"endpoint": relay("slow"), "readTimeout": 300},
             "shout": {
                 "endpoint": f"http://127.0.0.1:{sdk_port}/openai/deployments/shout/chat/completions"
             },
@@ -257,6 +264,23 @@ class TestOneInterceptor:
         assert body["stream"] is True
         assert body["messages"][-1]["content"] == "hi [first]"
 
+    def test_embeddings_through_the_chain(
+        self, gateway: Gateway, relay: Relay, fake: FakeModel
+    ) -> None:
+        response = httpx.post(
+            f"{gateway.url}/openai/deployments/embedding-model/embeddings",
+            headers={"Api-Key": ROOT_KEY, "Content-Type": "application/json"},
+            json={"input": ["one", "two"]},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 2
+        # The interceptor is reached at its one endpoint (DIAL ignores the API suffix, spec
+        # proxy 3) and calls back `.../chat/completions`: the chain still ends at the model.
+        assert relay.got("first")[0]["path"] == "/first/chat/completions"
+        assert json.loads(relay.got("first")[0]["body"]) == {"input": ["one", "two"]}
+        assert fake.last()["path"] == "/openai/deployments/embedding-model/embeddings"
+
     def test_a_plain_model_is_not_intercepted(
         self, gateway: Gateway, relay: Relay, fake: FakeModel
     ) -> None:
@@ -382,6 +406,12 @@ class TestErrors:
         response = call(gateway, "one-model", headers={"X-Test-Mode-first": "drop"})
         assert error_of(response) == (502, "Upstream connection failed")
         assert len(relay.got("first")) == 1
+        assert fake.requests() == []
+
+    def test_interceptor_timing_out(self, gateway: Gateway, relay: Relay, fake: FakeModel) -> None:
+        # The interceptor's own readTimeout (300 ms) bounds its silence.
+        response = call(gateway, "slow-model", headers={"X-Test-Mode-slow": "sleep:3000"})
+        assert error_of(response) == (504, "Upstream timed out")
         assert fake.requests() == []
 
     def test_interceptor_called_with_a_project_key(self, gateway: Gateway) -> None:

@@ -16,7 +16,8 @@ The request header `X-Test-Mode-<name>` changes what the interceptor `<name>` do
 
 - `call:<deployment>`: call that deployment instead of `interceptor`;
 - `auth:<token>`: call back with `Authorization: Bearer <token>` (a credential of its own);
-- `drop`: close the connection without answering.
+- `drop`: close the connection without answering;
+- `sleep:<ms>`: wait that long first.
 
 Test-only endpoints: `GET /_test/requests/<name>` (what the interceptor got, oldest first),
 `DELETE /_test/requests` (forget everything), `GET /health`.
@@ -27,6 +28,7 @@ Test-only endpoints: `GET /_test/requests/<name>` (what the interceptor got, old
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
@@ -79,6 +81,9 @@ async def intercept(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.abort()
         return web.Response()  # never sent: the connection is gone
+
+    if mode.startswith("sleep:"):
+        await asyncio.sleep(int(mode.removeprefix("sleep:")) / 1000)
 
     target = "interceptor"
     headers = _passed_on(request.headers)
