@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from aidial_client import Dial
 
 from harness import FakeModel, Gateway, free_port, start_gateway, stop
 from harness_apps import App, start_app
+from redis_server import RedisServer, start_redis_server, stop_redis_server
 
 KEY = "features-key-default-0123456789"
 POWER_KEY = "features-key-power-0123456789"
@@ -474,3 +476,43 @@ class TestAidialSdkApplication:
             model_schema = dial.deployments.get_configuration_schema("sdk-model")
             assert model_schema["seen"]["upstream_endpoint"] == PROVIDER_A
             assert model_schema["seen"]["upstream_key"] == "provider-key-a"
+
+
+@pytest.fixture(scope="module")
+def shared_pair(work_dir: Path, fake_model: FakeModel) -> Iterator[tuple[Gateway, Gateway, App]]:
+    """Two instances on one Redis, and the aidial-sdk app calling back the second one."""
+    redis: RedisServer = start_redis_server(work_dir / "redis-features")
+    port = free_port()
+    config = features_config(fake_model, f"http://127.0.0.1:{port}")
+    env = {"aidial.redis.singleServerConfig.address": redis.url}
+    first = start_gateway(work_dir, [config], env=env)
+    second = start_gateway(work_dir, [config], env=env)
+    app = start_app(work_dir, "feature_app", port=port, dial_url=second.url)
+    yield first, second, app
+    for process in (app.process, first.process, second.process):
+        stop(process)
+    stop_redis_server(redis)
+
+
+def test_feature_keys_are_shared_through_redis(shared_pair: tuple[Gateway, Gateway, App]) -> None:
+    """The hop's key, minted by one instance, works on another during the hop (the app calls
+    the second instance back) and dies everywhere once the hop ends."""
+    first, second, app = shared_pair
+    body = {"inputs": [{"type": "string", "value": "a b"}]}
+    url = f"{first.url}/v1/deployments/{SDK_APP}/tokenize"
+    response = httpx.post(url, headers=headers(), json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["callback"] == {
+        "status": 200,
+        "body": {"roles": ["default"], "project": "feat-proj"},
+    }
+    hop_key = app.get("/_test/last")["key"]
+    with (
+        httpx.Client(base_url=first.url) as on_first,
+        httpx.Client(base_url=second.url) as on_second,
+    ):
+        assert is_dead(on_first, hop_key)
+        deadline = time.monotonic() + 10
+        while not is_dead(on_second, hop_key):  # revoked in Redis in the background
+            assert time.monotonic() < deadline, "the key still works on the other instance"
+            time.sleep(0.1)
