@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["server"] = {
             k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
         }
-    log_level = args.serve_log_level or args.log_level
+    log_level = args.serve_log_level or args.log_level or None
     if log_level is not None or args.log_format is not None:  # over log.* of the settings
         overrides["log"] = {
             k: v for k, v in (("level", log_level), ("format", args.log_format)) if v is not None
