@@ -343,7 +343,7 @@ class Gateway:
         if "application/json" not in request.headers.get("Content-Type", "").lower():
             raise GatewayError(415, "Only application/json is supported")
         if raw_id == INTERCEPTOR_ID:  # an interceptor's callback (spec proxy 8)
-            return await self.interceptors.next(request, principal, snapshot)
+            return await self.interceptors.next(request, principal, snapshot, note)
         deployment = resolve(snapshot, raw_id)
         if note is not None:
             note.deployment = deployment.name

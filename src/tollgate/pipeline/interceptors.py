@@ -32,6 +32,7 @@ from yarl import URL
 
 from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import GatewayError
+from tollgate.observability.calls import CallNote
 from tollgate.pipeline.attempts import BROKE_OFF, CONNECT_FAILED, TIMED_OUT, Timeouts
 from tollgate.pipeline.forward import parse_body, upstream_headers, upstream_url
 from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whole
@@ -58,6 +59,7 @@ class Finish(Protocol):
         api: str,
         *,
         chained: bool = False,
+        note: CallNote | None = None,
     ) -> Awaitable[web.StreamResponse]: ...
 
 
@@ -126,9 +128,16 @@ class Interceptors:
         return await self._hop(request, principal.via_interceptor(step), snapshot)
 
     async def next(
-        self, request: web.Request, principal: Principal, snapshot: Snapshot
+        self,
+        request: web.Request,
+        principal: Principal,
+        snapshot: Snapshot,
+        note: CallNote | None = None,
     ) -> web.StreamResponse:
-        """`POST /openai/deployments/interceptor/<api>`, made by an interceptor with its key."""
+        """`POST /openai/deployments/interceptor/<api>`, made by an interceptor with its key.
+
+        `note` goes to the deployment's call at the chain's end (its metrics and access log).
+        """
         step = principal.chain
         if step is None or not step.mid_chain:
             raise not_mid_chain(principal)
@@ -146,7 +155,9 @@ class Interceptors:
             principal.key_fingerprint,
             principal.secured,
         )
-        return await self._finish(request, root, snapshot, step.deployment, step.api, chained=True)
+        return await self._finish(
+            request, root, snapshot, step.deployment, step.api, chained=True, note=note
+        )
 
     async def _hop(
         self, request: web.Request, principal: Principal, snapshot: Snapshot
