@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (
     FakeModel,
@@ -608,11 +609,26 @@ def test_global_interceptors_run_before_a_deployment_own(work_dir: Path) -> None
         },
         "keys": {ROOT_KEY: {"project": "icpt-root", "role": "default"}},
     }
-    gw = start_gateway(work_dir, [config])
+    metrics_port = free_port()
+    gw = start_gateway(
+        work_dir, [config], settings={"metrics": {"port": metrics_port, "host": "127.0.0.1"}}
+    )
     relay_service = start_relay(work_dir, relay_port, gw.url)
     try:
         assert content_of(call(gw, "own-model", "hi")) == REPLY
         assert json.loads(fake.last()["body"])["messages"][-1]["content"] == "hi [audit] [local]"
+        # The call at the chain's end is counted once, for the client's project and the model.
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+        tokens = {
+            (sample.labels["project"], sample.labels["deployment"], sample.labels["type"]): value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "tollgate_tokens_total" and (value := sample.value)
+        }
+        assert tokens == {
+            ("icpt-root", "own-model", "prompt"): 3,
+            ("icpt-root", "own-model", "completion"): 3,
+        }
         for deployment in ("bare-model", "bare-app"):
             assert content_of(call(gw, deployment, "hi")) == REPLY
             assert json.loads(fake.last()["body"])["messages"][-1]["content"] == "hi [audit]"
