@@ -146,8 +146,9 @@ class Interceptors:
             return await self._hop(
                 request, principal.via_interceptor(step._replace(position=following)), snapshot
             )
-        # The chain is done: the deployment the client called, as the root caller (not as the
-        # last interceptor: its key was checked for access when the chain was entered).
+        # The chain is done: the deployment the client called, as the root caller rather than
+        # as the last interceptor (the caller's access was checked when the chain was entered;
+        # `accessibleByPerRequestKey` is about callers, and this is the caller's call going on).
         root = Principal(
             principal.project,
             principal.roles,
