@@ -101,8 +101,8 @@ def _public(value: Any) -> Any:
         out: dict[str, Any] = {}
         for name in type(value).model_fields:
             item = getattr(value, name)
-            if name == "key":
-                continue  # an upstream's or a key's secret
+            if name in ("key", "token"):
+                continue  # an upstream's or a key's secret; an addon's token
             if name == "endpoint" and isinstance(item, str):
                 item = _url_without_password(item)
             elif name == "extra_data":  # sent to the adapter as it is: may hold credentials
