@@ -429,7 +429,7 @@ async def test_every_key_of_a_bucket_is_in_one_cluster_slot(
     prefix = fresh_prefix()
     await use_every_key(RedisLedger(client, prefix=prefix), bucket, instant(1_780_000_000_000))
     keys = await keys_of(client, prefix)
-    assert len(keys) == 2 + 3  # entities, cost; one hash per entity
+    assert len(keys) == 2  # the entity set and the bucket's hash
     assert len({key_slot(key.encode()) for key in keys}) == 1
     tags = {key[key.index("{") + 1 : key.index("}")] for key in keys}
     assert len(tags) == 1 and "" not in tags
@@ -442,8 +442,46 @@ async def test_buckets_do_not_share_keys(client: redis.asyncio.Redis) -> None:
     # Without escaping, both buckets' keys would carry the hash tag `a`.
     await use_every_key(ledger, "a}b", now)
     await use_every_key(ledger, "a}c", now)
-    assert len(await keys_of(client, prefix)) == 2 * 5
+    assert len(await keys_of(client, prefix)) == 2 * 2
     assert set((await ledger.usage("a}b", None, now)).entities) == {"gpt-4", "e:{x}", "}"}
+
+
+async def test_entity_names_never_meet_in_the_bucket_hash(client: redis.asyncio.Redis) -> None:
+    """Entities live under `<entity>|` in one hash: names built to collide with another
+    entity's fields, or with the caller's cost fields, keep their own counts."""
+    ledger = RedisLedger(client, prefix=fresh_prefix())
+    now = instant(1_780_000_000_000)
+    names = ["x", "x|t", "x|tm", "x|tm.", "c", "cm", "|", ""]
+    for n, entity in enumerate(names, start=1):
+        assert await ledger.admit(Ask("Keys/p", entity, NO_LIMITS, now)) is None
+        await ledger.settle(Charge("Keys/p", entity, now, n * 100, n))
+    report = await ledger.usage("Keys/p", None, now)
+    assert set(report.entities) == set(names)
+    for n, entity in enumerate(names, start=1):
+        usage = report.entities[entity]
+        assert usage.tokens == (n * 100,) * 4, entity
+        assert usage.requests == (1, 1), entity
+        assert usage.cost_nano == (n,) * 4, entity
+    total_cost = sum(range(1, len(names) + 1))
+    assert report.cost_nano == (total_cost,) * 4
+
+
+async def test_ttls_are_refreshed_at_the_first_write_of_a_day(
+    client: redis.asyncio.Redis,
+) -> None:
+    prefix = fresh_prefix()
+    ledger = RedisLedger(client, prefix=prefix)
+    day_one = instant(1_780_000_000_000)
+    await use_every_key(ledger, "Keys/p", day_one)
+    keys = await keys_of(client, prefix)
+    for key in keys:
+        await client.expire(key, 1000)
+    await use_every_key(ledger, "Keys/p", instant(day_one.ms + 60_000))  # the same day
+    for key in keys:
+        assert 0 < await client.ttl(key) <= 1000, key
+    await use_every_key(ledger, "Keys/p", instant(day_one.ms + DAY_MS))  # the next day
+    for key in keys:
+        assert KEY_TTL_S - 60 < await client.ttl(key) <= KEY_TTL_S, key
 
 
 async def test_every_key_expires(client: redis.asyncio.Redis) -> None:

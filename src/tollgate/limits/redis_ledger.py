@@ -10,18 +10,19 @@ sharing a Redis agree as far as their clocks do.
 Key layout: every key of one caller bucket carries the bucket as its Redis Cluster hash tag, so a
 script only ever touches one slot (`{...}` in the bucket is escaped as `%7B`/`%7D`, `%` as `%25`):
 
-    <prefix>:{<bucket>}:entities    set: every entity the bucket used
-    <prefix>:{<bucket>}:cost        hash: the caller's total cost, sliding minute and calendar
-    <prefix>:{<bucket>}:e:<entity>  hash: the entity's tokens (sliding minute, calendar),
-                                    requests (sliding hour, calendar day) and attributed cost
+    <prefix>:{<bucket>}:entities  set: every entity the bucket used
+    <prefix>:{<bucket>}:h         hash: the caller's total cost (sliding minute, calendar) and,
+                                  under `<entity>|`, each entity's tokens (sliding minute,
+                                  calendar), requests (sliding hour, calendar day) and
+                                  attributed cost
 
-Each window is a few fields of its hash (`lua/windows.lua`): a script reads a hash with one
-HMGET and writes it with one HSET, and a sliding window keeps its running total, so a call costs
-a handful of Redis commands whatever the number of windows and slots.
+Each window is a few fields of the hash (`lua/windows.lua`): a script reads it with one HMGET
+and writes it with one HSET, and a sliding window keeps its running total, so a call costs four
+Redis commands (two per script) whatever the number of windows and slots.
 
-TTLs only collect idle keys (`KEY_TTL_S` after the last write). A window ends by the slot index
-or period id stored in it, never by a TTL, so refreshing one on write cannot keep a window alive
-(the LiteLLM bug in spec peers.md 3.A.4).
+TTLs only collect idle keys: both keys' TTL is set to `KEY_TTL_S` at the first write of each
+day. A window ends by the slot index or period id stored in it, never by a TTL, so refreshing
+one cannot keep a window alive (the LiteLLM bug in spec peers.md 3.A.4).
 
 Numbers: counts are integers added with HINCRBY; Lua compares and sums them as doubles, exact
 while every count, window total, amount and limit stays below 2^53 (9.007e15 tokens, or
@@ -56,7 +57,8 @@ from tollgate.limits.windows import (
     Instant,
 )
 
-KEY_TTL_S = 35 * 24 * 60 * 60  # the longest month (31 days, plus a DST hour), and margin
+# The longest month (31 days, plus a DST hour), the day between TTL refreshes, and margin.
+KEY_TTL_S = 35 * 24 * 60 * 60
 KEY_TTL = str(KEY_TTL_S)
 _KINDS: dict[str, Kind] = {"token": "token", "request": "request", "cost": "cost"}
 
@@ -157,7 +159,7 @@ class RedisLedger(Ledger):
         cost_limits = limits.cost_nano
         reply = await self._redis.run(
             ADMIT,
-            [base + "entities", base + "e:" + ask.entity, base + "cost"],
+            [base + "entities", base + "h"],
             [
                 ask.entity,
                 "1" if ask.reserve else "0",
@@ -219,7 +221,7 @@ class RedisLedger(Ledger):
             reserved_periods = _periods(at)
         await self._redis.run(
             SETTLE,
-            [base + "entities", base + "e:" + charge.entity, base + "cost"],
+            [base + "entities", base + "h"],
             [
                 charge.entity,
                 str(charge.tokens),
@@ -237,11 +239,10 @@ class RedisLedger(Ledger):
     async def usage(self, bucket: str, entities: Iterable[str] | None, now: Instant) -> BucketUsage:
         base = self._bucket_key(bucket)
         names = await self._redis.members(base + "entities") if entities is None else list(entities)
-        keys = [base + "cost", *(base + "e:" + name for name in names)]
         reply = await self._redis.run(
             USAGE,
-            keys,
-            [str(now.ms // MINUTE.width_ms), str(now.ms // HOUR.width_ms), *_periods(now)],
+            [base + "h"],
+            [str(now.ms // MINUTE.width_ms), str(now.ms // HOUR.width_ms), *_periods(now), *names],
         )
         n = [_int(value) for value in _list(reply)]
         report = BucketUsage(cost_nano=(n[0], n[1], n[2], n[3]))

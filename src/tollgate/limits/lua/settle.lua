@@ -1,6 +1,6 @@
 -- settle: MemoryLedger.settle as one atomic step (needs windows.lua in front).
 --
--- KEYS  1 the bucket's entity set   2 the entity's hash   3 the bucket's cost hash
+-- KEYS  1 the bucket's entity set   2 the bucket's hash
 -- ARGV  1 entity   2 tokens used   3 cost (nano-dollars)
 --       4 minute slot   5 day id   6 week id   7 month id
 --       8 reserved tokens   9 reserved cost (released now; '0': nothing to release)
@@ -8,8 +8,8 @@
 --       11-13 the reservation's day, week and month ids
 --       14 TTL of the keys (seconds)
 --
--- Entity hash: tokens `t*` and the cost attributed to the entity `a*`; cost hash: `c*` (see
--- admit.lua). Returns 0.
+-- The entity's tokens `<entity>|t*` and the cost attributed to it `<entity>|a*`; the caller's
+-- cost `c*` (see admit.lua). Returns 0.
 
 local entity, tokens, cost = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local minute_slot = tonumber(ARGV[4])
@@ -20,41 +20,37 @@ local reserved_slot = tonumber(ARGV[10]) -- nil: it left the window
 local reserved_periods = {ARGV[11], ARGV[12], ARGV[13]}
 local ttl = ARGV[14]
 
-local fields = {'seen'}
-amounts_fields(fields, 't', minute_slot)
-if reserved_slot and release_tokens ~= 0 then
-  fields[#fields + 1] = 'tm.' .. reserved_slot
+local E = entity .. '|'
+local costed = cost > 0 or release_cost ~= 0
+local seen = want(E .. 'seen')
+local t = amounts_of(E .. 't', minute_slot)
+local a = cost > 0 and amounts_of(E .. 'a', minute_slot)
+local c = costed and amounts_of('c', minute_slot)
+if reserved_slot then -- read with the others: the slot a reservation is released from
+  if release_tokens ~= 0 then
+    want(slot_field(t.m, reserved_slot))
+  end
+  if release_cost ~= 0 then
+    want(slot_field(c.m, reserved_slot))
+  end
 end
-if cost > 0 then
-  amounts_fields(fields, 'a', minute_slot)
-end
-local e = open(KEYS[2], fields)
-remember(KEYS[1], e, entity, periods[1], ttl)
+read(KEYS[2], periods[1])
+remember(KEYS[1], entity, seen)
 
 if release_tokens ~= 0 then
-  amounts_release(e, 't', reserved_slot, oldest, reserved_periods, release_tokens)
+  amounts_release(t, reserved_slot, oldest, reserved_periods, release_tokens)
 end
 if tokens > 0 then
-  amounts_add(e, 't', minute_slot, oldest, periods, tokens)
+  amounts_add(t, minute_slot, oldest, periods, tokens)
+end
+if a then
+  amounts_add(a, minute_slot, oldest, periods, cost)
+end
+if release_cost ~= 0 then
+  amounts_release(c, reserved_slot, oldest, reserved_periods, release_cost)
 end
 if cost > 0 then
-  amounts_add(e, 'a', minute_slot, oldest, periods, cost)
+  amounts_add(c, minute_slot, oldest, periods, cost)
 end
-flush(e, ttl)
-
-if cost > 0 or release_cost ~= 0 then
-  local cost_fields = {}
-  amounts_fields(cost_fields, 'c', minute_slot)
-  if reserved_slot and release_cost ~= 0 then
-    cost_fields[#cost_fields + 1] = 'cm.' .. reserved_slot
-  end
-  local c = open(KEYS[3], cost_fields)
-  if release_cost ~= 0 then
-    amounts_release(c, 'c', reserved_slot, oldest, reserved_periods, release_cost)
-  end
-  if cost > 0 then
-    amounts_add(c, 'c', minute_slot, oldest, periods, cost)
-  end
-  flush(c, ttl)
-end
+flush(ttl, {KEYS[1]})
 return 0

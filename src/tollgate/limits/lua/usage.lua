@@ -1,8 +1,8 @@
 -- usage: the figures MemoryLedger.usage reports, read in one step (needs windows.lua in front).
 -- Writes nothing.
 --
--- KEYS  1 the bucket's cost hash; then one hash per entity
--- ARGV  1 minute slot   2 hour slot   3 day id   4 week id   5 month id
+-- KEYS  1 the bucket's hash
+-- ARGV  1 minute slot   2 hour slot   3 day id   4 week id   5 month id   6... the entities
 --
 -- Returns the bucket's cost {minute, day, week, month}, then per entity ten numbers: tokens
 -- (minute, day, week, month), requests (hour, day), attributed cost (minute, day, week, month).
@@ -18,18 +18,22 @@ local function append(values)
   end
 end
 
-local cost_fields = {}
-amounts_fields(cost_fields, 'c', minute_slot)
-append(amounts(open(KEYS[1], cost_fields), 'c', minute_oldest, periods, false))
-for i = 2, #KEYS do
-  local fields = {}
-  amounts_fields(fields, 't', minute_slot)
-  window_fields(fields, 'rh', hour_slot)
-  calendar_fields(fields, 'rd')
-  amounts_fields(fields, 'a', minute_slot)
-  local e = open(KEYS[i], fields)
-  append(amounts(e, 't', minute_oldest, periods, false))
-  append({total(e, 'rh', hour_oldest, false), calendar(e, 'rd', periods[1])})
-  append(amounts(e, 'a', minute_oldest, periods, false))
+local c = amounts_of('c', minute_slot)
+local entities = {}
+for i = 6, #ARGV do
+  local E = ARGV[i] .. '|'
+  entities[#entities + 1] = {
+    t = amounts_of(E .. 't', minute_slot),
+    rh = sliding(E .. 'rh', hour_slot),
+    rd = calendar(E .. 'rd'),
+    a = amounts_of(E .. 'a', minute_slot),
+  }
+end
+read(KEYS[1])
+append(amounts(c, minute_oldest, periods, false))
+for _, e in ipairs(entities) do
+  append(amounts(e.t, minute_oldest, periods, false))
+  append({total(e.rh, hour_oldest, false), in_period(e.rd, periods[1])})
+  append(amounts(e.a, minute_oldest, periods, false))
 end
 return out

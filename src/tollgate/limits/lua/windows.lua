@@ -1,7 +1,7 @@
 -- Counter shapes shared by admit.lua, settle.lua and usage.lua; RedisLedger puts this file in
 -- front of each of them. They keep what MemoryLedger keeps (tollgate/limits/memory.py), in one
--- hash per caller and deployment and one per caller (its total cost), so that a script reads
--- each hash with one HMGET and writes it with one HSET, whatever the number of windows:
+-- hash per caller bucket, read with one HMGET and written with one HSET whatever the number of
+-- windows:
 --
 --   sliding window  `<w>.<slot>` = the count of one slot, `<w>.tot` = the total of the slots
 --                   held, `<w>.old` = the oldest slot of the window when it last moved. Every
@@ -11,10 +11,18 @@
 --   calendar        `<c>.id` = the period id (its start, epoch seconds) and `<c>.n` = the count
 --                   in that period; a new period starts from 0.
 --
+-- The caller's own windows (its cost) are named `c...`; an entity's are prefixed with the
+-- entity and `|` (`gpt-4|tm.old`). No caller field has a `|` and no suffix has one, so no two
+-- names meet whatever the entity's name.
+--
 -- Time is the gateway's clock, never Redis TIME: slot indexes and period ids arrive in ARGV,
 -- computed in Python from the `Instant` the caller passed, so this ledger and MemoryLedger agree
 -- on every window. Key TTLs only collect idle keys; what ends a window is the slot index or
--- period id stored in it, so refreshing a TTL on write never keeps a window alive.
+-- period id stored in it, so refreshing a TTL never keeps a window alive.
+--
+-- Speed: Redis runs these scripts in its one thread, so their cost is every instance's latency.
+-- Each field name is built once per run (a window is a record of its names) and each stored
+-- value parsed once; the interpreter spends most of a run on string building and parsing.
 --
 -- Numbers: stored counts are integers written as decimal strings. Sums and comparisons use Lua
 -- numbers (doubles): exact while every count, window total, amount and limit stays below 2^53
@@ -22,69 +30,104 @@
 
 local SLOTS = 60 -- both sliding windows: 60 x 1 s (minute), 60 x 1 min (hour)
 
--- A hash read once and written once: `get`/`set` work on a local copy, `flush` writes the
--- fields set (one HSET) and refreshes the TTL.
-local function open(key, fields)
-  local values = redis.call('HMGET', key, unpack(fields))
-  local h = {key = key, values = {}, dirty = {}}
-  for i, field in ipairs(fields) do
-    h.values[field] = values[i]
+-- The bucket hash as one script sees it: the fields it reads (`want`, before `read`), their
+-- values, and the fields it writes (`put`, written by `flush`).
+local KEY, DAY, FRESH
+local names, index, values = {}, {}, nil
+local writes = {}
+
+local function want(name)
+  if not index[name] then
+    names[#names + 1] = name
+    index[name] = #names
   end
-  return h
+  return name
 end
 
-local function get(h, field)
-  local value = h.values[field]
-  if value == nil then -- not fetched with the others: read it now
-    value = redis.call('HGET', h.key, field)
-    h.values[field] = value
+-- One HMGET of every wanted field. `seen` holds the day the TTLs were last refreshed: the
+-- first write of a day refreshes them (`flush`), later ones do not. A reader passes no day.
+local function read(key, day)
+  KEY, DAY = key, day
+  want('seen')
+  values = redis.call('HMGET', key, unpack(names))
+  FRESH = day ~= nil and values[index.seen] ~= day
+end
+
+-- A field's value in this run: what was put, else what was read (false: absent).
+local function stored(name)
+  local value = writes[name]
+  if value ~= nil then
+    return value
   end
-  return value
+  local i = index[name]
+  if i then
+    return values[i]
+  end
+  return redis.call('HGET', KEY, name) -- not wanted up front (a rare path)
 end
 
-local function number(h, field)
-  return tonumber(get(h, field) or '0') or 0
+local function put(name, value)
+  writes[name] = value
 end
 
-local function set(h, field, value)
-  h.values[field] = value
-  h.dirty[field] = true
+local function count(name)
+  local value = stored(name)
+  return value and tonumber(value) or 0
 end
 
-local function flush(h, ttl)
+-- One HSET of the fields put; at the first write of a day, the TTL of the hash and of the keys
+-- in `companions` is refreshed (a TTL longer than any window by more than a day collects no key
+-- a live window needs).
+local function flush(ttl, companions)
   local flat = {}
-  for field in pairs(h.dirty) do
-    flat[#flat + 1] = field
-    flat[#flat + 1] = h.values[field] -- Redis writes a number as %.17g: exact below 2^53
+  for name, value in pairs(writes) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value -- Redis writes a number as %.17g: exact below 2^53
   end
-  if #flat > 0 then
-    redis.call('HSET', h.key, unpack(flat))
-    redis.call('EXPIRE', h.key, ttl)
+  if #flat == 0 then
+    return
   end
+  if FRESH then
+    flat[#flat + 1] = 'seen'
+    flat[#flat + 1] = DAY
+  end
+  redis.call('HSET', KEY, unpack(flat))
+  if FRESH then
+    redis.call('EXPIRE', KEY, ttl)
+    for _, key in ipairs(companions) do
+      redis.call('EXPIRE', key, ttl)
+    end
+    FRESH = false
+  end
+  writes = {}
 end
 
--- The fields to fetch for window `w` at slot `slot` (its total, its start, the current slot).
-local function window_fields(fields, w, slot)
-  fields[#fields + 1] = w .. '.old'
-  fields[#fields + 1] = w .. '.tot'
-  fields[#fields + 1] = w .. '.' .. slot
+-- --- sliding windows ---------------------------------------------------------------------------
+
+-- Window `name` as a record; `slot` is the current slot (its field is read with the others).
+local function sliding(name, slot)
+  local w = {name = name, old = want(name .. '.old'), tot = want(name .. '.tot')}
+  w.slot, w.at = slot, want(name .. '.' .. slot)
+  return w
 end
 
-local function calendar_fields(fields, c)
-  fields[#fields + 1] = c .. '.id'
-  fields[#fields + 1] = c .. '.n'
+local function slot_field(w, slot)
+  if slot == w.slot then
+    return w.at
+  end
+  return w.name .. '.' .. slot
 end
 
 -- The total of window `w` once its oldest slot is `oldest`. With `write`, the slots that left
 -- are deleted and the window's start and total stored (a reader that writes nothing only
 -- subtracts them).
-local function total(h, w, oldest, write)
-  local old = tonumber(get(h, w .. '.old') or '')
-  local sum = number(h, w .. '.tot')
+local function total(w, oldest, write)
+  local old = tonumber(stored(w.old) or '')
+  local sum = count(w.tot)
   if old == nil then
     if write then
-      set(h, w .. '.old', oldest)
-      set(h, w .. '.tot', 0)
+      put(w.old, oldest)
+      put(w.tot, 0)
     end
     return 0
   end
@@ -93,57 +136,60 @@ local function total(h, w, oldest, write)
   end
   local gone = {}
   for slot = old, math.min(oldest - 1, old + SLOTS - 1) do
-    gone[#gone + 1] = w .. '.' .. slot
+    gone[#gone + 1] = w.name .. '.' .. slot
   end
   if oldest > old + SLOTS - 1 then
     sum = 0 -- every slot held left the window
   else
-    for _, value in ipairs(redis.call('HMGET', h.key, unpack(gone))) do
+    for _, value in ipairs(redis.call('HMGET', KEY, unpack(gone))) do
       if value then
         sum = sum - tonumber(value)
       end
     end
   end
   if write then
-    redis.call('HDEL', h.key, unpack(gone))
-    for _, field in ipairs(gone) do
-      h.values[field] = false
-      h.dirty[field] = nil
+    redis.call('HDEL', KEY, unpack(gone))
+    for _, name in ipairs(gone) do
+      writes[name] = nil
+      local i = index[name]
+      if i then
+        values[i] = false
+      end
     end
-    set(h, w .. '.old', oldest)
-    set(h, w .. '.tot', sum)
+    put(w.old, oldest)
+    put(w.tot, sum)
   end
   return sum
 end
 
 -- Add `amount` (may be negative: a release) to slot `slot` of window `w`, moved on to `oldest`
 -- first; a slot never goes below 0. A slot that left the window is not touched.
-local function window_add(h, w, slot, oldest, amount)
-  total(h, w, oldest, true)
+local function window_add(w, slot, oldest, amount)
+  total(w, oldest, true)
   -- A slot before the window's start (a call replayed or settled late, by an instance whose
   -- clock is behind) is outside every later window: it would never be taken off the total.
-  if slot < oldest or slot < number(h, w .. '.old') then
+  if slot < oldest or slot < count(w.old) then
     return
   end
-  local field = w .. '.' .. slot
-  local held = get(h, field)
+  local name = slot_field(w, slot)
+  local held = stored(name)
   if amount < 0 and not held then
     return -- a release from a slot that no longer holds anything
   end
-  local before = tonumber(held or '0')
+  local before = held and tonumber(held) or 0
   local after = math.max(before + amount, 0)
-  set(h, field, after)
-  set(h, w .. '.tot', number(h, w .. '.tot') + after - before)
+  put(name, after)
+  put(w.tot, count(w.tot) + after - before)
 end
 
 -- The live slots of window `w` as {slot, count, ...}: what a Retry-After is computed from.
-local function live_slots(h, w, oldest, now_slot)
+local function live_slots(w, oldest, now_slot)
   local fields = {}
   for slot = oldest, now_slot do
-    fields[#fields + 1] = w .. '.' .. slot
+    fields[#fields + 1] = slot_field(w, slot)
   end
   local out = {}
-  for i, value in ipairs(redis.call('HMGET', h.key, unpack(fields))) do
+  for i, value in ipairs(redis.call('HMGET', KEY, unpack(fields))) do
     if value then
       out[#out + 1] = tostring(oldest + i - 1)
       out[#out + 1] = value
@@ -152,75 +198,84 @@ local function live_slots(h, w, oldest, now_slot)
   return out
 end
 
-local function calendar(h, c, id)
-  if get(h, c .. '.id') == id then
-    return number(h, c .. '.n')
+-- --- calendar counters -------------------------------------------------------------------------
+
+local function calendar(name)
+  return {id = want(name .. '.id'), n = want(name .. '.n')}
+end
+
+local function in_period(c, id)
+  if stored(c.id) == id then
+    return count(c.n)
   end
   return 0
 end
 
 -- Add to calendar `c` in period `id`; a later period starts from 0, an earlier one (a call
 -- replayed or settled late) is over and counts nowhere; a count never goes below 0.
-local function calendar_add(h, c, id, amount)
-  local stored = get(h, c .. '.id')
-  if stored ~= id then
-    if stored and tonumber(id) < tonumber(stored) then
-      return
-    end
-    set(h, c .. '.id', id)
-    h.values[c .. '.n'] = '0'
+local function calendar_add(c, id, amount)
+  local held = stored(c.id)
+  local n = 0
+  if held == id then
+    n = count(c.n)
+  elseif held and tonumber(id) < tonumber(held) then
+    return
+  else
+    put(c.id, id)
   end
-  set(h, c .. '.n', math.max(number(h, c .. '.n') + amount, 0))
+  put(c.n, math.max(n + amount, 0))
 end
 
 -- Take back from calendar `c` what was added in period `id`, if that is still its period.
-local function calendar_release(h, c, id, amount)
-  if get(h, c .. '.id') == id then
-    set(h, c .. '.n', math.max(number(h, c .. '.n') - amount, 0))
+local function calendar_release(c, id, amount)
+  if stored(c.id) == id then
+    put(c.n, math.max(count(c.n) - amount, 0))
   end
 end
 
--- The three calendar counters of a sliding window: `<prefix>d`, `<prefix>w`, `<prefix>mo`.
-local PERIODS = {'d', 'w', 'mo'}
+-- --- amounts: a sliding minute and its day, week and month ---------------------------------------
 
-local function amounts_fields(fields, prefix, slot)
-  window_fields(fields, prefix .. 'm', slot)
-  for _, p in ipairs(PERIODS) do
-    calendar_fields(fields, prefix .. p)
+-- `<prefix>m` (sliding minute) and the calendars `<prefix>d`, `<prefix>w`, `<prefix>mo`.
+local function amounts_of(prefix, slot)
+  return {
+    m = sliding(prefix .. 'm', slot),
+    calendar(prefix .. 'd'),
+    calendar(prefix .. 'w'),
+    calendar(prefix .. 'mo'),
+  }
+end
+
+-- {minute, day, week, month}; `periods` = {day, week, month} ids.
+local function amounts(a, oldest, periods, write)
+  return {
+    total(a.m, oldest, write),
+    in_period(a[1], periods[1]),
+    in_period(a[2], periods[2]),
+    in_period(a[3], periods[3]),
+  }
+end
+
+local function amounts_add(a, slot, oldest, periods, amount)
+  window_add(a.m, slot, oldest, amount)
+  for i = 1, 3 do
+    calendar_add(a[i], periods[i], amount)
   end
 end
 
--- {minute, day, week, month} of a window and its calendars; `periods` = {day, week, month} ids.
-local function amounts(h, prefix, oldest, periods, write)
-  local used = {total(h, prefix .. 'm', oldest, write)}
-  for i, p in ipairs(PERIODS) do
-    used[i + 1] = calendar(h, prefix .. p, periods[i])
-  end
-  return used
-end
-
-local function amounts_add(h, prefix, slot, oldest, periods, amount)
-  window_add(h, prefix .. 'm', slot, oldest, amount)
-  for i, p in ipairs(PERIODS) do
-    calendar_add(h, prefix .. p, periods[i], amount)
-  end
-end
-
-local function amounts_release(h, prefix, slot, oldest, periods, amount)
+local function amounts_release(a, slot, oldest, periods, amount)
   if slot then
-    window_add(h, prefix .. 'm', slot, oldest, -amount)
+    window_add(a.m, slot, oldest, -amount)
   end
-  for i, p in ipairs(PERIODS) do
-    calendar_release(h, prefix .. p, periods[i], amount)
+  for i = 1, 3 do
+    calendar_release(a[i], periods[i], amount)
   end
 end
 
--- The entity set lists every deployment a caller used; an entity joins it (and refreshes its
--- TTL) at most once a day, not on every call.
-local function remember(entities, h, entity, day, ttl)
-  if get(h, 'seen') ~= day then
+-- The entity set lists every deployment a caller used; an entity joins it at its first call of
+-- a day (its `<entity>|seen` field), not on every call. Its TTL is the hash's (`flush`).
+local function remember(entities, entity, seen)
+  if stored(seen) ~= DAY then
     redis.call('SADD', entities, entity)
-    redis.call('EXPIRE', entities, ttl)
-    set(h, 'seen', day)
+    put(seen, DAY)
   end
 end
