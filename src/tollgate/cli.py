@@ -225,6 +225,24 @@ def _add_operator_commands(commands: Any) -> None:
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     check.add_argument("--json", action="store_true", help="print one JSON object")
 
+    usage = commands.add_parser(
+        "usage",
+        help="print current usage and remaining limits per project and deployment",
+        description="Read the configured store (Redis when the settings name it, else the "
+        "embedded file, read-only) and print each project's usage and what its limits leave.",
+    )
+    usage.add_argument(
+        "--settings", metavar="FILE", help="static settings file (default: $AIDIAL_SETTINGS)"
+    )
+    usage.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="dynamic config file; repeat to deep-merge several (default: config.files)",
+    )
+    usage.add_argument("--project", type=_not_empty, help="only this project")
+    usage.add_argument("--json", action="store_true", help="print one JSON object")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tollgate", description="A DIAL-compatible LLM gateway.")
@@ -276,4 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keys_new(args)
     if args.command == "config":
         return _config_check(args)
+    if args.command == "usage":
+        from tollgate.usage_report import run
+
+        return run(args.settings, args.config or (), args.project, args.json)
     return _serve(args)

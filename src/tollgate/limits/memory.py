@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from tollgate.config.schema import UNLIMITED
 from tollgate.limits.ledger import (
@@ -369,6 +370,25 @@ class MemoryLedger(Ledger):
                 cost_nano=entity.cost.totals(MINUTE, now),
             )
         return report
+
+    @classmethod
+    def read_only(cls, path: str) -> MemoryLedger:
+        """What the file at `path` holds, for reports (`tollgate usage`): opened read-only, so
+        safe while a gateway writes it, and never written. Raises `sqlite3.Error`."""
+        uri = f"file:{quote(Path(path).resolve().as_posix())}?mode=ro"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            db.text_factory = bytes
+            rows = list(db.execute("SELECT bucket, state FROM usage"))
+        finally:
+            db.close()
+        ledger = cls(None)
+        for name, text in rows:
+            try:
+                ledger._buckets[name.decode()] = _Bucket.load(json.loads(text))
+            except Exception:
+                log.warning("usage store %s: unreadable row for one bucket, skipped", path)
+        return ledger
 
     def _bucket(self, name: str) -> _Bucket:
         found = self._buckets.get(name)
