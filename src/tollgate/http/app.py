@@ -263,7 +263,8 @@ class Gateway:
     def _count_refusal(self, ask: Ask, refusal: Refusal) -> None:
         assert self.metrics is not None
         project = ask.bucket.removeprefix("Keys/")
-        self.metrics.rejected(project, ask.entity, refusal.kind, refusal.exceeded[0])
+        window = refusal.exceeded[0] if refusal.exceeded else ""
+        self.metrics.rejected(project, ask.entity, refusal.kind, window)
 
     def _route(
         self, request: web.Request, principal: Principal | None = None
