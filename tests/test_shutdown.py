@@ -135,6 +135,7 @@ def test_sigterm_lets_a_stream_finish_refuses_new_connections_and_keeps_its_usag
     assert len(stream.content().split()) == CHUNKS
     usage = stream.usage()
     output = gw.output()
+    assert "shutting down: new connections refused" in output
     assert "Traceback" not in output
 
     # Its usage was flushed to the counters file before the exit: a new process sees it.

@@ -589,5 +589,11 @@ def build_app(settings: Settings, store: ConfigStore) -> web.Application:
     # aiohttp would answer its own text/plain 404).
     app.router.add_route("*", r"/{tail:[\s\S]*}", gateway.handle)
     app.on_startup.append(gateway.start)
+    app.on_shutdown.append(_announce_shutdown)
     app.on_cleanup.append(gateway.stop)
     return app
+
+
+async def _announce_shutdown(app: web.Application) -> None:
+    """Run once the listening sockets are closed, before calls in flight are waited for."""
+    log.info("shutting down: new connections refused, calls in flight finishing")
