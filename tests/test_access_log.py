@@ -170,3 +170,13 @@ def test_level_and_switch(work_dir: Path, fake_model: FakeModel) -> None:
             assert "tollgate.access" not in gw.output()
         finally:
             stop(gw.process)
+
+
+def test_trace_ids() -> None:
+    from tollgate.observability.calls import trace_id
+
+    assert trace_id({"traceparent": TRACEPARENT}) == TRACE_ID
+    assert trace_id({"traceparent": TRACEPARENT.upper()}) == TRACE_ID
+    assert trace_id({}) is None
+    for bad in (f"00-{'0' * 32}-00f067aa0ba902b7-01", "00-abc-def-01", "garbage"):
+        assert trace_id({"traceparent": bad}) is None

@@ -249,3 +249,36 @@ def test_metrics_can_be_turned_off(work_dir: Path, fake: FakeModel) -> None:
         assert error_of(response) == (404, "No route")
     finally:
         stop(gw.process)
+
+
+def test_settings_of_metrics_and_logs() -> None:
+    from tollgate.settings import SettingsError, load_settings
+
+    settings = load_settings(environ={"aidial.metrics.port": "9464", "aidial.log.format": "json"})
+    assert (settings.metrics_enabled, settings.metrics_port, settings.log_format) == (
+        True,
+        9464,
+        "json",
+    )
+    for environ, message in (
+        ({"aidial.metrics.port": "8080"}, "metrics.port: must differ from server.port"),
+        ({"aidial.metrics.port": "70000"}, "metrics.port: 70000 is not a TCP port"),
+        ({"aidial.log.format": "xml"}, 'log.format: expected "text" or "json"'),
+        ({"aidial.log.level": "LOUD"}, "log.level: expected DEBUG, INFO, WARNING or ERROR"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(environ=environ)
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    from tollgate.observability.metrics import Histogram
+
+    histogram = Histogram()
+    for seconds in (0.001, 0.005, 0.2, 400.0):
+        histogram.observe(seconds)
+    buckets = dict(histogram.cumulative())
+    assert buckets["0.005"] == 2  # `le`: a value on a bound counts in that bucket
+    assert buckets["0.25"] == 3
+    assert buckets["300.0"] == 3
+    assert buckets["+Inf"] == 4
+    assert histogram.sum == pytest.approx(400.206)

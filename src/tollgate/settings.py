@@ -181,6 +181,8 @@ def load_settings(
         metrics_port = int(_number(tree, "metrics", "port"))
         if not 0 < metrics_port <= 65535:
             raise SettingsError(f"setting metrics.port: {metrics_port} is not a TCP port")
+        if metrics_port == port:
+            raise SettingsError("setting metrics.port: must differ from server.port")
     log_format = _get(tree, "log", "format")
     if log_format not in ("text", "json"):
         raise SettingsError(f'setting log.format: expected "text" or "json", got {log_format!r}')
