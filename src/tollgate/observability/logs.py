@@ -132,11 +132,14 @@ class AccessLog:
                     entry[name] = value
             line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
         else:
-            pairs = " ".join(
-                f"{name}={_text_value(value)}"
-                for name, value in fields.items()
-                if value is not None
-            )
+            parts = []
+            for name, value in fields.items():
+                if value is None:
+                    continue
+                if type(value) is str:
+                    value = _QUOTED.get(value) or _text_value(value)
+                parts.append(f"{name}={value}")
+            pairs = " ".join(parts)
             line = f"{self._stamp.text(now)} INFO {ACCESS_LOGGER}: call {pairs}\n".encode()
         try:
             written = os.write(self._fd, line)
