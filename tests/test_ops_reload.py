@@ -181,3 +181,29 @@ def test_a_malformed_rule_stops_the_start(work_dir: Path, fake_model: FakeModel)
     )
     assert result.returncode == 1
     assert "access.admin.rules[0].function: expected EQUAL, CONTAIN or REGEX" in result.stderr
+
+
+def test_a_per_request_key_is_never_admin(
+    reloading: tuple[Gateway, Path], fake_model: FakeModel
+) -> None:
+    """An application holds a per-request key during one call: it acts as the root caller, but
+    never as an administrator, even when the root caller is one (newest DIAL)."""
+    gw, _ = reloading
+    headers = {
+        "Api-Key": ADMIN_KEY,
+        "Content-Type": "application/json",
+        "X-Fake-Chunks": "4",
+        "X-Fake-Chunk-Delay-Ms": "300",
+    }
+    body = {"stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    fake_model.clear()
+    with httpx.stream(
+        "POST", f"{gw.url}/openai/deployments/m/chat/completions", headers=headers, json=body
+    ) as stream:
+        chunks = stream.iter_raw()
+        next(chunks)  # the hop is under way: its key lives until the stream ends
+        hop_key = dict(fake_model.last()["headers"])["Api-Key"]
+        assert hop_key != ADMIN_KEY
+        assert info_status(gw, hop_key) == 200  # a live key...
+        assert error_of(reload(gw, hop_key)) == (403, "User must be admin")  # ...not an admin's
+        b"".join(chunks)
