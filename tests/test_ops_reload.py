@@ -207,3 +207,19 @@ def test_a_per_request_key_is_never_admin(
         assert info_status(gw, hop_key) == 200  # a live key...
         assert error_of(reload(gw, hop_key)) == (403, "User must be admin")  # ...not an admin's
         b"".join(chunks)
+
+
+def test_rules_are_checked_with_the_settings() -> None:
+    """`serve`, `config check` and `usage` all refuse a malformed rule (via load_settings)."""
+    from tollgate.settings import SettingsError, load_settings
+
+    for rules, message in (
+        ('{"source": "roles"}', "access.admin.rules: expected a list of rules"),
+        ('[{"source": "roles", "function": "REGEX", "targets": ["("]}]', "invalid regular"),
+        ('[{"function": "EQUAL", "targets": ["a"]}]', r"rules\[0\].source: expected a claim"),
+        ('[{"source": "roles", "function": "EQUAL", "targets": "admin"}]', "a list of strings"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(environ={"aidial.access.admin.rules": rules})
+    ok = '[{"source": "roles", "function": "equal", "targets": ["ops"]}]'
+    assert load_settings(environ={"aidial.access.admin.rules": ok}).raw["access"]["admin"]

@@ -24,7 +24,6 @@ def _serve(args: argparse.Namespace) -> int:
     from tollgate.config.watch import ConfigStore
     from tollgate.http.app import build_app
     from tollgate.observability.logs import configure as configure_logging
-    from tollgate.security.admin import AdminRules
     from tollgate.settings import SettingsError, load_settings
 
     overrides: dict[str, Any] = {}
@@ -42,7 +41,6 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.settings, overrides=overrides)
         configure_logging(settings.log_level, settings.log_format)
-        AdminRules.from_settings(settings.raw)  # a malformed rule stops the start
         store = ConfigStore(
             settings.config_files,
             overwrite_arrays=settings.overwrite_arrays,

@@ -183,6 +183,9 @@ def load_settings(
             raise SettingsError(f"setting metrics.port: {metrics_port} is not a TCP port")
         if metrics_port == port:
             raise SettingsError("setting metrics.port: must differ from server.port")
+    from tollgate.security.admin import AdminRules  # here: it imports this module
+
+    AdminRules.from_settings(tree)  # a malformed rule is a settings error
     log_format = _get(tree, "log", "format")
     if log_format not in ("text", "json"):
         raise SettingsError(f'setting log.format: expected "text" or "json", got {log_format!r}')
