@@ -6,6 +6,7 @@ database), so it finds the same things on every run and stays well under a minut
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -16,8 +17,11 @@ import orjson
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
+    ignored_auth,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
@@ -28,6 +32,7 @@ from harness import FakeModel, Gateway, start_gateway, stop
 KEY = "openapi-fuzz-key-0123456789abcdef"
 EXAMPLES_PER_OPERATION = 40
 CHECKS = [
+    ignored_auth,  # an operation that needs a key answers 401 without one
     not_a_server_error,
     status_code_conformance,
     content_type_conformance,
@@ -115,10 +120,11 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(fuzz_gateway: Ga
     schema = schemathesis.openapi.from_url(f"{fuzz_gateway.url}/openapi.json")
     failures: list[str] = []
     calls = 0
-    for result in schema.get_all_operations():
+    modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)  # valid input, then broken
+    for result, mode in itertools.product(list(schema.get_all_operations()), modes):
         operation = result.ok()
 
-        @given(case=operation.as_strategy())
+        @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
             max_examples=EXAMPLES_PER_OPERATION,
             derandomize=True,
@@ -130,13 +136,16 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(fuzz_gateway: Ga
         def exercise(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1
-            response = case.call(base_url=fuzz_gateway.url, headers={"Api-Key": KEY}, timeout=15)
-            case.validate_response(response, checks=CHECKS)
+            headers = {"Api-Key": KEY}
+            response = case.call(base_url=fuzz_gateway.url, headers=headers, timeout=15)
+            case.validate_response(response, checks=CHECKS, headers=headers)
 
         try:
             exercise()
+        except Unsatisfiable:
+            assert mode is GenerationMode.NEGATIVE  # nothing to break in an operation without input
         except (AssertionError, BaseExceptionGroup) as failure:  # one report per operation
-            failures.append(f"{operation.label}: {failure}")
+            failures.append(f"{operation.label} ({mode.value} data): {failure}")
     assert calls >= 25 * 10
     assert not failures, "\n\n".join(failures)
     assert "Traceback" not in fuzz_gateway.output()
