@@ -80,3 +80,35 @@ def test_bad_settings_are_named(tmp_path: Path, content: str, message: str) -> N
 def test_missing_settings_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot read file"):
         load_settings(environ={"AIDIAL_SETTINGS": str(tmp_path / "none.json")})
+
+
+def test_server_limits_default_to_production_values() -> None:
+    settings = load_settings(environ={})
+    assert settings.shutdown_grace_s == 30
+    assert settings.keep_alive_timeout_s == 75
+    assert settings.body_read_timeout_s == 60
+    assert settings.max_header_size == 8190
+    assert settings.max_headers == 128
+
+
+def test_server_limits_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"server": {"shutdownGracePeriod": 5000, "maxHeaders": 64}}))
+    settings = load_settings(
+        str(path),
+        environ={"aidial.server.bodyReadTimeout": "2500", "aidial.server.maxHeaderSize": "16384"},
+    )
+    assert settings.shutdown_grace_s == 5
+    assert settings.body_read_timeout_s == 2.5
+    assert settings.max_headers == 64
+    assert settings.max_header_size == 16384
+    assert settings.keep_alive_timeout_s == 75
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("shutdownGracePeriod", 0), ("keepAliveTimeout", -1), ("maxHeaderSize", "big")],
+)
+def test_server_limits_must_be_positive_numbers(name: str, value: object) -> None:
+    with pytest.raises(SettingsError, match=f"setting server.{name}"):
+        load_settings(environ={}, overrides={"server": {name: value}})
