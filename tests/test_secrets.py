@@ -260,6 +260,7 @@ def test_the_redis_password_leaks_nowhere(work_dir: Path, fake_model: FakeModel)
             }
         },
         "metrics": {"port": metrics_port, "host": "127.0.0.1"},
+        "log": {"format": "json"},  # the other format, JSON lines with their own fields
     }
     gw = start_gateway(
         work_dir, [everywhere_config(fake_model)], settings=settings, log_level="DEBUG"
@@ -275,7 +276,10 @@ def test_the_redis_password_leaks_nowhere(work_dir: Path, fake_model: FakeModel)
     finally:
         stop(gw.process)
         stop_redis_server(server)
-    texts = {"the log": gw.output(), "the answers": b"\n".join(answers).decode()}
+    log = gw.output()
+    assert '"logger":"tollgate.access"' in log.replace(" ", "")  # JSON access lines written
+    assert "unreachable" in log  # the store failure was logged
+    texts = {"the log": log, "the answers": b"\n".join(answers).decode()}
     if metrics is not None:
         texts["the metrics"] = metrics
     assert_nothing_leaked(texts, [REDIS_PASSWORD, DEFAULT_KEY])
