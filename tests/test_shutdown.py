@@ -14,6 +14,7 @@ import httpx
 import orjson
 
 from harness import FakeModel, Gateway, start_gateway, stop
+from redis_server import start_redis_server, stop_redis_server
 
 KEY = "shutdown-test-key-0123456789abcdef"
 CHAT_PATH = "/openai/deployments/chat-model/chat/completions"
@@ -189,3 +190,95 @@ def test_an_idle_gateway_stops_at_once_with_exit_code_0(
             assert gw.process.wait(20) == 0  # well before the 30 s grace period
     finally:
         stop(gw.process)
+
+
+# --- with Redis: the charges still in flight, and the replay queue ----------------------------
+
+
+def start_with_redis(work_dir: Path, fake: FakeModel, redis_port: int, state_file: Path) -> Gateway:
+    settings = {
+        "redis": {
+            "singleServerConfig": {
+                "address": f"redis://127.0.0.1:{redis_port}",
+                "timeout": 300,
+                "connectTimeout": 300,
+            }
+        },
+        "limits": {"onStoreFailure": "local"},
+    }
+    return start_gateway(
+        work_dir,
+        [config(fake)],
+        settings=settings,
+        env={"aidial.limits.embedded.file": str(state_file)},
+    )
+
+
+def test_sigterm_with_redis_settles_the_stream_in_redis(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    server = start_redis_server(work_dir)
+    try:
+        gw = start_with_redis(work_dir, fake_model, server.port, work_dir / "redis-a.sqlite")
+        try:
+            stream = SlowStream(gw, CHUNKS, CHUNK_DELAY_MS)
+            stream.start()
+            assert stream.started.wait(15)
+            gw.process.send_signal(signal.SIGTERM)
+            stream.join(30)
+            assert gw.process.wait(30) == 0
+        finally:
+            stop(gw.process)
+        assert stream.events[-1] == b"[DONE]"
+        # Another instance on the same Redis sees the call and its tokens.
+        other = start_with_redis(work_dir, fake_model, server.port, work_dir / "redis-b.sqlite")
+        try:
+            stats = limits(other)
+        finally:
+            stop(other.process)
+    finally:
+        stop_redis_server(server)
+    assert stats["dayRequestStats"]["used"] == 1
+    assert stats["dayTokenStats"]["used"] == stream.usage()["total_tokens"]
+
+
+def test_sigterm_while_redis_is_down_keeps_the_queue_for_the_next_start(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    state_file = work_dir / "redis-replay.sqlite"
+    server = start_redis_server(work_dir)
+    port = server.port
+    gw = start_with_redis(work_dir, fake_model, port, state_file)
+    try:
+        stop_redis_server(server)  # the store goes away before the call
+        stream = SlowStream(gw, 8, 100)
+        stream.start()
+        stream.join(30)
+        assert stream.events[-1] == b"[DONE]"
+        gw.process.send_signal(signal.SIGTERM)
+        assert gw.process.wait(30) == 0  # within its 5 s of trying to replay
+    finally:
+        stop(gw.process)
+    assert "limits store not up to date at shutdown" in gw.output()
+
+    # Redis is back (empty): the next start replays what the last one counted alone.
+    server = start_redis_server(work_dir, port=port)
+    try:
+        again = start_with_redis(work_dir, fake_model, port, state_file)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if httpx.get(again.url + "/health").json()["limits"].get("pendingReplay") == 0:
+                    break
+                time.sleep(0.1)
+        finally:
+            stop(again.process)
+        other = start_with_redis(work_dir, fake_model, port, work_dir / "redis-c.sqlite")
+        try:
+            stats = limits(other)
+        finally:
+            stop(other.process)
+    finally:
+        stop_redis_server(server)
+    assert stats["dayRequestStats"]["used"] == 1
+    assert stats["dayTokenStats"]["used"] == stream.usage()["total_tokens"]
