@@ -113,9 +113,7 @@ class Gateway:
             else None
         )
         access = (
-            AccessLog(settings.log_format)
-            if settings.access_log and AccessLog.enabled()
-            else None
+            AccessLog(settings.log_format) if settings.access_log and AccessLog.enabled() else None
         )
         self.observer = (
             Observer(self.metrics, access)
