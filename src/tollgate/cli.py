@@ -40,6 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
         }
     try:
         settings = load_settings(args.settings, overrides=overrides)
+        if settings.tracing is not None:
+            _require_tracing(settings.tracing.source)
         configure_logging(settings.log_level, settings.log_format)
         store = ConfigStore(
             settings.config_files,
@@ -76,6 +78,20 @@ def _serve(args: argparse.Namespace) -> int:
         max_headers=settings.max_headers,
     )
     return 0
+
+
+def _require_tracing(source: str) -> None:
+    """Traces are configured: the optional `otel` extra must be installed."""
+    from tollgate.settings import SettingsError
+
+    try:
+        import tollgate.observability.tracing  # noqa: F401
+    except ImportError as exc:
+        raise SettingsError(
+            f"setting {source}: traces are configured but OpenTelemetry is not installed "
+            f"(missing module {exc.name}): install Tollgate with the otel extra, "
+            "pip install 'tollgate[otel]', or leave tracing unconfigured"
+        ) from None
 
 
 def _tune_garbage_collector() -> None:

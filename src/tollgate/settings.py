@@ -57,6 +57,18 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     access_log: bool = True
+    # OpenTelemetry traces (`telemetry.*`, DECISIONS 12); None: off. See `_tracing`.
+    tracing: TracingSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """Where and how spans are exported (OTLP over HTTP, protobuf)."""
+
+    endpoint: str  # the full URL spans are posted to (`.../v1/traces`)
+    source: str  # the setting or variable that turned tracing on, for messages
+    service_name: str
+    sample_ratio: float  # of traces started here; a caller's sampled flag is followed
 
 
 def _convert_env_value(text: str) -> Any:
@@ -220,6 +232,7 @@ def load_settings(
         log_format=log_format,
         log_level=log_level,
         access_log=_get(tree, "log", "access") is not False,
+        tracing=_tracing(tree, env),
     )
 
 
@@ -239,3 +252,48 @@ def _server_limits(tree: Mapping[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"setting server.{name}: must be a positive number")
         limits[field] = value / scale if scale else int(value)
     return limits
+
+
+# OpenTelemetry's own variables (its SDK configuration spec), honoured as operators expect.
+OTEL_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"  # a full URL, used as it is
+OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"  # a base URL: `/v1/traces` is appended
+TRACES_PATH = "/v1/traces"
+
+
+def _tracing(tree: Mapping[str, Any], env: Mapping[str, str]) -> TracingSettings | None:
+    """Tracing is on when `telemetry.otlp.endpoint` names a collector, or else when one of
+    OpenTelemetry's endpoint variables is set (unless `OTEL_SDK_DISABLED=true` or
+    `OTEL_TRACES_EXPORTER=none`). The setting is a base URL, like the variable
+    `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to `<endpoint>/v1/traces`."""
+    ratio = _number(tree, "telemetry", "sampleRatio")
+    if not 0 <= ratio <= 1:
+        raise SettingsError("setting telemetry.sampleRatio: must be between 0 and 1")
+    name = _get(tree, "telemetry", "serviceName")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise SettingsError(f"setting telemetry.serviceName: expected a name, got {name!r}")
+    endpoint = _get(tree, "telemetry", "otlp", "endpoint")
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise SettingsError(f"setting telemetry.otlp.endpoint: expected a URL, got {endpoint!r}")
+    source = "telemetry.otlp.endpoint"
+    if not endpoint:
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+            return None
+        endpoint = env.get(OTEL_TRACES_ENDPOINT, "").strip()
+        source = OTEL_TRACES_ENDPOINT
+        if not endpoint:
+            endpoint = env.get(OTEL_ENDPOINT, "").strip()
+            source = OTEL_ENDPOINT
+            if not endpoint:
+                return None
+    if not endpoint.startswith(("http://", "https://")):
+        raise SettingsError(f"setting {source}: expected an http:// or https:// URL")
+    if source != OTEL_TRACES_ENDPOINT and not endpoint.rstrip("/").endswith(TRACES_PATH):
+        endpoint = endpoint.rstrip("/") + TRACES_PATH
+    return TracingSettings(
+        endpoint=endpoint,
+        source=source,
+        service_name=name or env.get("OTEL_SERVICE_NAME") or "tollgate",
+        sample_ratio=ratio,
+    )

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -48,6 +48,9 @@ from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import RemoteKeyLookup, SharedKeys
 from tollgate.settings import Settings
+
+if TYPE_CHECKING:  # the optional `otel` extra: imported only when tracing is configured
+    from tollgate.observability.tracing import Tracing
 
 log = logging.getLogger("tollgate.http")
 access_log = logging.getLogger("tollgate.access")
@@ -115,9 +118,14 @@ class Gateway:
         access = (
             AccessLog(settings.log_format) if settings.access_log and AccessLog.enabled() else None
         )
+        self.tracing: Tracing | None = None
+        if settings.tracing is not None:
+            from tollgate.observability.tracing import Tracing
+
+            self.tracing = Tracing(settings.tracing)
         self.observer = (
-            Observer(self.metrics, access)
-            if self.metrics is not None or access is not None
+            Observer(self.metrics, access, self.tracing)
+            if self.metrics is not None or access is not None or self.tracing is not None
             else None
         )
         if self.metrics is not None:
@@ -169,6 +177,8 @@ class Gateway:
             # Upstream bodies are relayed and parsed as they are (spec proxy 5.3): requests ask
             # for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
+            # Traced: the call's span context goes on every upstream request (tracing.py).
+            trace_configs=None if self.tracing is None else [self.tracing.client_trace()],
         )
         await self.ledger.start()
         self.store.start(asyncio.get_running_loop())
@@ -192,6 +202,8 @@ class Gateway:
             await self.shared_keys.close()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.tracing is not None:  # the spans still queued are exported
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every request enters here. Every answer allows any origin (spec proxy 2)."""
@@ -208,7 +220,11 @@ class Gateway:
                     else self._observed_call(request, routed, self.observer)
                 )
             elif isinstance(routed, AsyncAnswer):
-                response = await routed.answer
+                response = await (
+                    routed.answer
+                    if self.tracing is None
+                    else self.tracing.around(request, routed.span, routed.answer)
+                )
             else:
                 response = routed
         except GatewayError as error:
@@ -234,8 +250,9 @@ class Gateway:
     async def _observed_call(
         self, request: web.Request, call: DeploymentCall, observer: Observer
     ) -> web.StreamResponse:
-        """`deployment_call`, recorded in the metrics and the access log once it settled."""
-        note = observer.begin()
+        """`deployment_call`, recorded in the metrics, the access log and its span (each when
+        on) once it settled."""
+        note = observer.begin(request.headers, call.principal, call.api)
         status = 500
         try:
             response = await self.deployment_call(request, *call, note=note)
@@ -256,7 +273,8 @@ class Gateway:
             return
         call = DEPLOYMENT_CALL.fullmatch(request.raw_path.partition("?")[0])
         if call is not None:
-            observer.end(observer.begin(), request.headers, None, call[1], status, timed=False)
+            note = observer.begin(request.headers, None, call[2])
+            observer.end(note, request.headers, None, call[1], status, timed=False)
 
     def _count_refusal(self, ask: Ask, refusal: Refusal) -> None:
         assert self.metrics is not None
@@ -305,13 +323,16 @@ class Gateway:
                 match = pattern.fullmatch(path)
                 if match is not None:
                     return AsyncAnswer(
-                        self.features.call(request, principal, snapshot, match[1], feature)
+                        self.features.call(request, principal, snapshot, match[1], feature),
+                        f"{method} {feature.name}",
                     )
         if method == "GET":
             for pattern, async_handler in ASYNC_ROUTES:
                 match = pattern.fullmatch(path)
                 if match is not None:
-                    return AsyncAnswer(async_handler(self, request, principal, snapshot, match))
+                    return AsyncAnswer(
+                        async_handler(self, request, principal, snapshot, match), "GET limits"
+                    )
         for route_method, pattern, handler in ROUTES:
             if route_method == method:
                 match = pattern.fullmatch(path)
@@ -320,7 +341,9 @@ class Gateway:
         # Anything else goes to the configured routes (spec proxy 3, 10), first match wins.
         route = snapshot.routes.match(method, request.raw_path) if snapshot.routes else None
         if route is not None:
-            return AsyncAnswer(self.routes.call(request, principal, snapshot, route))
+            return AsyncAnswer(
+                self.routes.call(request, principal, snapshot, route), f"{method} {route.name}"
+            )
         raise no_route()
 
     async def deployment_call(
@@ -511,9 +534,10 @@ def _preflight(request: web.Request) -> web.Response:
 
 
 class AsyncAnswer(NamedTuple):
-    """A handler that must wait for the ledger."""
+    """A handler that must wait for the ledger or an upstream."""
 
     answer: Coroutine[Any, Any, web.StreamResponse]
+    span: str = ""  # the name of its span, when traced
 
 
 AsyncHandler = Callable[

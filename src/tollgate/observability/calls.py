@@ -1,6 +1,6 @@
-"""What one deployment call reports when it ends: metrics and its access-log line.
+"""What one deployment call reports when it ends: metrics, its access-log line, its span.
 
-The HTTP edge starts a `CallNote` per call only when metrics or the access log are on; the
+The HTTP edge starts a `CallNote` per call only when metrics, the access log or traces are on; the
 steps that know something fill it in (the forward step: upstream, attempts, time to first
 byte; the settle step: usage and cost), and `Observer.end` records it once the call has
 settled, answered or refused.
@@ -11,13 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from time import perf_counter
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics, upstream_label
 from tollgate.pipeline.usage import Usage
 from tollgate.routing.balancer import DeploymentBalancer, UpstreamState
 from tollgate.security.principal import Principal
+
+if TYPE_CHECKING:  # tracing needs the optional `otel` extra: imported only when configured
+    from tollgate.observability.tracing import CallTrace, Tracing
 
 # W3C Trace Context: version-traceid-parentid-flags; an all-zero trace id is invalid.
 TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}.*")
@@ -27,7 +30,16 @@ MAX_LOGGED_ID: Final = 256  # a deployment id the config does not know, as the c
 class CallNote:
     """One call's facts, filled in by the steps that know them."""
 
-    __slots__ = ("attempts", "cost_nano", "deployment", "metrics", "started", "upstream", "usage")
+    __slots__ = (
+        "attempts",
+        "cost_nano",
+        "deployment",
+        "metrics",
+        "started",
+        "trace",
+        "upstream",
+        "usage",
+    )
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
@@ -37,6 +49,7 @@ class CallNote:
         self.attempts = 0
         self.usage: Usage | None = None
         self.cost_nano: int | None = None  # None: not charged (not a model, or not settled)
+        self.trace: CallTrace | None = None  # when tracing is on
 
     def attempt(
         self,
@@ -50,6 +63,8 @@ class CallNote:
         label = self.upstream = upstream_label(balancer, state)
         if self.metrics is not None:
             self.metrics.attempt(self.deployment, label, outcome, ttfb_s)
+        if self.trace is not None:
+            self.trace.answered(outcome)
 
 
 def trace_id(headers: Mapping[str, str]) -> str | None:
@@ -64,16 +79,22 @@ def trace_id(headers: Mapping[str, str]) -> str | None:
 
 
 class Observer:
-    """Records ended calls into the metrics and the access log (either may be off)."""
+    """Records ended calls into the metrics, the access log and traces (any may be off)."""
 
-    __slots__ = ("access", "metrics")
+    __slots__ = ("access", "metrics", "tracing")
 
-    def __init__(self, metrics: Metrics | None, access: AccessLog | None) -> None:
+    def __init__(
+        self, metrics: Metrics | None, access: AccessLog | None, tracing: Tracing | None = None
+    ) -> None:
         self.metrics = metrics
         self.access = access
+        self.tracing = tracing
 
-    def begin(self) -> CallNote:
-        return CallNote(self.metrics)
+    def begin(self, headers: Mapping[str, str], principal: Principal | None, api: str) -> CallNote:
+        note = CallNote(self.metrics)
+        if self.tracing is not None:  # the call's span, current until `end`
+            note.trace = self.tracing.deployment_call(headers, principal, api)
+        return note
 
     def end(
         self,
@@ -91,6 +112,10 @@ class Observer:
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
         project = principal.project if principal is not None else ""
+        trace = note.trace
+        if trace is not None:
+            deployment = note.deployment or raw_id[:MAX_LOGGED_ID]
+            trace.end(deployment, principal, status, usage, note.cost_nano, note.upstream)
         if self.metrics is not None:
             self.metrics.call(
                 note.deployment,
@@ -116,6 +141,7 @@ class Observer:
             "upstream": note.upstream,
             "attempts": note.attempts,
             "duration_ms": round(seconds * 1000, 3) if timed else None,
-            "trace_id": trace_id(headers),
+            # The call's own trace when traced (it may continue a per-request key's hop).
+            "trace_id": trace.trace_id if trace is not None else trace_id(headers),
         }
         self.access.write(fields)

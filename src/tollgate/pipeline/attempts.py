@@ -109,7 +109,7 @@ async def send(
     `headers` are the hop's (see `forward.upstream_headers`); each attempt appends its
     upstream's `X-UPSTREAM-*` to them. `keep` and `on_client_gone` go to `relay_stream`.
     `note`, when the call is observed, is told each attempt's upstream, outcome and time to
-    the status line (metrics, access log).
+    the status line (metrics, access log); when it is traced, each attempt has a span.
     Raises the `GatewayError` of an exhausted plan (see the module docstring).
     """
     balancer = snapshot.balancers[deployment.name]
@@ -121,7 +121,12 @@ async def send(
     while (upstream := plan.next()) is not None:
         del headers[common:]  # the previous attempt's X-UPSTREAM-*
         headers.extend(upstream.headers)
-        sent = perf_counter() if note is not None else 0.0
+        if note is None:
+            sent = 0.0
+        else:
+            sent = perf_counter()
+            if note.trace is not None:  # the attempt's span: its context goes upstream
+                note.trace.attempt(balancer, upstream, url)
         try:
             answer = await session.post(url, data=body, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError as exc:
