@@ -180,3 +180,20 @@ def test_trace_ids() -> None:
     assert trace_id({}) is None
     for bad in (f"00-{'0' * 32}-00f067aa0ba902b7-01", "00-abc-def-01", "garbage"):
         assert trace_id({"traceparent": bad}) is None
+
+
+def test_buffered_lines_are_written_when_the_gateway_stops(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    """Lines are written in batches (logs.FLUSH_AFTER_S); a SIGTERM right after calls loses
+    none of them."""
+    gw = start_gateway(work_dir, [config(fake_model)], extra_args=["--log-format", "json"])
+    try:
+        for _ in range(5):
+            assert post(gw, "logged").status_code == 200
+    finally:
+        stop(gw.process)
+    assert gw.process.returncode == 0
+    lines = [e for e in json_lines(gw) if e["logger"] == "tollgate.access"]
+    assert len(lines) == 5
+    assert all(e["status"] == 200 and e["deployment"] == "logged" for e in lines)

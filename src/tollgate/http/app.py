@@ -118,6 +118,7 @@ class Gateway:
         access = (
             AccessLog(settings.log_format) if settings.access_log and AccessLog.enabled() else None
         )
+        self.access_log = access  # flushed at stop: its lines are buffered
         self.tracing: Tracing | None = None
         if settings.tracing is not None:
             from tollgate.observability.tracing import Tracing
@@ -198,6 +199,8 @@ class Gateway:
         while self._settling:  # calls that finished before the stop are charged
             await asyncio.gather(*self._settling, return_exceptions=True)
         await self.ledger.close()
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.shared_keys is not None:
             await self.shared_keys.close()
         if self.redis is not None:

@@ -5,14 +5,18 @@
 classic `time LEVEL logger: message`.
 
 The access log (logger `tollgate.access`, INFO) bypasses the `logging` machinery: a call's line
-is built with orjson (or an f-string) and written with one `os.write`, so that lines from
-concurrent calls never interleave and the request path pays a few microseconds, not the tens
-a LogRecord, a handler lock and a formatter cost. It follows the logger's level, read once at
-start-up, and goes where the root handler writes: standard error.
+is built with orjson (or an f-string), so the request path pays a few microseconds, not the
+tens a LogRecord, a handler lock and a formatter cost. Lines are buffered and written together
+with one `os.write` at most `FLUSH_AFTER_S` after the first of them (or once `FLUSH_BYTES` are
+waiting, and when the gateway stops): a system call per call cost more than the rest of the
+access log (a fifth of a busy gateway's CPU, measured with py-spy). Lines never interleave. It
+follows the logger's level, read once at start-up, and goes where the root handler writes:
+standard error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -23,6 +27,8 @@ from typing import Any, Final, Literal
 import orjson
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FLUSH_AFTER_S: Final = 0.05
+FLUSH_BYTES: Final = 64 * 1024
 ACCESS_LOGGER: Final = "tollgate.access"
 _PLAIN: Final = re.compile(r"[\w.:@/+\-\[\]]+")
 
@@ -106,12 +112,15 @@ _QUOTED: dict[str, str] = {}
 class AccessLog:
     """Writes the access-log line of each call to standard error (see the module docstring)."""
 
-    __slots__ = ("_fd", "_json", "_stamp")
+    __slots__ = ("_buffered", "_fd", "_flush", "_json", "_lines", "_stamp")
 
     def __init__(self, log_format: LogFormat, fd: int | None = None) -> None:
         self._json = log_format == "json"
         self._fd = sys.stderr.fileno() if fd is None else fd
         self._stamp = _Stamp()
+        self._lines: list[bytes] = []
+        self._buffered = 0
+        self._flush: asyncio.TimerHandle | None = None
 
     @staticmethod
     def enabled() -> bool:
@@ -141,9 +150,31 @@ class AccessLog:
                 parts.append(f"{name}={value}")
             pairs = " ".join(parts)
             line = f"{self._stamp.text(now)} INFO {ACCESS_LOGGER}: call {pairs}\n".encode()
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._buffered >= FLUSH_BYTES:
+            self.flush()
+        elif self._flush is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a tool, a test): written now
+                self.flush()
+                return
+            self._flush = loop.call_later(FLUSH_AFTER_S, self.flush)
+
+    def flush(self) -> None:
+        """Write the buffered lines, in order (also called when the gateway stops)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        self._buffered = 0
         try:
-            written = os.write(self._fd, line)
-            while written < len(line):  # a short write (a full pipe): the rest, in order
-                written += os.write(self._fd, line[written:])
+            written = os.write(self._fd, data)
+            while written < len(data):  # a short write (a full pipe): the rest, in order
+                written += os.write(self._fd, data[written:])
         except OSError:
             pass  # a log that cannot be written must not fail the call
