@@ -32,6 +32,7 @@ from harness import (
     write_json,
 )
 from test_interceptors import Relay, start_relay
+from tollgate.settings import load_settings
 
 TESTS_DIR = Path(__file__).resolve().parent
 KEY = "tracing-key-0123456789abcdef"
@@ -560,3 +561,95 @@ def test_bad_tracing_settings_refuse_to_start(
     result = serve_expecting_exit(work_dir, process_env)
     assert result.returncode == 1
     assert message in result.stderr
+
+
+def test_sdk_disabled_turns_tracing_off_and_traceparent_passes_through(
+    work_dir: Path, fake_model: FakeModel, collector: Collector
+) -> None:
+    gw = start_gateway(
+        work_dir,
+        [
+            {
+                "models": {"off-model": {"endpoint": fake_model.endpoint("off-model")}},
+                "keys": {KEY: {"project": "off", "role": "user"}},
+            }
+        ],
+        settings={"telemetry": {"otlp": {"endpoint": collector.url}}},
+        env={"OTEL_SDK_DISABLED": "true"},
+    )
+    client_trace = new_trace_id("sdk disabled")
+    parent = traceparent(client_trace, "a" * 16)
+    try:
+        fake_model.clear()
+        assert post(gw, "off-model", {"traceparent": parent}).status_code == 200
+        [got] = model_requests(fake_model, "off-model")
+    finally:
+        stop(gw.process)  # a tracing gateway would export its spans now
+    assert header(got, "traceparent") == parent
+    assert "tracing: spans exported" not in gw.output()
+    assert not [s for s in collector.spans() if s["trace_id"] == client_trace]
+
+
+@pytest.mark.parametrize(
+    ("settings", "environ", "endpoint", "source"),
+    [
+        ({}, {}, None, None),
+        (
+            {"otlp": {"endpoint": "http://collector:4318/"}},
+            {},
+            "http://collector:4318/v1/traces",
+            "telemetry.otlp.endpoint",
+        ),
+        (
+            {"otlp": {"endpoint": "https://collector/v1/traces"}},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:4318"},
+            "https://collector/v1/traces",
+            "telemetry.otlp.endpoint",
+        ),
+        (
+            {},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318"},
+            "http://base:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            {},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/custom",
+            },
+            "http://traces:4318/custom",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ),
+        (
+            {},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://b", "OTEL_TRACES_EXPORTER": "none"},
+            None,
+            None,
+        ),
+        ({"otlp": {"endpoint": "http://c"}}, {"OTEL_SDK_DISABLED": "true"}, None, None),
+    ],
+)
+def test_where_spans_go(
+    settings: dict[str, Any], environ: dict[str, str], endpoint: str | None, source: str | None
+) -> None:
+    tracing = load_settings(environ=environ, overrides={"telemetry": settings}).tracing
+    if endpoint is None:
+        assert tracing is None
+        return
+    assert tracing is not None
+    assert (tracing.endpoint, tracing.source) == (endpoint, source)
+    assert tracing.sample_ratio == 1.0
+
+
+def test_service_name_from_the_setting_else_the_variable_else_tollgate() -> None:
+    on = {"otlp": {"endpoint": "http://c"}}
+    env = {"OTEL_SERVICE_NAME": "from-env"}
+    named = load_settings(environ=env, overrides={"telemetry": {**on, "serviceName": "set"}})
+    from_env = load_settings(environ=env, overrides={"telemetry": on})
+    default = load_settings(environ={}, overrides={"telemetry": on})
+    assert [s.tracing.service_name if s.tracing else None for s in (named, from_env, default)] == [
+        "set",
+        "from-env",
+        "tollgate",
+    ]

@@ -262,9 +262,10 @@ TRACES_PATH = "/v1/traces"
 
 def _tracing(tree: Mapping[str, Any], env: Mapping[str, str]) -> TracingSettings | None:
     """Tracing is on when `telemetry.otlp.endpoint` names a collector, or else when one of
-    OpenTelemetry's endpoint variables is set (unless `OTEL_SDK_DISABLED=true` or
-    `OTEL_TRACES_EXPORTER=none`). The setting is a base URL, like the variable
-    `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to `<endpoint>/v1/traces`."""
+    OpenTelemetry's endpoint variables is set (unless `OTEL_TRACES_EXPORTER=none`);
+    `OTEL_SDK_DISABLED=true` turns it off in every case, as it does any OpenTelemetry SDK. The
+    setting is a base URL, like the variable `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to
+    `<endpoint>/v1/traces`."""
     ratio = _number(tree, "telemetry", "sampleRatio")
     if not 0 <= ratio <= 1:
         raise SettingsError("setting telemetry.sampleRatio: must be between 0 and 1")
@@ -275,9 +276,9 @@ def _tracing(tree: Mapping[str, Any], env: Mapping[str, str]) -> TracingSettings
     if endpoint is not None and not isinstance(endpoint, str):
         raise SettingsError(f"setting telemetry.otlp.endpoint: expected a URL, got {endpoint!r}")
     source = "telemetry.otlp.endpoint"
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
     if not endpoint:
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            return None
         if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
             return None
         endpoint = env.get(OTEL_TRACES_ENDPOINT, "").strip()
