@@ -77,12 +77,17 @@ _CURRENT: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar(
     "tollgate_call_trace", default=None
 )
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
+# Span names stay few (OpenTelemetry's advice): the deployment is an attribute, not in the name.
+CALL_SPAN_NAMES: Final = {
+    api: f"POST /openai/deployments/{{deployment}}/{api}"
+    for api in ("chat/completions", "completions", "embeddings")
+}
 
 
 class Tracing:
     """The tracer of one gateway process, and the per-request key hops in flight."""
 
-    __slots__ = ("_names", "_provider", "hops", "tracer")
+    __slots__ = ("_provider", "hops", "tracer")
 
     def __init__(self, settings: TracingSettings) -> None:
         resource = Resource.create(
@@ -96,12 +101,11 @@ class Tracing:
             BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint))
         )
         self.tracer = self._provider.get_tracer(SCOPE, __version__)
-        # A per-request key's digest → the trace of the call that holds it (see `hop`).
+        # A per-request key's digest → the traced call whose request carried it (see `_inject`).
         self.hops: dict[bytes, CallTrace] = {}
-        self._names: dict[str, str] = {}
         log.info(
             "tracing: spans exported to %s (from %s), service %s, sample ratio %s",
-            _without_query(settings.endpoint),
+            _shown(settings.endpoint),
             settings.source,
             settings.service_name,
             settings.sample_ratio,
@@ -113,12 +117,7 @@ class Tracing:
         self, headers: Mapping[str, str], principal: Principal | None, api: str
     ) -> CallTrace:
         """A deployment call's span (`api`: chat/completions, completions or embeddings)."""
-        name = self._names.get(api)
-        if name is None:
-            if len(self._names) > 16:  # the pattern admits nothing else; bounded all the same
-                self._names.clear()
-            name = self._names[api] = f"POST /openai/deployments/{{deployment}}/{api}"
-        return self.begin(headers, principal, name, "POST")
+        return self.begin(headers, principal, CALL_SPAN_NAMES[api], "POST")
 
     def begin(
         self, headers: Mapping[str, str], principal: Principal | None, name: str, method: str
@@ -324,5 +323,9 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key")
 
 
-def _without_query(url: str) -> str:
-    return url.partition("?")[0]
+def _shown(url: str) -> str:
+    """The collector's URL as logged: no user, password or query (they may hold a secret)."""
+    try:
+        return str(URL(url).with_user(None).with_query(None))
+    except ValueError:
+        return "(an invalid URL)"
