@@ -295,7 +295,7 @@ async def _inject(
     per-request key of the hop, is remembered until the call ends: a call made back with it
     joins this trace (`Tracing._parent`)."""
     call = _CURRENT.get()
-    if call is None:
+    if call is None or call.token is None:  # untraced, or a task that outlived its call
         return
     headers = params.headers
     for name in TRACE_HEADERS:
