@@ -355,3 +355,29 @@ def test_a_slow_request_head_is_cut_off(gateway: Gateway) -> None:
                 closed = True
                 break
     assert closed
+
+
+def test_expect_100_continue_gets_an_interim_answer_before_the_body(gateway: Gateway) -> None:
+    """curl sends `Expect: 100-continue` before bodies over 1 KiB and waits for `100 Continue`
+    before it sends the body: the gateway answers it at once, then the call proceeds."""
+    with connect(gateway) as sock:
+        sock.sendall(request_head(extra="Expect: 100-continue\r\n"))
+        sock.settimeout(5)
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(1)
+            assert chunk, "closed before the interim answer"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        sock.sendall(CHAT_BODY)
+        status, _, body = read_response(sock)
+    assert status == 200, body
+    assert orjson.loads(body)["choices"][0]["message"]["content"]
+
+
+def test_an_unknown_expectation_is_refused(gateway: Gateway) -> None:
+    with connect(gateway) as sock:
+        sock.sendall(request_head(extra="Expect: teapot\r\n") + CHAT_BODY)
+        status, headers, body = read_response(sock)
+    assert status == 417
+    assert error_message(headers, body) == "Expectation failed"

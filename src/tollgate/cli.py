@@ -10,19 +10,24 @@ import asyncio
 import gc
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tollgate import __version__
 
+if TYPE_CHECKING:
+    from tollgate.http.app import Gateway
+
+log = logging.getLogger("tollgate")
+
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
 
     from tollgate.config.load import ConfigError
     from tollgate.config.watch import ConfigStore
-    from tollgate.http.app import build_app
+    from tollgate.http.app import Gateway
     from tollgate.observability.logs import configure as configure_logging
     from tollgate.settings import SettingsError, load_settings
 
@@ -52,32 +57,72 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tollgate: cannot start: invalid configuration\n{exc}", file=sys.stderr)
         return 1
 
-    snapshot = store.current
-    app = build_app(settings, store)
+    gateway = Gateway(settings, store)
     _tune_garbage_collector()
     loop = _new_event_loop()
-    print(
-        f"Tollgate {__version__} listening on http://{settings.host}:{settings.port} "
-        f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys)",
-        flush=True,
-    )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        print=None,
-        loop=loop,
-        # SIGTERM: stop listening, close idle connections, let calls and streams in flight
-        # finish for up to the grace period, then flush counters (Gateway.stop) and exit 0.
-        shutdown_timeout=settings.shutdown_grace_s,
-        keepalive_timeout=settings.keep_alive_timeout_s,
-        backlog=1024,
-        max_line_size=settings.max_header_size,
-        max_field_size=settings.max_header_size,
-        max_headers=settings.max_headers,
-    )
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_run(gateway))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+    finally:
+        _cancel_remaining(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _run(gateway: Gateway) -> int:
+    """Serve until SIGTERM or SIGINT, then stop gracefully.
+
+    Stopping: the listening socket is closed (new connections are refused), idle keep-alive
+    connections are closed, calls and streams in flight get `server.shutdownGracePeriod` to
+    finish (those still running then are cut), and the gateway stops last: pending settles,
+    counters flushed to their store, logs and spans written. Exit code 0.
+    """
+    from aiohttp import web
+
+    from tollgate.http.app import build_server
+
+    settings = gateway.settings
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await gateway.start()
+    runner = web.ServerRunner(build_server(gateway), shutdown_timeout=settings.shutdown_grace_s)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(
+                f"tollgate: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 1
+        snapshot = gateway.store.current
+        print(
+            f"Tollgate {__version__} listening on http://{settings.host}:{settings.port} "
+            f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys)",
+            flush=True,
+        )
+        await stopping.wait()
+        log.info("shutting down: new connections refused, calls in flight finishing")
+    finally:
+        await runner.cleanup()
+        await gateway.stop()
     return 0
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """Tasks still pending once the gateway stopped (none is expected) end cancelled, not
+    destroyed mid-flight with a warning."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def _require_tracing(source: str) -> None:
