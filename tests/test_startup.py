@@ -106,3 +106,26 @@ def test_port_from_the_environment(work_dir: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/version").status_code == 200
     finally:
         stop(process)
+
+
+def test_a_port_in_use_stops_start_up_with_a_message(work_dir: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    config = write_json(work_dir / "empty-port.json", {})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = [sys.executable, "-m", "tollgate", "serve", "--host", "127.0.0.1"]
+        result = subprocess.run(
+            [*serve, "--port", str(port), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": "/usr/bin:/bin", "aidial.limits.embedded.file": ""},
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
