@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics, upstream_label
@@ -128,20 +128,17 @@ class Observer:
             )
         if self.access is None:
             return
-        fields: dict[str, Any] = {
-            "project": project or None,
-            "key": principal.key_fingerprint if principal is not None else None,
-            "via": principal.source_deployment if principal is not None else None,
-            "deployment": note.deployment or raw_id[:MAX_LOGGED_ID],
-            "status": status,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": usage.total_tokens if usage is not None else 0,
-            "cost_usd": None if note.cost_nano is None else note.cost_nano / 1e9,
-            "upstream": note.upstream,
-            "attempts": note.attempts,
-            "duration_ms": round(seconds * 1000, 3) if timed else None,
+        self.access.call(
+            project or None,
+            principal.key_fingerprint if principal is not None else None,
+            principal.source_deployment if principal is not None else None,
+            note.deployment or raw_id[:MAX_LOGGED_ID],
+            status,
+            (prompt, completion, usage.total_tokens if usage is not None else 0),
+            None if note.cost_nano is None else note.cost_nano / 1e9,
+            note.upstream,
+            note.attempts,
+            round(seconds * 1000, 3) if timed else None,
             # The call's own trace when traced (it may continue a per-request key's hop).
-            "trace_id": trace.trace_id if trace is not None else trace_id(headers),
-        }
-        self.access.write(fields)
+            trace.trace_id if trace is not None else trace_id(headers),
+        )
