@@ -95,7 +95,7 @@ def test_deployment_attempt_settings() -> None:
     plain, tuned, app = (snapshot.deployments[n] for n in ("plain", "tuned", "app"))
     assert (plain.max_attempts, plain.timeouts_ms) == (5, None)
     assert (tuned.max_attempts, tuned.timeouts_ms) == (2, (None, 1500))
-    assert app.timeouts_ms == (250, None)
+    assert (app.max_attempts, app.timeouts_ms) == (1, (250, None))  # newer DIAL: 1 for apps
     assert snapshot.retriable == {429, 502, 503, 504, 401, 418}
     assert set(snapshot.balancers) == set(snapshot.deployments)
 

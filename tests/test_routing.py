@@ -240,12 +240,24 @@ def test_upstream_less_deployments_retry_without_upstream_headers(
 ) -> None:
     fault(fake, status=502, times=2)
     response = client.post(
-        "/openai/deployments/app/chat/completions",
+        "/openai/deployments/reuse/chat/completions",
         headers={"Api-Key": KEY, "X-UPSTREAM-ENDPOINT": "forged"},
         json=chat(),
     )
     assert response.status_code == 200 and response.headers[ATTEMPTS] == "3"
-    assert seen(fake, "app") == [None, None, None]
+    assert seen(fake, "reuse") == [None, None, None]
+
+
+def test_an_application_is_called_once_by_default(client: httpx.Client, fake: FakeModel) -> None:
+    """Newer DIAL's default `maxRetryAttempts` for applications is 1 (spec proxy 6.5): an
+    application may act on a call, so a failed one is not repeated."""
+    fault(fake, status=502, times=2)
+    response = client.post(
+        "/openai/deployments/app/chat/completions", headers={"Api-Key": KEY}, json=chat()
+    )
+    assert error_of(response) == (502, "No route")
+    assert response.headers[ATTEMPTS] == "1"
+    assert seen(fake, "app") == [None]
 
 
 def test_max_retry_attempts(client: httpx.Client, fake: FakeModel) -> None:

@@ -39,6 +39,7 @@ from tollgate.security.keys import (
 )
 from tollgate.security.principal import Principal
 
+APPLICATION_ATTEMPTS = 1  # an application's default `maxRetryAttempts` (spec proxy 6.5)
 BASE_ASSISTANT = "assistant"  # synthesised when `assistant.endpoint` is set (spec proxy 1)
 
 
@@ -72,7 +73,8 @@ class Deployment:
     accessible_by_per_request_key: bool
     defaults: Mapping[str, Any]
     override_name: str | None
-    max_attempts: int  # upstream attempts per call: `maxRetryAttempts`, else 5 (spec proxy 6.4)
+    # Upstream attempts per call: `maxRetryAttempts`, else 5, or 1 for applications (spec 6.5).
+    max_attempts: int
     # Tollgate's `connectTimeout`, `readTimeout` (ms); None when neither is set (the settings').
     timeouts_ms: tuple[int | None, int | None] | None
     spec: Deployable
@@ -105,7 +107,15 @@ def _deployment(
         accessible_by_per_request_key=accessible,
         defaults=spec.defaults,
         override_name=model.override_name if model else None,
-        max_attempts=MAX_ATTEMPTS if spec.max_retry_attempts is None else spec.max_retry_attempts,
+        max_attempts=(
+            spec.max_retry_attempts
+            if spec.max_retry_attempts is not None
+            # Newer DIAL: one attempt for an application (an agent may act on a call, so a
+            # call is not repeated unless its config asks for it), five for the rest.
+            else APPLICATION_ATTEMPTS
+            if kind is Kind.APPLICATION
+            else MAX_ATTEMPTS
+        ),
         timeouts_ms=(
             None
             if spec.connect_timeout is None and spec.read_timeout is None
