@@ -69,16 +69,7 @@ def gateway(work_dir: Path, fake_model: FakeModel) -> Iterator[Gateway]:
     stop(gw.process)
 
 
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=30) as http:
-        yield http
-
-
-@pytest.fixture
-def fake(fake_model: FakeModel) -> FakeModel:
-    fake_model.clear()
-    return fake_model
+# `client` and `fake` are conftest's: `client` talks to this module's `gateway`.
 
 
 def headers(key: str = KEY, **extra: str) -> dict[str, str]:
