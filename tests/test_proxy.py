@@ -320,3 +320,32 @@ def test_usage_is_counted_after_the_client_disconnects(
         assert httpx.post(gw.url + CHAT, headers=key_headers(), json=chat()).status_code == 200
     finally:
         stop(gw.process)
+
+
+def test_an_upstreams_cookies_never_reach_another_callers_request(work_dir: Path) -> None:
+    """One upstream client serves every caller: a cookie an upstream sets is relayed to the
+    caller that got it, and never sent upstream again on anyone's request."""
+    from harness_apps import start_app
+
+    upstream = start_app(work_dir, "cookie_upstream", dial_url="http://127.0.0.1:1")
+    keys = {"cookie-key-a-0123456789abcdef": "a", "cookie-key-b-0123456789abcdef": "b"}
+    config = {
+        # By name: aiohttp's default cookie jar ignores cookies of hosts given as IP addresses.
+        "models": {"jar": {"endpoint": upstream.endpoint("jar").replace("127.0.0.1", "localhost")}},
+        "keys": {key: {"project": project, "role": "user"} for key, project in keys.items()},
+    }
+    gw = start_gateway(work_dir, [config])
+    try:
+        for key in (*keys, *keys):
+            response = httpx.post(
+                f"{gw.url}/openai/deployments/jar/chat/completions",
+                headers={"Api-Key": key, "Content-Type": "application/json"},
+                json={"messages": [{"role": "user", "content": "hi"}]},
+                timeout=30,
+            )
+            assert response.status_code == 200
+            assert response.headers["Set-Cookie"].startswith("session=caller-")
+        assert upstream.get("/seen") == [None, None, None, None]
+    finally:
+        stop(gw.process)
+        stop(upstream.process)

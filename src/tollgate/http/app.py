@@ -181,6 +181,9 @@ class Gateway:
             # Upstream bodies are relayed and parsed as they are (spec proxy 5.3): requests ask
             # for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
+            # One session serves every caller: cookies an upstream sets must never be sent on
+            # another caller's request (and keeping none saves a jar lookup per call).
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Traced: the call's span context goes on every upstream request (tracing.py).
             trace_configs=None if self.tracing is None else [self.tracing.client_trace()],
         )
