@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics, upstream_label
@@ -69,7 +69,10 @@ class CallNote:
 
 def trace_id(headers: Mapping[str, str]) -> str | None:
     """The trace id of a W3C `traceparent` header, if there is a valid one."""
-    value = headers.get("traceparent")
+    return _trace_id_of(headers.get("traceparent"))
+
+
+def _trace_id_of(value: str | None) -> str | None:
     if value is None:
         return None
     match = TRACEPARENT.fullmatch(value.strip().lower())
@@ -128,17 +131,46 @@ class Observer:
             )
         if self.access is None:
             return
-        self.access.call(
-            project or None,
-            principal.key_fingerprint if principal is not None else None,
-            principal.source_deployment if principal is not None else None,
-            note.deployment or raw_id[:MAX_LOGGED_ID],
-            status,
-            (prompt, completion, usage.total_tokens if usage is not None else 0),
-            None if note.cost_nano is None else note.cost_nano / 1e9,
-            note.upstream,
-            note.attempts,
-            round(seconds * 1000, 3) if timed else None,
-            # The call's own trace when traced (it may continue a per-request key's hop).
-            trace.trace_id if trace is not None else trace_id(headers),
+        # Only the call's objects are handed over; its line is worked out when it is written.
+        self.access.later(
+            _access_fields,
+            (
+                principal,
+                note,
+                raw_id,
+                status,
+                seconds if timed else None,
+                None if trace is not None else headers.get("traceparent"),
+            ),
         )
+
+
+def _access_fields(
+    principal: Principal | None,
+    note: CallNote,
+    raw_id: str,
+    status: int,
+    seconds: float | None,
+    traceparent: str | None,
+) -> tuple[Any, ...]:
+    """The fields of a call's access-log line, in `AccessLog.call`'s order."""
+    usage = note.usage
+    trace = note.trace
+    return (
+        principal.project or None if principal is not None else None,
+        principal.key_fingerprint if principal is not None else None,
+        principal.source_deployment if principal is not None else None,
+        note.deployment or raw_id[:MAX_LOGGED_ID],
+        status,
+        (
+            usage.prompt_tokens if usage is not None else 0,
+            usage.completion_tokens if usage is not None else 0,
+            usage.total_tokens if usage is not None else 0,
+        ),
+        None if note.cost_nano is None else note.cost_nano / 1e9,
+        note.upstream,
+        note.attempts,
+        None if seconds is None else round(seconds * 1000, 3),
+        # The call's own trace when traced (it may continue a per-request key's hop).
+        trace.trace_id if trace is not None else _trace_id_of(traceparent),
+    )
