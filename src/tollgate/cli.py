@@ -24,7 +24,6 @@ log = logging.getLogger("tollgate")
 
 
 def _serve(args: argparse.Namespace) -> int:
-
     from tollgate.config.load import ConfigError
     from tollgate.config.watch import ConfigStore
     from tollgate.http.app import Gateway
