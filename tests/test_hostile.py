@@ -26,6 +26,7 @@ KEY = "hostile-test-key-0123456789abcdef"
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT_MS = 1500
 KEEP_ALIVE_MS = 3000
+WRITE_STALL_MS = 1000
 IDLE_CONNECTIONS = 3000
 CHAT_PATH = "/openai/deployments/chat-model/chat/completions"
 CHAT_BODY = orjson.dumps({"messages": [{"role": "user", "content": "Say hello"}]})
@@ -44,7 +45,11 @@ def gateway(work_dir: Path, fake_model: FakeModel) -> Iterator[Gateway]:
     }
     settings = {
         "resources": {"maxSize": MAX_BODY},
-        "server": {"bodyReadTimeout": BODY_TIMEOUT_MS, "keepAliveTimeout": KEEP_ALIVE_MS},
+        "server": {
+            "bodyReadTimeout": BODY_TIMEOUT_MS,
+            "keepAliveTimeout": KEEP_ALIVE_MS,
+            "writeStallTimeout": WRITE_STALL_MS,
+        },
     }
     gw = start_gateway(work_dir, [config], settings=settings)
     yield gw
@@ -381,3 +386,30 @@ def test_an_unknown_expectation_is_refused(gateway: Gateway) -> None:
         status, headers, body = read_response(sock)
     assert status == 417
     assert error_message(headers, body) == "Expectation failed"
+
+
+def test_a_client_that_stops_reading_a_stream_is_disconnected(gateway: Gateway) -> None:
+    """A client that takes none of a streamed answer (`server.writeStallTimeout`) is cut off
+    instead of holding its call, its upstream connection and the waiting chunks forever."""
+    word = "x" * 6000
+    body = orjson.dumps({"messages": [{"role": "user", "content": "Say hello"}], "stream": True})
+    head = request_head(length=len(body), extra=f"X-Fake-Reply: {word}\r\nX-Fake-Chunks: 3000\r\n")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: tiny window
+    sock.connect(("127.0.0.1", gateway.port))
+    with sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 20
+        while "took none of a stream" not in gateway.output():
+            assert time.monotonic() < deadline, "the stalled client was never disconnected"
+            time.sleep(0.1)
+        # Meanwhile and after, others are served.
+        assert httpx.post(
+            f"{gateway.url}{CHAT_PATH}", headers={"Api-Key": KEY}, json={"messages": []}
+        ).status_code in (200, 400)
+        received = 0
+        with contextlib.suppress(OSError):
+            sock.settimeout(10)
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+    assert received < 3000 * len(word)  # cut off, not the whole stream

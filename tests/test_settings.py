@@ -87,6 +87,7 @@ def test_server_limits_default_to_production_values() -> None:
     assert settings.shutdown_grace_s == 30
     assert settings.keep_alive_timeout_s == 75
     assert settings.body_read_timeout_s == 60
+    assert settings.write_stall_timeout_s == 60
     assert settings.max_header_size == 8190
     assert settings.max_headers == 128
 
@@ -96,8 +97,13 @@ def test_server_limits_from_file_and_environment(tmp_path: Path) -> None:
     path.write_text(json.dumps({"server": {"shutdownGracePeriod": 5000, "maxHeaders": 64}}))
     settings = load_settings(
         str(path),
-        environ={"aidial.server.bodyReadTimeout": "2500", "aidial.server.maxHeaderSize": "16384"},
+        environ={
+            "aidial.server.bodyReadTimeout": "2500",
+            "aidial.server.maxHeaderSize": "16384",
+            "aidial.server.writeStallTimeout": "1500",
+        },
     )
+    assert settings.write_stall_timeout_s == 1.5
     assert settings.shutdown_grace_s == 5
     assert settings.body_read_timeout_s == 2.5
     assert settings.max_headers == 64
@@ -107,7 +113,12 @@ def test_server_limits_from_file_and_environment(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("shutdownGracePeriod", 0), ("keepAliveTimeout", -1), ("maxHeaderSize", "big")],
+    [
+        ("shutdownGracePeriod", 0),
+        ("keepAliveTimeout", -1),
+        ("maxHeaderSize", "big"),
+        ("writeStallTimeout", 0),
+    ],
 )
 def test_server_limits_must_be_positive_numbers(name: str, value: object) -> None:
     with pytest.raises(SettingsError, match=f"setting server.{name}"):

@@ -48,6 +48,7 @@ class Settings:
     shutdown_grace_s: float = 30.0
     keep_alive_timeout_s: float = 75.0
     body_read_timeout_s: float = 60.0
+    write_stall_timeout_s: float = 60.0
     max_header_size: int = 8190
     max_headers: int = 128
     # Telemetry (DECISIONS 12): `metrics.*` and `log.*`.
@@ -238,12 +239,14 @@ def load_settings(
 
 def _server_limits(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Connection hygiene (`server.*`): how long a shutdown waits for calls in flight, how long
-    an idle connection or a request body may take, and how large request headers may be."""
+    an idle connection or a request body may take, how long a client may take none of a
+    streamed answer, and how large request headers may be."""
     limits: dict[str, Any] = {}
     for field, name, scale in (
         ("shutdown_grace_s", "shutdownGracePeriod", 1000),
         ("keep_alive_timeout_s", "keepAliveTimeout", 1000),
         ("body_read_timeout_s", "bodyReadTimeout", 1000),
+        ("write_stall_timeout_s", "writeStallTimeout", 1000),
         ("max_header_size", "maxHeaderSize", 0),
         ("max_headers", "maxHeaders", 0),
     ):

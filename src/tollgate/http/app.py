@@ -139,7 +139,9 @@ class Gateway:
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
         # Balancer state lives in `store.balancers`, one registry beside the swapped snapshot.
-        self.timeouts = Timeouts(settings.connect_timeout_s, settings.read_timeout_s)
+        self.timeouts = Timeouts(
+            settings.connect_timeout_s, settings.read_timeout_s, settings.write_stall_timeout_s
+        )
         self._session: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()  # see _settle_later
         self.features = features.FeatureCalls(

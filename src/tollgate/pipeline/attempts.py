@@ -66,10 +66,12 @@ class Timeouts:
     may stream for long.
     """
 
-    __slots__ = ("_variants", "default")
+    __slots__ = ("_variants", "default", "write_stall_s")
 
-    def __init__(self, connect_s: float, read_s: float) -> None:
+    def __init__(self, connect_s: float, read_s: float, write_stall_s: float = 60.0) -> None:
         self.default = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=read_s)
+        # How long a client may take none of a streamed answer (`server.writeStallTimeout`).
+        self.write_stall_s = write_stall_s
         self._variants: dict[tuple[int | None, int | None], aiohttp.ClientTimeout] = {}
 
     def of(self, deployment: Deployment) -> aiohttp.ClientTimeout:
@@ -152,6 +154,7 @@ async def send(
                                 plan.attempts,
                                 keep=keep,
                                 on_client_gone=on_client_gone,
+                                stall_s=timeouts.write_stall_s,
                             )
                         return await relay_whole(answer, plan.attempts)
                     except TimeoutError:

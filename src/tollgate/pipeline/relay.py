@@ -85,11 +85,14 @@ async def relay_stream(
     *,
     keep: bool = False,
     on_client_gone: Callable[[], None] | None = None,
+    stall_s: float | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
     With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters.
     `on_client_gone` runs as soon as the client is found gone, before the upstream is drained.
+    `stall_s`: a client that takes none of the answer for that long while some waits for it is
+    disconnected (see `_StallWatch`), and counted as gone.
     """
     headers = response_headers(upstream.headers, attempts)
     # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
@@ -98,6 +101,7 @@ async def relay_stream(
     tracker = StreamUsage()
     kept = bytearray() if keep else None
     content = upstream.content
+    watch = None if stall_s is None else _StallWatch(request.transport, stall_s)
     try:
         await response.prepare(request)
         async for chunk in content.iter_any():
@@ -105,6 +109,8 @@ async def relay_stream(
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
             await response.write(chunk)
+            if watch is not None:
+                watch.written += 1
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
@@ -117,9 +123,56 @@ async def relay_stream(
         log.warning("upstream stream ended abnormally: %s", type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
+    finally:
+        if watch is not None:
+            watch.stop()
     usage = tracker.finish() if upstream.status == 200 else None
     body = bytes(kept) if kept else b""
     return Relayed(response, usage, body, True)
+
+
+class _StallWatch:
+    """Disconnects a client that stopped reading a stream.
+
+    Without it, a client that reads nothing holds its call, its upstream connection and the
+    chunks waiting in memory for as long as it stays connected (aiohttp's writes have no
+    timeout). Every `stall_s` the watch looks: no chunk was written since the last look while
+    bytes wait in the connection's buffer → the connection is aborted; the blocked write then
+    fails as a disconnect does (the upstream is drained for usage, the call charged). One timer
+    per stream, not one per chunk.
+    """
+
+    __slots__ = ("_seen", "_stall_s", "_timer", "_transport", "written")
+
+    def __init__(self, transport: asyncio.Transport | None, stall_s: float) -> None:
+        self._transport = transport
+        self._stall_s = stall_s
+        self.written = 0
+        self._seen = 0
+        self._timer = (
+            None
+            if transport is None
+            else asyncio.get_running_loop().call_later(stall_s, self._look)
+        )
+
+    def _look(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        if self.written == self._seen and transport.get_write_buffer_size() > 0:
+            log.warning(
+                "client took none of a stream for %.0f s: disconnected (server.writeStallTimeout)",
+                self._stall_s,
+            )
+            self._timer = None
+            transport.abort()
+            return
+        self._seen = self.written
+        self._timer = asyncio.get_running_loop().call_later(self._stall_s, self._look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _drain(
