@@ -39,6 +39,7 @@ def config(fake: FakeModel) -> dict[str, Any]:
             "priced": {
                 "endpoint": fake.endpoint("priced"),
                 "pricing": {"unit": "token", "prompt": "0.5", "completion": "1"},
+                "features": {"rateEndpoint": f"{fake.url}/openai/deployments/priced/rate"},
             },
             "pair": {
                 "endpoint": fake.endpoint("pair"),
@@ -61,6 +62,7 @@ def config(fake: FakeModel) -> dict[str, Any]:
             "user": {"limits": {"scarce": {"requestDay": "1"}}},
             "admin": {"limits": {}},
         },
+        "routes": {"static": {"paths": ["/v1/static"], "response": {"body": "fine"}}},
     }
 
 
@@ -282,3 +284,21 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert buckets["300.0"] == 3
     assert buckets["+Inf"] == 4
     assert histogram.sum == pytest.approx(400.206)
+
+
+def test_feature_endpoints_and_routes_are_counted(separate: tuple[Gateway, int, Path]) -> None:
+    gw, port, _ = separate
+    headers = {"Api-Key": USER_KEY, **JSON}
+    for _ in range(2):
+        assert httpx.post(f"{gw.url}/v1/priced/rate", headers=headers, json={}).status_code == 200
+    unknown = httpx.post(f"{gw.url}/v1/deployments/made-up-id/tokenize", headers=headers, json={})
+    assert unknown.status_code == 404
+    assert httpx.get(f"{gw.url}/v1/static", headers=headers).text == "fine"
+    text = scrape(f"http://127.0.0.1:{port}")
+    name = "tollgate_endpoint_requests_total"
+    common = {"project": "team-metrics"}
+    assert value(text, name, endpoint="rate", target="priced", status="200", **common) == 2
+    # An id the config does not name is not a label: a client cannot grow the label set.
+    assert value(text, name, endpoint="tokenize", target="", status="404", **common) == 1
+    assert "made-up-id" not in text
+    assert value(text, name, endpoint="route", target="static", status="200", **common) == 1

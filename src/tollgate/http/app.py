@@ -44,7 +44,7 @@ from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
 from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
 from tollgate.pipeline.relay import Relayed
-from tollgate.pipeline.resolve import resolve
+from tollgate.pipeline.resolve import decode_id, resolve
 from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import charge_for
 from tollgate.security.admin import AdminRules
@@ -238,10 +238,14 @@ class Gateway:
                     if self.tracing is None
                     else self.tracing.around(request, routed.span, routed.answer)
                 )
+                if routed.counted is not None and self.metrics is not None:
+                    self.metrics.endpoint(*routed.counted, response.status)
             else:
                 response = routed
         except GatewayError as error:
             response = error_response(error)
+            if isinstance(routed, AsyncAnswer) and routed.counted and self.metrics is not None:
+                self.metrics.endpoint(*routed.counted, error.status)
             if routed is None and self.observer is not None:
                 self._observe_refusal(request, error.status, self.observer)
         except Exception:
@@ -335,9 +339,12 @@ class Gateway:
             if route_method == method:
                 match = pattern.fullmatch(path)
                 if match is not None:
+                    # Labelled by a deployment the config names, never an id a client made up.
+                    known = snapshot.resolve(decode_id(match[1]))
                     return AsyncAnswer(
                         self.features.call(request, principal, snapshot, match[1], feature),
                         f"{method} {feature.name}",
+                        (feature.name, "" if known is None else known.name, principal.project),
                     )
         if method == "GET":
             for pattern, async_handler in ASYNC_ROUTES:
@@ -355,7 +362,9 @@ class Gateway:
         route = snapshot.routes.match(method, request.raw_path) if snapshot.routes else None
         if route is not None:
             return AsyncAnswer(
-                self.routes.call(request, principal, snapshot, route), f"{method} {route.name}"
+                self.routes.call(request, principal, snapshot, route),
+                f"{method} {route.name}",
+                ("route", route.name, principal.project),
             )
         raise no_route()
 
@@ -560,6 +569,8 @@ class AsyncAnswer(NamedTuple):
 
     answer: Coroutine[Any, Any, web.StreamResponse]
     span: str = ""  # the name of its span, when traced
+    # Counted in `tollgate_endpoint_requests` as (endpoint, target, project); None: not counted.
+    counted: tuple[str, str, str] | None = None
 
 
 AsyncHandler = Callable[

@@ -98,6 +98,8 @@ class Metrics:
         self.tokens: dict[tuple[str, str], list[int]] = {}  # project, deployment → prompt, compl.
         self.cost_nano: dict[tuple[str, str], int] = {}  # project, deployment
         self.rejections: dict[tuple[str, str, str, str], int] = {}  # project, depl., kind, window
+        # Feature endpoints and routes: endpoint, target, project, status.
+        self.endpoints: dict[tuple[str, str, str, int], int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
@@ -146,6 +148,11 @@ class Metrics:
             if histogram is None:
                 histogram = self.ttfb[deployment] = Histogram()
             histogram.observe(ttfb_s)
+
+    def endpoint(self, endpoint: str, target: str, project: str, status: int) -> None:
+        """A feature-endpoint call (`rate`, `tokenize`, ...) or a route call, answered."""
+        key = (endpoint, target, project, status)
+        self.endpoints[key] = self.endpoints.get(key, 0) + 1
 
     def rejected(self, project: str, deployment: str, kind: str, window: str) -> None:
         """A call refused by a limit (429): its kind (token, request, cost) and window."""
@@ -222,6 +229,16 @@ class _Collector:
         for labels, count in list(m.rejections.items()):
             rejections.add_metric(labels, count)
         yield rejections
+        endpoints = CounterMetricFamily(
+            "tollgate_endpoint_requests",
+            "Feature-endpoint calls (rate, tokenize, truncate_prompt, configuration) by their "
+            "deployment, and route calls (endpoint `route`) by route name; by caller project "
+            "and answer status.",
+            labels=("endpoint", "target", "project", "status"),
+        )
+        for (endpoint, target, project, status), count in list(m.endpoints.items()):
+            endpoints.add_metric((endpoint, target, project, str(status)), count)
+        yield endpoints
         if m.view is not None:
             yield from _gateway_state(m.view)
 
