@@ -125,6 +125,14 @@ def limits(gw: Gateway) -> dict[str, Any]:
     return result
 
 
+def limits_seen_by(gw: Gateway) -> dict[str, Any]:
+    """The limits a freshly started gateway reports; it is stopped afterwards."""
+    try:
+        return limits(gw)
+    finally:
+        stop(gw.process)
+
+
 def test_sigterm_lets_a_stream_finish_refuses_new_connections_and_keeps_its_usage(
     work_dir: Path, fake_model: FakeModel
 ) -> None:
@@ -154,11 +162,7 @@ def test_sigterm_lets_a_stream_finish_refuses_new_connections_and_keeps_its_usag
     assert "Traceback" not in output
 
     # Its usage was flushed to the counters file before the exit: a new process sees it.
-    again = start(work_dir, fake_model, usage_file, grace_ms=30_000)
-    try:
-        stats = limits(again)
-    finally:
-        stop(again.process)
+    stats = limits_seen_by(start(work_dir, fake_model, usage_file, grace_ms=30_000))
     assert requests_used(stats) == 1
     assert tokens_used(stats) == usage["total_tokens"]
 
@@ -181,11 +185,7 @@ def test_a_stream_longer_than_the_grace_period_is_cut_and_the_call_still_counted
     assert b"[DONE]" not in stream.events  # cut
     assert "Traceback" not in gw.output()
 
-    again = start(work_dir, fake_model, usage_file, grace_ms=30_000)
-    try:
-        stats = limits(again)
-    finally:
-        stop(again.process)
+    stats = limits_seen_by(start(work_dir, fake_model, usage_file, grace_ms=30_000))
     # The call is charged (settled on the way out) with the usage the upstream had reported
     # when it was cut: none yet here, as the fake model reports usage at the end.
     assert requests_used(stats) == 1
@@ -245,11 +245,9 @@ def test_sigterm_with_redis_settles_the_stream_in_redis(
             stop(gw.process)
         assert stream.events[-1] == b"[DONE]"
         # Another instance on the same Redis sees the call and its tokens.
-        other = start_with_redis(work_dir, fake_model, server.port, work_dir / "redis-b.sqlite")
-        try:
-            stats = limits(other)
-        finally:
-            stop(other.process)
+        stats = limits_seen_by(
+            start_with_redis(work_dir, fake_model, server.port, work_dir / "redis-b.sqlite")
+        )
     finally:
         stop_redis_server(server)
     assert requests_used(stats) == 1
@@ -287,11 +285,9 @@ def test_sigterm_while_redis_is_down_keeps_the_queue_for_the_next_start(
                 time.sleep(0.1)
         finally:
             stop(again.process)
-        other = start_with_redis(work_dir, fake_model, port, work_dir / "redis-c.sqlite")
-        try:
-            stats = limits(other)
-        finally:
-            stop(other.process)
+        stats = limits_seen_by(
+            start_with_redis(work_dir, fake_model, port, work_dir / "redis-c.sqlite")
+        )
     finally:
         stop_redis_server(server)
     assert requests_used(stats) == 1

@@ -57,12 +57,10 @@ if TYPE_CHECKING:  # the optional `otel` extra: imported only when tracing is co
     from tollgate.observability.tracing import Tracing
 
 log = logging.getLogger("tollgate.http")
-access_log = logging.getLogger("tollgate.access")
 
 # Settles running in the background at most; past it, a finished call waits for its own.
 MAX_SETTLING: Final = 4096
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
-USAGE = "tollgate.usage"  # request key: the call's Usage, for the limits step that settles it
 DEPLOYMENT_CALL = re.compile(
     r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
 )
@@ -451,11 +449,8 @@ class Gateway:
                 on_client_gone=lambda: self._end_hop(handle),
                 note=note,
             )
-            usage = relayed.usage
-            if usage is not None:
-                request[USAGE] = usage
-                if note is not None:
-                    note.usage = usage
+            if note is not None:
+                note.usage = relayed.usage
             return relayed.response
         finally:
             if publishing is not None and not publishing.done():

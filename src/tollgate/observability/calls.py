@@ -14,9 +14,9 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 from tollgate.observability.logs import AccessLog
-from tollgate.observability.metrics import Metrics, upstream_label
+from tollgate.observability.metrics import Metrics
 from tollgate.pipeline.usage import Usage
-from tollgate.routing.balancer import DeploymentBalancer, UpstreamState
+from tollgate.routing.balancer import UpstreamState
 from tollgate.security.principal import Principal
 
 if TYPE_CHECKING:  # tracing needs the optional `otel` extra: imported only when configured
@@ -51,16 +51,10 @@ class CallNote:
         self.cost_nano: int | None = None  # None: not charged (not a model, or not settled)
         self.trace: CallTrace | None = None  # when tracing is on
 
-    def attempt(
-        self,
-        balancer: DeploymentBalancer | None,
-        state: UpstreamState,
-        outcome: str,
-        ttfb_s: float | None,
-    ) -> None:
+    def attempt(self, state: UpstreamState, outcome: str, ttfb_s: float | None) -> None:
         """One upstream attempt ended: `outcome` is its status, or why it got no answer."""
         self.attempts += 1
-        label = self.upstream = upstream_label(balancer, state)
+        label = self.upstream = state.label
         if self.metrics is not None:
             self.metrics.attempt(self.deployment, label, outcome, ttfb_s)
         if self.trace is not None:

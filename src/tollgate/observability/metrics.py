@@ -28,7 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from tollgate.routing.balancer import DeploymentBalancer, UpstreamState
+from tollgate.routing.balancer import DeploymentBalancer
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 # Seconds. A call's total time runs from milliseconds (refused) to minutes (long streams).
@@ -58,18 +58,6 @@ class Histogram:
             running += count
             buckets.append(("+Inf" if bound is None else repr(bound), running))
         return buckets
-
-
-def upstream_label(balancer: DeploymentBalancer | None, state: UpstreamState) -> str:
-    """`sha256:<fingerprint>` of the upstream's key, or `#<position>` for one without a key."""
-    if state.fingerprint:
-        return f"sha256:{state.fingerprint}"
-    if balancer is not None:
-        try:
-            return f"#{balancer.states.index(state)}"
-        except ValueError:
-            pass
-    return "#0"
 
 
 class StoreView:
@@ -270,8 +258,7 @@ def _gateway_state(view: StoreView) -> Iterator[Metric]:
     for name, balancer in sorted(view.balancers().items()):
         now = balancer.clock()
         for state in balancer.states:
-            label = upstream_label(balancer, state)
-            parked.add_metric((name, label), 0.0 if state.available(now) else 1.0)
+            parked.add_metric((name, state.label), 0.0 if state.available(now) else 1.0)
     yield parked
     store = view.store()
     healthy = GaugeMetricFamily(

@@ -61,9 +61,8 @@ from yarl import URL
 
 from tollgate import __version__
 from tollgate.errors import GatewayError
-from tollgate.observability.metrics import upstream_label
 from tollgate.pipeline.usage import Usage
-from tollgate.routing.balancer import DeploymentBalancer, UpstreamState
+from tollgate.routing.balancer import UpstreamState
 from tollgate.security.keys import digest_of
 from tollgate.security.principal import Principal
 from tollgate.settings import TracingSettings
@@ -197,14 +196,14 @@ class CallTrace:
     def trace_id(self) -> str:
         return f"{self.span.get_span_context().trace_id:032x}"
 
-    def attempt(self, balancer: DeploymentBalancer | None, state: UpstreamState, url: URL) -> None:
+    def attempt(self, state: UpstreamState, url: URL) -> None:
         """An upstream attempt starts: its span becomes the current one (the previous attempt's
         ends)."""
         self._end_attempt()
         self.attempts += 1
         attributes: dict[str, str | int] = {
             "http.request.method": "POST",
-            "tollgate.upstream": upstream_label(balancer, state),
+            "tollgate.upstream": state.label,
             "tollgate.attempt": self.attempts,
         }
         if url.host is not None:  # never the URL itself: its query may hold a secret

@@ -65,10 +65,7 @@ class Admission:
         ask = self.ask(snapshot, principal, deployment, api, body, request)
         if ask is None:
             return None
-        refusal = await self.ledger.admit(ask)
-        if refusal is not None and self.on_refusal is not None:
-            self.on_refusal(ask, refusal)
-        return _ticket(ask, refusal, deployment)
+        return self._ticket(ask, await self.ledger.admit(ask), deployment)
 
     def admit_now(
         self,
@@ -84,10 +81,15 @@ class Admission:
         if ask is None:
             return None
         assert self._admit_now is not None
-        refusal = self._admit_now(ask)
-        if refusal is not None and self.on_refusal is not None:
-            self.on_refusal(ask, refusal)
-        return _ticket(ask, refusal, deployment)
+        return self._ticket(ask, self._admit_now(ask), deployment)
+
+    def _ticket(self, ask: Ask, refusal: Refusal | None, deployment: Deployment) -> Ticket:
+        """The admitted call's ticket, or the refusal raised (and told to `on_refusal`)."""
+        if refusal is not None:
+            if self.on_refusal is not None:
+                self.on_refusal(ask, refusal)
+            raise rejection(refusal)
+        return Ticket(ask, deployment.prices)
 
     def ask(
         self,
@@ -149,12 +151,6 @@ class Admission:
             completion * per_unit
         ) * (prices.completion or 0)
         return prompt + completion, to_nano_usd(cost)
-
-
-def _ticket(ask: Ask, refusal: Refusal | None, deployment: Deployment) -> Ticket:
-    if refusal is not None:
-        raise rejection(refusal)
-    return Ticket(ask, deployment.prices)
 
 
 def rejection(refusal: Refusal) -> GatewayError:

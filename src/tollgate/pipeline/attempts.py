@@ -114,8 +114,7 @@ async def send(
     the status line (metrics, access log); when it is traced, each attempt has a span.
     Raises the `GatewayError` of an exhausted plan (see the module docstring).
     """
-    balancer = snapshot.balancers[deployment.name]
-    plan = balancer.plan(deployment.max_attempts, snapshot.retriable)
+    plan = snapshot.balancers[deployment.name].plan(deployment.max_attempts, snapshot.retriable)
     timeout = timeouts.of(deployment)
     common = len(headers)
     failure: Failure | None = None
@@ -128,7 +127,7 @@ async def send(
         else:
             sent = perf_counter()
             if note.trace is not None:  # the attempt's span: its context goes upstream
-                note.trace.attempt(balancer, upstream, url)
+                note.trace.attempt(upstream, url)
         try:
             answer = await session.post(url, data=body, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError as exc:
@@ -141,7 +140,7 @@ async def send(
             async with answer:
                 status = answer.status
                 if note is not None:
-                    note.attempt(balancer, upstream, str(status), perf_counter() - sent)
+                    note.attempt(upstream, str(status), perf_counter() - sent)
                 retry_after = answer.headers.get("Retry-After") if status == 429 else None
                 if not plan.record(status, retry_after):
                     # Relayed as it is; past its status line nothing is retried. (Inline: one
@@ -175,7 +174,7 @@ async def send(
             continue
         plan.record_transport_failure()
         if note is not None:
-            note.attempt(balancer, upstream, _OUTCOMES[failure], None)
+            note.attempt(upstream, _OUTCOMES[failure], None)
         log.warning(
             "upstream call to %s failed (attempt %d): %s",
             deployment.name,

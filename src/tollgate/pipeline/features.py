@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from tollgate.config.schema import Model, Upstream
 from tollgate.config.snapshot import Deployment, Snapshot
@@ -33,7 +32,7 @@ from tollgate.errors import GatewayError
 from tollgate.pipeline.attempts import Timeouts
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.forward import upstream_headers
-from tollgate.pipeline.relay import DROPPED_RESPONSE_HEADERS
+from tollgate.pipeline.relay import response_headers
 from tollgate.pipeline.resolve import resolve
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
@@ -208,7 +207,7 @@ class FeatureCalls:
                     status=answer.status,
                     reason=answer.reason,
                     body=content,
-                    headers=_relayed_headers(answer.headers),
+                    headers=response_headers(answer.headers, 0),  # no attempts: no retries
                 )
         except aiohttp.ClientConnectorError as exc:
             raise _failure(502, CONNECTION_ERROR, deployment, feature, exc) from None
@@ -226,12 +225,3 @@ def _failure(
     # The URL is not logged: a feature URL may carry a secret in its query.
     log.warning("%s call to %s failed: %s", feature.name, deployment.name, type(reason).__name__)
     return GatewayError(status, message)
-
-
-def _relayed_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop ones (spec proxy 7.1)."""
-    headers = CIMultiDict(upstream)
-    for name in DROPPED_RESPONSE_HEADERS:
-        if name in headers:
-            del headers[name]
-    return headers

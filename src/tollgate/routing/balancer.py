@@ -212,6 +212,7 @@ class UpstreamState:
         "fingerprint",
         "headers",
         "identity",
+        "label",
         "parked_until",
         "rate_limited",
         "upstream",
@@ -224,6 +225,9 @@ class UpstreamState:
         # DECISIONS 11: logs name a key by the first 8 hex digits of its SHA-256.
         self.fingerprint = "" if upstream.key is None else fingerprint_of_digest(identity[1])
         self.headers = upstream_headers(upstream) if forwarded else ()
+        # Its name in metrics, traces and logs: `sha256:<fingerprint>` of its key, or
+        # `#<position>` among its deployment's enabled upstreams (set by the balancer).
+        self.label = f"sha256:{self.fingerprint}" if self.fingerprint else "#0"
         self.error_count = 0
         self.parked_until = _NOT_PARKED
         self.rate_limited = False
@@ -342,10 +346,12 @@ class DeploymentBalancer:
         identities = _identities(enabled, upstreams.forwarded)
         known = {} if previous is None else {s.identity: s for s in previous.states}
         states: list[UpstreamState] = []
-        for upstream, identity in zip(enabled, identities, strict=True):
+        for position, (upstream, identity) in enumerate(zip(enabled, identities, strict=True)):
             state = known.get(identity)
             if state is None:
                 state = UpstreamState(upstream, identity, forwarded=upstreams.forwarded)
+            if not state.fingerprint:
+                state.label = f"#{position}"
             states.append(state)
         old_tiers = {} if previous is None else {t.key: t for t in previous._tiers}
         by_tier: dict[int, list[UpstreamState]] = {}
