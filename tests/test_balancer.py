@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tollgate.config.schema import Config, Upstream
-from tollgate.config.snapshot import build_snapshot
 from tollgate.routing import (
     MAX_ATTEMPTS,
     RETRIABLE_STATUSES,
@@ -26,6 +25,7 @@ from tollgate.routing import (
     retry_after_seconds,
     upstream_headers,
 )
+from tollgate.snapshot import build_snapshot
 
 
 class FakeClock:

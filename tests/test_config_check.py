@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tollgate.config.check import (
+from tollgate.config.load import ConfigError, load_config
+from tollgate.config_check import (
     Problem,
     check,
     check_files,
@@ -23,7 +24,6 @@ from tollgate.config.check import (
     exit_code,
     json_positions,
 )
-from tollgate.config.load import ConfigError, load_config
 from tollgate.security.keys import digest_of
 
 STRONG = "Zx8kQ2vR7mN4pL9sT3wY6bC1dF5gH0jK"  # 32 mixed characters: ~190 bits by the estimate

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from tollgate.config.load import ConfigError, load_config
 from tollgate.config.merge import deep_merge
 from tollgate.config.schema import UNLIMITED
-from tollgate.config.snapshot import build_snapshot, may_use
 from tollgate.security.keys import digest_of
+from tollgate.snapshot import build_snapshot, may_use
 
 
 def write(tmp_path: Path, name: str, value: Any) -> str:

@@ -21,7 +21,7 @@ from tollgate.limits.cost import (
     to_nano_usd,
     token_cost,
 )
-from tollgate.pipeline.usage import Usage
+from tollgate.limits.usage import Usage
 
 D = Decimal
 

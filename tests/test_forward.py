@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from tollgate.config.schema import Config
-from tollgate.config.snapshot import Deployment, build_snapshot
 from tollgate.errors import GatewayError
 from tollgate.pipeline.forward import enhance, parse_body, upstream_headers, upstream_url
+from tollgate.snapshot import Deployment, build_snapshot
 
 
 def deployment(**model: Any) -> Deployment:

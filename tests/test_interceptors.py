@@ -32,8 +32,8 @@ from harness import (
 )
 from interceptors_sdk import start_sdk_interceptor
 from redis_server import RedisServer, start_redis_server, stop_redis_server
-from tollgate.config.check import reference_problems
 from tollgate.config.schema import Config
+from tollgate.config_check import reference_problems
 from tollgate.errors import GatewayError
 from tollgate.fake_model import DEFAULT_REPLY
 from tollgate.pipeline.interceptors import Interceptors

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tollgate.config.load import load_config
-from tollgate.config.snapshot import build_snapshot
 from tollgate.security.key_generator import new_key
 from tollgate.security.keys import digest_of
+from tollgate.snapshot import build_snapshot
 
 
 def tollgate(*args: str) -> subprocess.CompletedProcess[str]:

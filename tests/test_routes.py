@@ -28,11 +28,11 @@ from harness import (
     start_gateway,
     stop,
 )
-from tollgate.config.check import check_files
 from tollgate.config.java_regex import JavaRegexError, compile_java
 from tollgate.config.schema import Config
-from tollgate.config.snapshot import build_snapshot
+from tollgate.config_check import check_files
 from tollgate.routing.balancer import Balancers
+from tollgate.snapshot import build_snapshot
 
 USER_KEY = "routes-vstore-user-0123456789"
 ADMIN_KEY = "routes-vstore-admin-0123456789"

@@ -30,8 +30,8 @@ from harness import (
 )
 from test_reload import eventually
 from tollgate.config.schema import Config
-from tollgate.config.snapshot import build_snapshot
 from tollgate.pipeline.attempts import Timeouts
+from tollgate.snapshot import build_snapshot
 
 KEY = "routing-key-0123456789"
 ATTEMPTS = "X-UPSTREAM-ATTEMPTS"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from tollgate.config.schema import Config
-from tollgate.config.snapshot import build_snapshot
 from tollgate.limits.memory import MemoryLedger
+from tollgate.limits.usage import Usage
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.settle import charge_for
-from tollgate.pipeline.usage import Usage
 from tollgate.security.principal import Principal
+from tollgate.snapshot import build_snapshot
 
 CALLER = Principal("proj", ("default",), frozenset({"default"}), "fp")
 BODY = b'{"messages": []}'

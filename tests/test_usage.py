@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollgate.pipeline.usage import StreamUsage, Usage, body_usage, last_usage
+from tollgate.limits.usage import StreamUsage, Usage, body_usage, last_usage
 
 
 def sse(*events: object) -> bytes:

@@ -25,7 +25,7 @@ log = logging.getLogger("tollgate")
 
 def _serve(args: argparse.Namespace) -> int:
     from tollgate.config.load import ConfigError
-    from tollgate.config.watch import ConfigStore
+    from tollgate.config_store import ConfigStore
     from tollgate.http.app import Gateway
     from tollgate.observability.logs import configure as configure_logging
     from tollgate.settings import SettingsError, load_settings
@@ -193,7 +193,7 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from tollgate.config.check import check, exit_code
+    from tollgate.config_check import check, exit_code
 
     problems = check(args.files, settings_file=args.settings)
     code = exit_code(problems, strict=args.strict)

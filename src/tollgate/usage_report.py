@@ -21,12 +21,12 @@ from decimal import Decimal
 from typing import Any
 
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
-from tollgate.config.snapshot import Kind, Snapshot, may_use
 from tollgate.limits.ledger import BucketUsage, Ledger, usd
 from tollgate.limits.windows import Instant, Period
 from tollgate.pipeline.admit import bucket_of
 from tollgate.security.principal import Principal
 from tollgate.settings import Settings
+from tollgate.snapshot import Kind, Snapshot, may_use
 
 TOKEN_WINDOWS = ("minute", "day", "week", "month")
 REQUEST_WINDOWS = ("hour", "day")
@@ -230,7 +230,7 @@ def run(
     import orjson
 
     from tollgate.config.load import ConfigError
-    from tollgate.config.watch import load_snapshot
+    from tollgate.config_store import load_snapshot
     from tollgate.settings import SettingsError, load_settings
 
     overrides = {"config": {"files": list(config_files)}} if config_files else None

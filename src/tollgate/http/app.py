@@ -20,8 +20,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from tollgate import __version__
-from tollgate.config.snapshot import Kind, Snapshot
-from tollgate.config.watch import ConfigStore
+from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError, no_route, unknown_api_key
 from tollgate.http import catalog, protocol_errors
 from tollgate.http.limits_api import LimitsApi
@@ -52,6 +51,7 @@ from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import RemoteKeyLookup, SharedKeys
 from tollgate.settings import Settings
+from tollgate.snapshot import Kind, Snapshot
 
 if TYPE_CHECKING:  # the optional `otel` extra: imported only when tracing is configured
     from tollgate.observability.tracing import Tracing

@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from tollgate.config.snapshot import Kind, Listing, Snapshot, may_use
 from tollgate.errors import GatewayError, forbidden_deployment
 from tollgate.http.responses import json_bytes_response, json_response, list_body
 from tollgate.pipeline.resolve import decode_id, resolve
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Kind, Listing, Snapshot, may_use
 
 
 def listing(listing: Listing, principal: Principal) -> web.Response:

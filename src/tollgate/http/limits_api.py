@@ -12,7 +12,6 @@ import orjson
 from aiohttp import web
 
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
-from tollgate.config.snapshot import Deployment, Kind, Snapshot, may_use
 from tollgate.errors import forbidden_deployment
 from tollgate.http.responses import json_bytes_response
 from tollgate.limits.ledger import EntityUsage, Ledger, usd
@@ -21,6 +20,7 @@ from tollgate.limits.windows import Instant, Period
 from tollgate.pipeline.admit import bucket_of
 from tollgate.pipeline.resolve import resolve
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Deployment, Kind, Snapshot, may_use
 
 KINDS = {"model": Kind.MODEL, "application": Kind.APPLICATION, "assistant": Kind.ASSISTANT}
 

@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from tollgate.config.load import ConfigError
 from tollgate.config.schema import Config
-from tollgate.config.watch import ConfigStore
+from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError
 from tollgate.http.responses import json_bytes_response
 from tollgate.observability.metrics import CONTENT_TYPE, Metrics

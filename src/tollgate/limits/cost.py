@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from tollgate.config.schema import Pricing
-from tollgate.pipeline.usage import Usage
+from tollgate.limits.usage import Usage
 
 Unit = Literal["token", "char_without_whitespace"]
 UNITS: dict[str | None, Unit] = {

@@ -221,6 +221,8 @@ def _over(used: tuple[int, ...], limits: tuple[int, ...], extra: int) -> bool:
 
 
 class MemoryLedger(Ledger):
+    synchronous = True
+
     def __init__(self, path: str | None, flush_every_s: float = 1.0) -> None:
         self._buckets: dict[str, _Bucket] = {}
         self._dirty: set[str] = set()

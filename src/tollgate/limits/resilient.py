@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Literal
@@ -63,7 +62,9 @@ def _ended(entry: Entry, now_ms: int) -> bool:
 
 
 def _unreserved(charge: Charge) -> Charge:
-    return replace(charge, reserved_at=None, reserved_tokens=0, reserved_cost_nano=0)
+    return replace(
+        charge, reserved_at=None, reserved_tokens=0, reserved_cost_nano=0, reserved_locally=False
+    )
 
 
 class ResilientLedger(Ledger):
@@ -89,10 +90,6 @@ class ResilientLedger(Ledger):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
-        # Admissions reserved on the local ledger, by the identity of their instant (a ticket
-        # keeps that object alive until it settles): their release belongs to the local one.
-        # Counted: calls admitted in the same millisecond share one instant (see Clock.at).
-        self._local_reservations: Counter[int] = Counter()
         self.failures = 0
 
     @property
@@ -177,20 +174,13 @@ class ResilientLedger(Ledger):
         refusal = await self.local.admit(ask)
         if refusal is None:
             self._queue.append(ask)
-            self._local_reservations[id(ask.now)] += 1
+            # The ticket remembers where it was admitted: its release belongs to the local
+            # ledger even if the store is back when it settles.
+            ask.local = True
         return refusal
 
     async def settle(self, charge: Charge) -> None:
-        reserved_locally = False
-        if charge.reserved_at is not None:
-            key = id(charge.reserved_at)
-            held = self._local_reservations.get(key, 0)
-            if held:
-                reserved_locally = True
-                if held == 1:
-                    del self._local_reservations[key]
-                else:
-                    self._local_reservations[key] = held - 1
+        reserved_locally = charge.reserved_locally
         if reserved_locally:
             # Each ledger releases only the reservation it holds: this one is the local one's,
             # and the store (now, or at the replay) gets the charge alone.

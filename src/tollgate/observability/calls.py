@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
+from tollgate.limits.usage import Usage
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics
-from tollgate.pipeline.usage import Usage
 from tollgate.routing.balancer import UpstreamState
 from tollgate.security.principal import Principal
 

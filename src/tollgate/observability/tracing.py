@@ -61,7 +61,7 @@ from yarl import URL
 
 from tollgate import __version__
 from tollgate.errors import GatewayError
-from tollgate.pipeline.usage import Usage
+from tollgate.limits.usage import Usage
 from tollgate.routing.balancer import UpstreamState
 from tollgate.security.keys import digest_of
 from tollgate.security.principal import Principal

@@ -16,7 +16,6 @@ from decimal import Decimal
 from typing import Any
 
 from tollgate.config.schema import Model
-from tollgate.config.snapshot import Deployment, Kind, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.limits import messages
 from tollgate.limits.cost import Prices, to_nano_usd
@@ -24,6 +23,7 @@ from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Deployment, Kind, Snapshot
 
 CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
 

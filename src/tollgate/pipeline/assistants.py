@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 import orjson
 
 from tollgate.config.schema import Assistant, Deployable
-from tollgate.config.snapshot import Deployment, Snapshot, may_use
 from tollgate.errors import GatewayError
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Deployment, Snapshot, may_use
 
 ADDON_TOKEN_HEADER = "x-addon-token-"
 

@@ -32,10 +32,10 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whole
 from tollgate.routing.balancer import AttemptPlan
+from tollgate.snapshot import Deployment, Snapshot
 
 if TYPE_CHECKING:
     from tollgate.observability.calls import CallNote

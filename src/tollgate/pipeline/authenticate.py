@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from tollgate.config.snapshot import Snapshot
 from tollgate.errors import (
     GatewayError,
     bad_authorization,
@@ -22,6 +21,7 @@ from tollgate.security.keys import digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import RemoteKeyLookup
+from tollgate.snapshot import Snapshot
 
 
 class Peer(Protocol):

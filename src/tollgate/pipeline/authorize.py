@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tollgate.config.snapshot import Deployment, may_use
 from tollgate.errors import GatewayError, forbidden_deployment
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Deployment, may_use
 
 
 def authorize(principal: Principal, deployment: Deployment) -> None:

@@ -27,7 +27,6 @@ import aiohttp
 from aiohttp import web
 
 from tollgate.config.schema import Model, Upstream
-from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.pipeline.attempts import Timeouts
 from tollgate.pipeline.authorize import authorize
@@ -37,6 +36,7 @@ from tollgate.pipeline.resolve import resolve
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import SharedKeys
+from tollgate.snapshot import Deployment, Snapshot
 
 log = logging.getLogger("tollgate.features")
 

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from tollgate.config.snapshot import Deployment
 from tollgate.errors import GatewayError
+from tollgate.snapshot import Deployment
 
 # Never copied from the client (spec proxy 5.3): hop-by-hop headers, the client's credentials,
 # and X-UPSTREAM-* that only Tollgate may set (DIAL let client copies through: a security gap).

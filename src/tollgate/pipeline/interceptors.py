@@ -30,7 +30,6 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import GatewayError
 from tollgate.observability.calls import CallNote
 from tollgate.pipeline.attempts import BROKE_OFF, CONNECT_FAILED, TIMED_OUT, Timeouts
@@ -39,6 +38,7 @@ from tollgate.pipeline.relay import Relayed, is_stream, relay_stream, relay_whol
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import ChainStep, Principal
 from tollgate.security.shared_keys import SharedKeys
+from tollgate.snapshot import Deployment, Snapshot
 
 log = logging.getLogger("tollgate.interceptors")
 

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tollgate.pipeline.usage import StreamUsage, Usage, body_usage
+from tollgate.limits.usage import StreamUsage, Usage, body_usage
 
 log = logging.getLogger("tollgate.relay")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from tollgate.config.snapshot import Deployment, Snapshot
 from tollgate.errors import unknown_application
+from tollgate.snapshot import Deployment, Snapshot
 
 
 def decode_id(raw_id: str) -> str:

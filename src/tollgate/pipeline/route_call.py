@@ -40,7 +40,6 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tollgate.config.snapshot import Snapshot, may_use
 from tollgate.errors import GatewayError
 from tollgate.limits.ledger import Ask, Ledger
 from tollgate.limits.memory import MemoryLedger
@@ -51,6 +50,7 @@ from tollgate.pipeline.relay import response_headers
 from tollgate.routing.balancer import AttemptPlan, UpstreamState
 from tollgate.routing.routes import ROUTE_RETRIABLE, CompiledRoute
 from tollgate.security.principal import Principal
+from tollgate.snapshot import Snapshot, may_use
 
 log = logging.getLogger("tollgate.routes")
 

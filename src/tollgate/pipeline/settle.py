@@ -12,9 +12,9 @@ from typing import Any
 
 from tollgate.limits.cost import call_cost, to_nano_usd
 from tollgate.limits.ledger import Charge
+from tollgate.limits.usage import Usage
 from tollgate.limits.windows import Clock
 from tollgate.pipeline.admit import Ticket
-from tollgate.pipeline.usage import Usage
 
 
 def charge_for(
@@ -50,4 +50,5 @@ def charge_for(
         ask.now,  # reserved_at
         ask.tokens,  # reserved_tokens
         ask.cost_nano,  # reserved_cost_nano
+        ask.local,  # reserved_locally
     )

@@ -62,7 +62,7 @@ from tollgate.config.schema import Model, Upstream
 from tollgate.security.keys import digest_of, fingerprint_of_digest
 
 if TYPE_CHECKING:
-    from tollgate.config.snapshot import Deployment
+    from tollgate.snapshot import Deployment
 
 Monotonic = Callable[[], float]
 """A clock returning monotonic seconds (`time.monotonic`, or a test's fake)."""

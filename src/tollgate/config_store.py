@@ -9,8 +9,8 @@ import signal
 from collections.abc import Sequence
 
 from tollgate.config.load import ConfigError, load_config
-from tollgate.config.snapshot import Snapshot, build_snapshot
 from tollgate.routing.balancer import Balancers
+from tollgate.snapshot import Snapshot, build_snapshot
 
 log = logging.getLogger("tollgate.config")
 

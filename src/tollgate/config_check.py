@@ -34,10 +34,10 @@ from tollgate.config.load import (
 )
 from tollgate.config.merge import deep_merge
 from tollgate.config.schema import Config, Deployable
-from tollgate.config.snapshot import BASE_ASSISTANT, build_snapshot
 from tollgate.routing.routes import DEFAULT_ORDER as DEFAULT_ROUTE_ORDER
 from tollgate.security.keys import HASHED_NAME, digest_of_name
 from tollgate.settings import Settings, SettingsError, load_settings
+from tollgate.snapshot import BASE_ASSISTANT, build_snapshot
 
 Severity = Literal["error", "warning"]
 Loc = tuple[int | str, ...]
