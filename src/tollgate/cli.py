@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -81,13 +83,20 @@ async def _run(gateway: Gateway) -> int:
     from aiohttp import web
 
     from tollgate.http.app import build_server
+    from tollgate.limits.memory import UsageFileError
 
     settings = gateway.settings
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except UsageFileError as exc:
+        print(f"tollgate: cannot start: {exc}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await gateway.stop()
+        return 1
     runner = web.ServerRunner(build_server(gateway), shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
     try:
@@ -106,6 +115,9 @@ async def _run(gateway: Gateway) -> int:
             f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys)",
             flush=True,
         )
+        if settings.usage_file is not None:
+            what = "replay queue" if gateway.redis is not None else "usage counters"
+            print(f"Tollgate {what} file: {os.path.abspath(settings.usage_file)}", flush=True)
         await stopping.wait()
         log.info("shutting down: new connections refused, calls in flight finishing")
     finally:

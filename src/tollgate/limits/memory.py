@@ -13,11 +13,14 @@ import contextlib
 import json
 import logging
 import operator
+import os
 import sqlite3
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from tollgate.config.schema import UNLIMITED
@@ -41,6 +44,56 @@ from tollgate.limits.windows import (
 )
 
 log = logging.getLogger("tollgate.limits")
+
+
+class UsageFileError(Exception):
+    """`limits.embedded.file` cannot be used; the message is one line for the operator."""
+
+
+class FileLock:
+    """An exclusive lock on `<file>.lock`, held while this process uses the usage file.
+
+    SQLite's own locks do not stop two gateways from each keeping counters in memory and
+    overwriting the other's rows (data loss), so a second process is refused outright.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.lock_path = self.path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `UsageFileError` when another process holds it."""
+        if self._fd is not None or sys.platform == "win32":  # pragma: no cover - no flock there
+            return
+        import fcntl
+
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UsageFileError(
+                f"usage file {self.path}: cannot create its lock {self.lock_path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageFileError(
+                f"usage file {self.path} is in use by another Tollgate process (lock "
+                f"{self.lock_path}); give each instance a limits.embedded.file of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock; the file stays
+
+
+_T = TypeVar("_T")
 
 Calendar = list[int]  # [period start (epoch s), count]
 
@@ -220,6 +273,52 @@ def _over(used: tuple[int, ...], limits: tuple[int, ...], extra: int) -> bool:
     return any(map(operator.ge, used, limits))
 
 
+def move_aside(path: str) -> str:
+    """Rename `path` (and its `-wal` and `-shm` files) to `<path>.corrupt-<UTC time>`."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = f"{path}.corrupt-{stamp}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    return aside
+
+
+def open_usage_file(path: str, open_and_read: Callable[[], _T], close: Callable[[], None]) -> _T:
+    """Run `open_and_read` on the usage file at `path`, or say in one line why it cannot be used.
+
+    A file SQLite cannot read as a database (not SQLite, damaged) is moved aside
+    (`move_aside`, logged as an error) and a new one started: its counts are lost either way,
+    and refusing to start would turn a damaged cache into an outage. A file that exists but
+    cannot be used (no permission, read-only disk, another program's table) raises
+    `UsageFileError`: moving it would not help.
+    """
+    absolute = os.path.abspath(path)
+    for attempt in (1, 2):
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return open_and_read()
+        except sqlite3.OperationalError as exc:
+            close()
+            raise UsageFileError(f"usage file {absolute} cannot be used: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            close()
+            if attempt == 2:
+                raise UsageFileError(f"usage file {absolute} cannot be used: {exc}") from None
+            aside = move_aside(path)
+            log.error(
+                "usage file %s is not a usable database (%s): moved to %s, counting starts afresh",
+                absolute,
+                exc,
+                os.path.abspath(aside),
+            )
+        except OSError as exc:
+            close()
+            raise UsageFileError(
+                f"usage file {absolute} cannot be used: {exc.strerror or exc}"
+            ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class MemoryLedger(Ledger):
     synchronous = True
 
@@ -231,6 +330,7 @@ class MemoryLedger(Ledger):
         self._db: sqlite3.Connection | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-sqlite")
         self._task: asyncio.Task[None] | None = None
+        self._lock: FileLock | None = None
 
     # --- the critical sections: plain functions, so nothing can run between check and write
 
@@ -404,7 +504,14 @@ class MemoryLedger(Ledger):
         if self._path is None:
             return
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._writer, self._open_and_read)
+        self._lock = FileLock(self._path)
+        self._lock.acquire()
+        try:
+            rows = await loop.run_in_executor(self._writer, self._open_or_move_aside)
+        except BaseException:
+            self._lock.release()
+            raise
+        log.info("usage store %s: opened (locked for this process)", self._lock.path)
         for name, text in rows:
             # Fix: `except Exception`: whatever is wrong with one row (a list for a mapping, a
             # number too large, nesting too deep, not UTF-8) is skipped; it stopped the start.
@@ -416,9 +523,13 @@ class MemoryLedger(Ledger):
             log.info("usage store %s: %d callers' usage restored", self._path, len(rows))
         self._task = loop.create_task(self._flush_periodically())
 
+    def _open_or_move_aside(self) -> list[tuple[bytes, bytes]]:
+        assert self._path is not None
+        return open_usage_file(self._path, self._open_and_read, self._close_db_now)
+
     def _open_and_read(self) -> list[tuple[bytes, bytes]]:
         assert self._path is not None
-        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._close_db_now()
         self._db = sqlite3.connect(self._path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -431,6 +542,11 @@ class MemoryLedger(Ledger):
             return list(self._db.execute("SELECT bucket, state FROM usage"))
         finally:
             self._db.text_factory = str
+
+    def _close_db_now(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def _snapshot_dirty(self) -> list[tuple[str, str]]:
         rows = [(name, json.dumps(self._buckets[name].dump())) for name in self._dirty]
@@ -479,3 +595,5 @@ class MemoryLedger(Ledger):
             await asyncio.get_running_loop().run_in_executor(self._writer, self._db.close)
             self._db = None
         self._writer.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.release()

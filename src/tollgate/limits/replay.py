@@ -48,6 +48,7 @@ from typing import Any
 
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
 from tollgate.limits.ledger import Ask, Charge
+from tollgate.limits.memory import FileLock, UsageFileError, open_usage_file
 from tollgate.limits.policy import Limits
 from tollgate.limits.windows import Instant
 
@@ -164,6 +165,7 @@ class ReplayQueue:
         self._db: sqlite3.Connection | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lock: FileLock | None = None
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -225,8 +227,13 @@ class ReplayQueue:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-replay")
         loop = asyncio.get_running_loop()
         try:
-            rows = await loop.run_in_executor(self._writer, self._open_and_read)
-        except (sqlite3.Error, OSError) as exc:
+            # The lock the embedded ledger takes too: one process per file, whatever its mode.
+            self._lock = FileLock(self._path)
+            self._lock.acquire()
+            rows = await loop.run_in_executor(
+                self._writer, open_usage_file, self._path, self._open_and_read, self._close_now
+            )
+        except UsageFileError as exc:
             log.error(
                 "limits replay file %s unusable (%s); calls counted while the limits store is "
                 "down are kept in memory only (give each instance a file of its own)",
@@ -261,9 +268,14 @@ class ReplayQueue:
         self._task = loop.create_task(self._flush_periodically())
         return self.entries()
 
+    def _close_now(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
     def _open_and_read(self) -> list[tuple[int, bytes]]:
         assert self._path is not None
-        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._close_now()
         self._db = db = sqlite3.connect(self._path, timeout=LOCK_TIMEOUT_S, check_same_thread=False)
         # Exclusive before the first access, so WAL needs no shared memory and the lock taken
         # below is held until close: no other process can read or write the file meanwhile.
@@ -356,3 +368,6 @@ class ReplayQueue:
             await asyncio.get_running_loop().run_in_executor(writer, self._db.close)
             self._db = None
         writer.shutdown(wait=True)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
