@@ -16,7 +16,7 @@ from tollgate.errors import (
     unauthorized_missing,
     unknown_api_key,
 )
-from tollgate.security.ip_ranges import client_address
+from tollgate.security.ip_ranges import client_address, forwarded_for
 from tollgate.security.keys import digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
@@ -86,7 +86,7 @@ class Authenticator:
         if key is not None:
             if key.allowed_ips is not None:
                 address = client_address(
-                    peer.remote, headers.get("X-Forwarded-For"), self._proxy_count
+                    peer.remote, forwarded_for(headers), self._proxy_count
                 )
                 if not key.allowed_ips.admits(address):
                     raise GatewayError(403, f"Access is forbidden from IP address: {address}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -29,15 +29,33 @@ class IpRanges:
         return any(ip in network for network in self._v6)
 
 
-def client_address(peer: str | None, forwarded_for: str | None, proxy_count: int) -> str:
+def forwarded_for(headers: Mapping[str, str]) -> list[str]:
+    """Every `X-Forwarded-For` line of `headers`, in order (aiohttp's multidict keeps them all;
+    a plain mapping holds one)."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        lines: list[str] = getall("X-Forwarded-For", [])
+        return lines
+    line = headers.get("X-Forwarded-For")
+    return [] if line is None else [line]
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str] | str | None, proxy_count: int
+) -> str:
     """The caller's address: the socket peer, or the `X-Forwarded-For` element `len - proxyCount`.
 
-    Elements are stripped of spaces (DIAL does not strip them, which makes `"a, b"` unusable;
-    we take the evident intent).
+    `forwarded_for` is every `X-Forwarded-For` line, in order: they are one comma-separated list
+    (RFC 9110 5.3, as proxies treat them). A proxy that appends a line of its own (HAProxy's
+    `option forwardfor`) leaves the client's forged line first, so reading only the first line
+    let a client choose its address. Elements are stripped of spaces (DIAL does not strip them,
+    which makes `"a, b"` unusable; we take the evident intent).
     """
+    if isinstance(forwarded_for, str):
+        forwarded_for = (forwarded_for,)
     if not forwarded_for or proxy_count <= 0:
         return peer or ""
-    parts = forwarded_for.split(",")
+    parts = [part for line in forwarded_for for part in line.split(",")]
     index = len(parts) - proxy_count
     if index < 0:
         return peer or ""
