@@ -6,9 +6,9 @@ gateway is not disturbed. The embedded file is written every `limits.embedded.fl
 so a running gateway's last moments may not be in it yet.
 
 The figures are the ledgers' own (`Ledger.usage`, as the limits API reads them). Usage is
-counted per project (all its keys share it, spec auth-limits 5.5); the limits shown are those
+counted per project (all its keys share it, compatibility C14); the limits shown are those
 of the project's keys taken together, i.e. of a key holding all their roles (DIAL takes the
-field-wise maximum across a caller's roles, spec 5.4).
+field-wise maximum across a caller's roles, compatibility C15).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def report_of(
         tokens, requests = (
             (limits.tokens, limits.requests)
             if limited
-            else ((UNLIMITED,) * 4, (UNLIMITED,) * 2)  # applications are not limited (5.1)
+            # Applications are not limited (compatibility C14).
+            else ((UNLIMITED,) * 4, (UNLIMITED,) * 2)
         )
         deployments[name] = {
             "tokens": {

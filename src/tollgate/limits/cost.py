@@ -1,4 +1,4 @@
-"""The cost of one call in USD, in exact decimals (spec auth-limits 5.7, proxy 7.6 and 16.28).
+"""The cost of one call in USD, in exact decimals (compatibility C20).
 
 Pure functions: the settle step hands in the parsed request, the relayed response bytes and the
 usage it parsed; nothing here reads the network or the clock. Costs are `Decimal`s computed in a
@@ -57,8 +57,8 @@ class Prices:
         """The rates of `pricing`, or None when no cost can be computed from it.
 
         DIAL computes no cost for a missing `pricing` or any unit other than `token` and
-        `char_without_whitespace` (compared case-sensitively, as DIAL's `switch` does; spec
-        auth-limits 2.4); a pricing without a single usable rate is treated the same way.
+        `char_without_whitespace` (compared case-sensitively, as DIAL's `switch` does;
+        compatibility C20); a pricing without a single usable rate is treated the same way.
         """
         if pricing is None:
             return None
@@ -90,7 +90,7 @@ def token_cost(prices: Prices, usage: Usage) -> Decimal:
     """(prompt - cached) * prompt + cached * cache_read + completion * completion.
 
     A term whose rate is not set is 0. The cache-read rate defaults to the prompt rate, as in
-    newer DIAL (spec auth-limits 5.7), so without cache pricing this is DIAL 2024's
+    newer DIAL (compatibility C20), so without cache pricing this is DIAL 2024's
     prompt * prompt + completion * completion. `Usage` carries no cache-write count, so the
     cache-write rate is never applied; such tokens are billed at the prompt rate.
     Like DIAL, the uncached count is not clamped at 0 (it is negative only when an upstream
@@ -106,7 +106,7 @@ def token_cost(prices: Prices, usage: Usage) -> Decimal:
 def text_length(text: object) -> int:
     """Characters of `text` other than the ASCII space; 0 for anything that is not a string.
 
-    DIAL skips only `' '`: tabs and newlines count (spec auth-limits 5.7). It counts Java
+    DIAL skips only `' '`: tabs and newlines count (compatibility C20). It counts Java
     `char`s, i.e. UTF-16 code units, so a character outside the BMP (most emoji) counts 2;
     Tollgate does the same so that a budget means the same in both gateways.
     """
@@ -148,9 +148,9 @@ def _prompt_length(request: dict[str, Any], api: str) -> int:
 def _first_choice(document: object) -> dict[str, Any] | None:
     """`choices[0]` of a response document or stream event, if it has one.
 
-    DIAL skips a document without `choices` (an `{"error": ...}` body or event; spec proxy
-    16.28). Tollgate also skips an event whose `choices` is empty (the usage-only last event
-    of `stream_options.include_usage`), where DIAL would fail and record no cost at all.
+    DIAL skips a document without `choices` (an `{"error": ...}` body or event;
+    compatibility C20). Tollgate also skips an event whose `choices` is empty (the usage-only
+    last event of `stream_options.include_usage`), where DIAL would fail and record no cost.
     """
     if type(document) is not dict or document.get("error") is not None:
         return None
@@ -180,7 +180,7 @@ def _stream_events(stream: bytes) -> Iterator[object]:
 
 def _completion_length(response: bytes, streamed: bool, api: str) -> int:
     if api == EMBEDDINGS:
-        return 0  # DIAL: an embedding response has no completion part (spec auth-limits 5.7)
+        return 0  # DIAL: an embedding response has no completion part (compatibility C20)
     if streamed:
         total = 0
         for event in _stream_events(response):
@@ -233,8 +233,8 @@ def call_cost(
     """The cost of one call, or None when none can be computed.
 
     None without prices, for per-token prices without usage (DIAL charges no cost when it
-    finds no usage; spec proxy 7.3), and for per-character prices on an api whose text is not
-    known. The caller charges only a positive cost (spec auth-limits 5.7).
+    finds no usage), and for per-character prices on an api whose text is not
+    known. The caller charges only a positive cost (compatibility C20).
     """
     if prices is None:
         return None

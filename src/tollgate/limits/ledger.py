@@ -1,4 +1,4 @@
-"""Ledgers: where usage is counted, checked and charged, atomically (DECISIONS 8-10).
+"""Ledgers: where usage is counted, checked and charged, atomically (compatibility C17, C56, C58).
 
 A ledger keeps, per caller bucket (`Keys/<project>`) and deployment: tokens per sliding minute
 and per calendar day, week and month; requests per sliding hour and calendar day; the cost
@@ -98,8 +98,8 @@ def retry_after_s(
     now: Instant,
     threshold: int,
 ) -> int:
-    """The longest wait among the exceeded windows (spec 5.3), in whole seconds (>= 1): until
-    the sliding window's usage falls below `threshold`, or until a calendar period ends."""
+    """The longest wait among the exceeded windows, in whole seconds (>= 1): until the sliding
+    window's usage falls below `threshold`, or until a calendar period ends (compatibility C18)."""
     waits = []
     for name in exceeded:
         if name in ("minute", "hour"):

@@ -1,4 +1,4 @@
-"""The embedded ledger: counters in memory, persisted to a local SQLite file (DECISIONS 10).
+"""The embedded ledger: counters in memory, persisted to a local SQLite file (compatibility C58).
 
 Every `admit` and `settle` runs without an `await` between its check and its write, so on the
 event loop it is one critical section: concurrent calls cannot slip between them. Changed

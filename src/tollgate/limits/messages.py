@@ -1,4 +1,4 @@
-"""DIAL's texts for a request rejected by a limit, verbatim (spec auth-limits 5.8).
+"""DIAL's texts for a request rejected by a limit, verbatim (compatibility C18).
 
 `token_message`, `request_message` and `cost_message` give the error's `message`;
 `display_message` gives its human `display_message`. Windows are named `minute`, `day`,
@@ -20,7 +20,7 @@ REQUEST_WINDOWS = ("hour", "day")
 COST_WINDOWS = TOKEN_WINDOWS
 
 # The order and adjective of each window in a display message: longest window first
-# (spec auth-limits 5.8; one DIAL version wrote "minutely" for the hour window, later fixed).
+# (compatibility C18; one DIAL version wrote "minutely" for the hour window, later fixed).
 ADJECTIVES: dict[Kind, tuple[tuple[str, str], ...]] = {
     "token": (("month", "monthly"), ("week", "weekly"), ("day", "daily"), ("minute", "minute")),
     "request": (("day", "daily"), ("hour", "hourly")),
@@ -28,7 +28,7 @@ ADJECTIVES: dict[Kind, tuple[tuple[str, str], ...]] = {
 }
 
 CENT = Decimal("0.01")
-# Java's US currency NumberFormat, which DIAL uses, rounds half-even (spec auth-limits 5.8).
+# Java's US currency NumberFormat, which DIAL uses, rounds half-even (compatibility C18).
 CURRENCY = Context(prec=100, rounding=ROUND_HALF_EVEN)
 
 

@@ -1,4 +1,4 @@
-"""Which limits apply to a caller and a deployment (spec auth-limits 5.4, DECISIONS 3).
+"""Which limits apply to a caller and a deployment (compatibility C15).
 
 Token and request limits: the field-wise maximum over the caller's roles that grant access to
 the deployment and define a limit for it; else `roles.default.limits[<deployment>]`; else
@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST, Config, CostLimit, Limit
 
-DEFAULT_ROLE = "default"  # a plain role name, used as the fallback for limits only (spec 5.4)
+DEFAULT_ROLE = "default"  # a plain role name, the fallback for limits only (compatibility C15)
 TOKEN_WINDOWS = ("minute", "day", "week", "month")
 REQUEST_WINDOWS = ("hour", "day")
 COST_WINDOWS = ("minute", "day", "week", "month")
@@ -95,7 +95,8 @@ class LimitPolicy:
             default = config_roles.get(DEFAULT_ROLE)
             fallback = default.limits.get(deployment) if default is not None else None
             entries = [fallback or NO_LIMIT]
-        # Field-wise maximum, never a sum; an unset field is unlimited, so it wins (spec 5.4).
+        # Field-wise maximum, never a sum; an unset field is unlimited, so it wins
+        # (compatibility C15).
         fields = [max(values) for values in zip(*map(_limit_fields, entries), strict=True)]
 
         cost_entries = [

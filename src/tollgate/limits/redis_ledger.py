@@ -1,4 +1,6 @@
-"""The shared ledger: counters in Redis, each check-and-charge one Lua call (DECISIONS 8, 10).
+"""The shared ledger: counters in Redis, each check-and-charge one Lua call.
+
+See compatibility C17 and C58.
 
 `RedisLedger` keeps exactly what `MemoryLedger` keeps and answers exactly as it does; the Lua
 scripts in `lua/` are the two critical sections (`admit`, `settle`) and one read (`usage`).
@@ -22,7 +24,7 @@ Redis commands (two per script) whatever the number of windows and slots.
 
 TTLs only collect idle keys: both keys' TTL is set to `KEY_TTL_S` at the first write of each
 day. A window ends by the slot index or period id stored in it, never by a TTL, so refreshing
-one cannot keep a window alive (the LiteLLM bug in spec peers.md 3.A.4).
+one cannot keep a window alive (LiteLLM's issue 14204 was that bug).
 
 Numbers: counts are integers added with HINCRBY; Lua compares and sums them as doubles, exact
 while every count, window total, amount and limit stays below 2^53 (9.007e15 tokens, or

@@ -1,4 +1,4 @@
-"""The replay queue of a shared ledger whose store is down, kept on disk (DECISIONS 9, 10).
+"""The replay queue of a shared ledger whose store is down, kept on disk (compatibility C57, C59).
 
 While Redis cannot be reached, `ResilientLedger` counts calls on this instance and queues every
 admission and every charge here, to replay them into Redis when it answers again. The queue is a

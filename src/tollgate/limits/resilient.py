@@ -1,4 +1,4 @@
-"""A shared ledger that survives its store going away (DECISIONS 9, 10).
+"""A shared ledger that survives its store going away (compatibility C58, C59).
 
 Wraps the shared (Redis) ledger. While the store answers, every call goes to it. When a call
 fails, the store is marked down (loudly, once) and, by `limits.onStoreFailure`:

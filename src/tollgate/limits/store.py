@@ -1,4 +1,4 @@
-"""Choosing the ledger from static settings (DECISIONS 10).
+"""Choosing the ledger from static settings (compatibility C58, C59).
 
 No Redis settings: the embedded ledger (memory + SQLite). `redis.singleServerConfig.address` or
 `redis.clusterServersConfig.nodeAddresses` (DIAL's Redisson settings): the shared Redis ledger,

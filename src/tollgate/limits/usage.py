@@ -1,7 +1,7 @@
-"""Token usage of a response: the last `usage` object of a JSON body or SSE stream (DECISIONS 6).
+"""Token usage of a response: the last `usage` object of a JSON body or SSE stream.
 
 Pure functions over bytes. Unlike DIAL's 2024 parser, a `usage` object with nested
-`*_tokens_details` objects is read in full instead of being counted as zero.
+`*_tokens_details` objects is read in full instead of being counted as zero (compatibility C28).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Limit windows: sliding minute/hour windows and calendar day/week/month periods (spec 5.3).
+"""Limit windows: sliding minute/hour windows and calendar day/week/month periods.
+
+See compatibility C16.
 
 Pure time arithmetic and counter shapes shared by every ledger. A sliding window of N slots of
 width w counts the current slot and the N-1 before it, as DIAL's `RateBucket` does; calendar
