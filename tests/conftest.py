@@ -1,131 +1,70 @@
-"""Shared fixtures: one fake model server and one Tollgate on a rich test config per session."""
+"""Shared fixtures and markers.
+
+Per session: one fake model server and one Tollgate on the rich test config of `gateway_config`,
+as real processes (`fake_model`, `gateway`, `client`, `fake`) and in the test's event loop
+(`inprocess_fake`, `inprocess_gateway`, `aclient`, `afake`); `gateways` starts more in-process
+gateways for one test. Every test gets one of the markers `unit`, `inprocess` or `e2e` (a module
+may set its own; otherwise the fixtures it uses decide), so `scripts/test -m "unit or inprocess"`
+runs the fast part alone.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from gateway_config import (  # noqa: F401  (re-exported: older modules import them from here)
+    CLOSED_PORT_ENDPOINT,
+    DEFAULT_KEY,
+    HASHED_SECRET,
+    IP_KEY,
+    LOCAL_IP_KEY,
+    NO_IP_KEY,
+    POWER_KEY,
+    PROVIDER_SECRET,
+    chat,
+    error_of,
+    key_headers,
+    main_config,
+)
 from harness import FakeModel, Gateway, start_fake_model, start_gateway, stop
+from inprocess import (
+    Clock,
+    Gateways,
+    InProcessFake,
+    InProcessGateway,
+    start_inprocess_fake,
+    start_inprocess_gateway,
+)
 
-DEFAULT_KEY = "test-key-default-0123456789"
-POWER_KEY = "test-key-power-0123456789"
-HASHED_SECRET = "hashed-secret-key-0123456789"
-IP_KEY = "test-key-ip-0123456789"
-LOCAL_IP_KEY = "test-key-local-ip-0123456789"
-NO_IP_KEY = "test-key-no-ip-0123456789"
-PROVIDER_SECRET = "provider-secret-abcdef"
-CLOSED_PORT_ENDPOINT = "http://127.0.0.1:9/openai/deployments/x/chat/completions"
+KINDS = ("unit", "inprocess", "e2e")
+# Fixtures that tell what a test runs against, when its module does not say.
+E2E_FIXTURES = frozenset({"gateway", "client", "fake", "fake_model", "work_dir"})
+INPROCESS_FIXTURES = frozenset(
+    {"inprocess_gateway", "inprocess_fake", "aclient", "afake", "gateways", "clock"}
+)
+REDIS_FIXTURES = frozenset({"redis", "redis_server", "redis_url"})
 
 
-def main_config(fake: FakeModel) -> dict[str, Any]:
-    return {
-        "models": {
-            "chat-model": {
-                "type": "chat",
-                "displayName": "Chat Model",
-                "displayVersion": "1.0",
-                "endpoint": fake.endpoint("chat-model"),
-                "upstreams": [
-                    {
-                        "endpoint": "https://provider.example/v1/chat/completions",
-                        "key": PROVIDER_SECRET,
-                        "extraData": {"region": "eu"},
-                    },
-                    # A fallback: calls go to the first one while it is available.
-                    {"endpoint": "https://second.example/v1", "key": "second-secret", "tier": 1},
-                ],
-                "features": {"rateEndpoint": "http://127.0.0.1:1/rate", "toolsSupported": True},
-                "limits": {"maxTotalTokens": 1000, "maxPromptTokens": "200"},
-                "pricing": {"unit": "token", "prompt": "0.56", "completion": "0.67"},
-                "inputAttachmentTypes": ["image/png"],
-                "maxInputAttachments": 3,
-            },
-            "renamed-model": {
-                "type": "chat",
-                "endpoint": fake.endpoint("renamed-model"),
-                "overrideName": "provider-model-name",
-                "defaults": {"temperature": 0.5, "max_tokens": 64},
-            },
-            "power-model": {
-                "type": "chat",
-                "endpoint": fake.endpoint("power-model"),
-                "userRoles": ["power-user"],
-            },
-            "nobody-model": {"endpoint": fake.endpoint("nobody-model"), "userRoles": []},
-            "embedding-model": {
-                "type": "EMBEDDING",
-                "endpoint": fake.endpoint("embedding-model", "embeddings"),
-            },
-            "auth-model": {
-                "endpoint": fake.endpoint("auth-model"),
-                "forwardAuthToken": True,
-            },
-            "no-prk-model": {
-                "endpoint": fake.endpoint("no-prk-model"),
-                "features": {"accessibleByPerRequestKey": False},
-            },
-            "no-endpoint-model": {"type": "chat"},
-            "dead-model": {"endpoint": CLOSED_PORT_ENDPOINT},
-            "special[1m]": {"endpoint": fake.endpoint("special")},
-        },
-        "applications": {
-            "echo-app": {
-                "endpoint": fake.endpoint("echo-app"),
-                "displayName": "Echo App",
-                "description": "repeats things",
-                "features": {
-                    "rateEndpoint": "http://127.0.0.1:1/rate",
-                    "systemPromptSupported": False,
-                },
-                "defaults": {"custom_fields": {"configuration": {"x": 1}}},
-            },
-            "power-app": {"endpoint": fake.endpoint("power-app"), "userRoles": ["power-user"]},
-        },
-        "addons": {
-            "search-addon": {"endpoint": "http://127.0.0.1:1/search", "displayName": "Search"},
-            "power-addon": {"endpoint": "http://127.0.0.1:1/p", "userRoles": ["power-user"]},
-        },
-        "assistant": {
-            "endpoint": fake.endpoint("assistant"),
-            "features": {"rateEndpoint": "http://127.0.0.1:1/rate"},
-            "assistants": {
-                "helper-assistant": {
-                    "prompt": "You help.",
-                    "addons": ["search-addon"],
-                    "displayName": "Helper",
-                },
-                "power-assistant": {"userRoles": ["power-user"]},
-            },
-        },
-        "keys": {
-            DEFAULT_KEY: {"project": "proj-a", "role": "default"},
-            POWER_KEY: {"project": "proj-b", "roles": ["power-user"], "role": "default"},
-            "sha256:" + hashlib.sha256(HASHED_SECRET.encode()).hexdigest(): {
-                "project": "proj-hashed",
-                "role": "default",
-            },
-            IP_KEY: {
-                "project": "proj-ip",
-                "role": "default",
-                "allowedIpAddressRanges": ["10.1.0.0/16"],
-            },
-            LOCAL_IP_KEY: {
-                "project": "proj-local",
-                "role": "default",
-                "allowedIpAddressRanges": ["127.0.0.0/8", "::1/128"],
-            },
-            NO_IP_KEY: {"project": "proj-no-ip", "role": "default", "allowedIpAddressRanges": []},
-        },
-        "roles": {
-            "default": {"limits": {"chat-model": {}}},
-            "power-user": {"limits": {"power-model": {"minute": "100000"}}},
-        },
-    }
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test without `unit`, `inprocess` or `e2e` gets one by the fixtures it uses (real
+    processes: e2e; in-process servers: inprocess; neither: unit); one that uses a Redis
+    fixture gets `redis` too."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REDIS_FIXTURES and item.get_closest_marker("redis") is None:
+            item.add_marker(pytest.mark.redis)
+        if any(item.get_closest_marker(kind) is not None for kind in KINDS):
+            continue
+        if fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        elif fixtures & INPROCESS_FIXTURES:
+            item.add_marker(pytest.mark.inprocess)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
@@ -163,15 +102,55 @@ def fake(fake_model: FakeModel) -> FakeModel:
     return fake_model
 
 
-def chat(content: str = "Say hello", **extra: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": content}], **extra}
+# In the test's event loop (pytest-asyncio's session loop): see tests/inprocess.py.
 
 
-def key_headers(key: str = DEFAULT_KEY) -> dict[str, str]:
-    return {"Api-Key": key, "Content-Type": "application/json"}
+@pytest.fixture(scope="session")
+async def inprocess_fake() -> AsyncIterator[InProcessFake]:
+    fake = await start_inprocess_fake()
+    yield fake
+    await fake.stop()
 
 
-def error_of(response: httpx.Response) -> tuple[int, str]:
-    assert response.headers["content-type"].startswith("application/json"), response.text
-    body = response.json()
-    return response.status_code, body["error"]["message"]
+@pytest.fixture(scope="session")
+async def inprocess_gateway(
+    work_dir: Path, inprocess_fake: InProcessFake
+) -> AsyncIterator[InProcessGateway]:
+    """The session's in-process gateway on `main_config` (the same as `gateway`)."""
+    gw = await start_inprocess_gateway(
+        work_dir, [main_config(inprocess_fake)], env={"aidial.apiKeyValidation.proxyCount": "1"}
+    )
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def aclient(inprocess_gateway: InProcessGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=inprocess_gateway.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+def afake(inprocess_fake: InProcessFake) -> Iterator[InProcessFake]:
+    """The in-process fake model, its records and faults cleared before and after the test."""
+    inprocess_fake.clear()
+    inprocess_fake.clear_faults()
+    yield inprocess_fake
+    inprocess_fake.clear_faults()
+
+
+@pytest.fixture
+def clock(inprocess_gateway: InProcessGateway) -> Iterator[Clock]:
+    """The session in-process gateway's clock, back to the real time after the test."""
+    yield inprocess_gateway.clock
+    inprocess_gateway.clock.reset()
+
+
+@pytest.fixture
+async def gateways(work_dir: Path) -> AsyncIterator[Gateways]:
+    """Start in-process gateways for one test: `await gateways.start([config], env=...)`."""
+    started = Gateways(work_dir)
+    try:
+        yield started
+    finally:
+        await started.stop_all()

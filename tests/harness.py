@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 STARTUP_TIMEOUT_S = 20.0
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
@@ -162,3 +163,42 @@ def kill(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `check` (every 50 ms) until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+class Relay:
+    """The relay interceptor service (`apps/relay_interceptor.py`): one process, one
+    interceptor per path prefix."""
+
+    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
+        self.port = port
+        self.process = process
+
+    def endpoint(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}/chat/completions"
+
+    def got(self, name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = httpx.get(
+            f"http://127.0.0.1:{self.port}/_test/requests/{name}"
+        ).json()
+        return result
+
+    def clear(self) -> None:
+        httpx.delete(f"http://127.0.0.1:{self.port}/_test/requests")
+
+
+def start_relay(log_dir: Path, port: int, dial_url: str) -> Relay:
+    log = log_dir / f"relay-interceptor-{port}.log"
+    args = [sys.executable, str(TESTS_DIR / "apps" / "relay_interceptor.py")]
+    args += ["--port", str(port), "--dial-url", dial_url]
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+    return Relay(port, process)

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import chat
+from gateway_config import chat
 from harness import FakeModel, Gateway, start_gateway, stop
 
 KEY = "access-log-key-0123456789"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import (
+from gateway_config import (
     DEFAULT_KEY,
     HASHED_SECRET,
     IP_KEY,

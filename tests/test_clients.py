@@ -8,7 +8,7 @@ import openai
 import pytest
 from aidial_client import AsyncDial, Dial
 
-from conftest import DEFAULT_KEY, POWER_KEY
+from gateway_config import DEFAULT_KEY, POWER_KEY
 from harness import FakeModel, Gateway
 
 API_VERSION = "2024-02-01"

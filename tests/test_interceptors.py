@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import (
     FakeModel,
     Gateway,
-    _wait_healthy,
+    Relay,
     free_port,
     start_fake_model,
     start_gateway,
+    start_relay,
     stop,
 )
 from interceptors_sdk import start_sdk_interceptor
@@ -47,36 +47,6 @@ PROVIDER_KEY = "icpt-provider-secret"
 CLOSED_PORT = "http://127.0.0.1:9/x/chat/completions"
 PER_REQUEST_KEY = re.compile(r"[0-9a-zA-Z_-]{32}")
 REPLY = "alpha beta gamma"  # 3 tokens for the fake model
-
-
-class Relay:
-    """The relay interceptor service: one process, one interceptor per path prefix."""
-
-    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
-        self.port = port
-        self.process = process
-
-    def endpoint(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}/chat/completions"
-
-    def got(self, name: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = httpx.get(
-            f"http://127.0.0.1:{self.port}/_test/requests/{name}"
-        ).json()
-        return result
-
-    def clear(self) -> None:
-        httpx.delete(f"http://127.0.0.1:{self.port}/_test/requests")
-
-
-def start_relay(log_dir: Path, port: int, dial_url: str) -> Relay:
-    log = log_dir / f"relay-interceptor-{port}.log"
-    args = [sys.executable, str(TESTS_DIR / "apps" / "relay_interceptor.py")]
-    args += ["--port", str(port), "--dial-url", dial_url]
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
-    return Relay(port, process)
 
 
 def interceptors_config(fake: FakeModel, relay_port: int, sdk_port: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEY, POWER_KEY, error_of, key_headers
+from gateway_config import DEFAULT_KEY, POWER_KEY, error_of, key_headers
 
 ALL_FEATURES = {
     "rate",

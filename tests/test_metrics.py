@@ -18,9 +18,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import chat, error_of
-from harness import FakeModel, Gateway, free_port, start_fake_model, start_gateway, stop, write_json
-from test_reload import eventually
+from gateway_config import chat, error_of
+from harness import (
+    FakeModel,
+    Gateway,
+    eventually,
+    free_port,
+    start_fake_model,
+    start_gateway,
+    stop,
+    write_json,
+)
 
 USER_KEY = "metrics-user-key-0123456789"
 ADMIN_KEY = "metrics-admin-key-0123456789"

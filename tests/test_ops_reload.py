@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import error_of
+from gateway_config import error_of
 from harness import FakeModel, Gateway, free_port, start_gateway, stop, write_json
 
 ADMIN_KEY = "reload-admin-key-0123456789"

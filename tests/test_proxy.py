@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEY, POWER_KEY, PROVIDER_SECRET, chat, error_of, key_headers
+from gateway_config import DEFAULT_KEY, POWER_KEY, PROVIDER_SECRET, chat, error_of, key_headers
 from harness import FakeModel, Gateway, start_gateway, stop
 
 CHAT = "/openai/deployments/chat-model/chat/completions"
@@ -301,7 +301,7 @@ def test_usage_is_counted_after_the_client_disconnects(
 ) -> None:
     """DECISIONS 9: the upstream is drained for its final usage when the client goes away."""
     from conftest import main_config
-    from test_reload import eventually
+    from harness import eventually
 
     gw = start_gateway(work_dir, [main_config(fake_model)], log_level="DEBUG")
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import chat, error_of
+from gateway_config import chat, error_of
 from harness import (
     FakeModel,
     Gateway,

@@ -18,17 +18,17 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import chat, error_of
+from gateway_config import chat, error_of
 from harness import (
     FakeModel,
     Gateway,
+    eventually,
     free_port,
     start_fake_model,
     start_gateway,
     stop,
     write_json,
 )
-from test_reload import eventually
 from tollgate.config.schema import Config
 from tollgate.pipeline.attempts import Timeouts
 from tollgate.snapshot import build_snapshot

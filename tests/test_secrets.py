@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from conftest import (
+from gateway_config import (
     DEFAULT_KEY,
     HASHED_SECRET,
     IP_KEY,
@@ -24,9 +24,8 @@ from conftest import (
     key_headers,
     main_config,
 )
-from harness import FakeModel, free_port, start_gateway, stop, write_json
+from harness import FakeModel, eventually, free_port, start_gateway, stop, write_json
 from redis_server import start_redis_server, stop_redis_server
-from test_reload import eventually
 
 PATHS = [
     ("GET", "/v1/user/info"),

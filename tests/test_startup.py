@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import chat, key_headers
+from gateway_config import chat, key_headers
 from harness import (
     FakeModel,
     free_port,

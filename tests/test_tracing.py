@@ -21,17 +21,18 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import chat
+from gateway_config import chat
 from harness import (
     FakeModel,
     Gateway,
+    Relay,
     _wait_healthy,
     free_port,
     start_gateway,
+    start_relay,
     stop,
     write_json,
 )
-from test_interceptors import Relay, start_relay
 from tollgate.settings import load_settings
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import chat
+from gateway_config import chat
 from harness import FakeModel, Gateway, free_port, start_gateway, stop, write_json
 from redis_server import RedisServer, start_redis_server, stop_redis_server
 
