@@ -7,6 +7,15 @@ import pytest
 
 from gateway_config import DEFAULT_KEY, POWER_KEY, error_of, key_headers
 
+pytestmark = pytest.mark.inprocess
+
+
+@pytest.fixture
+def client(aclient: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The in-process gateway on the shared test config (tests/inprocess.py)."""
+    return aclient
+
+
 ALL_FEATURES = {
     "rate",
     "tokenize",
@@ -28,20 +37,20 @@ def ids(response: httpx.Response) -> set[str]:
     return {item["id"] for item in body["data"]}
 
 
-def get(client: httpx.Client, path: str, key: str = DEFAULT_KEY) -> httpx.Response:
-    return client.get(path, headers=key_headers(key))
+async def get(client: httpx.AsyncClient, path: str, key: str = DEFAULT_KEY) -> httpx.Response:
+    return await client.get(path, headers=key_headers(key))
 
 
 class TestModels:
-    def test_listing_is_filtered_by_roles(self, client: httpx.Client) -> None:
-        default = ids(get(client, "/openai/models"))
-        power = ids(get(client, "/openai/models", POWER_KEY))
+    async def test_listing_is_filtered_by_roles(self, client: httpx.AsyncClient) -> None:
+        default = ids(await get(client, "/openai/models"))
+        power = ids(await get(client, "/openai/models", POWER_KEY))
         assert "chat-model" in default and "power-model" not in default
         assert "power-model" in power
         assert "nobody-model" not in default | power  # userRoles [] admits nobody
 
-    def test_item_shape(self, client: httpx.Client) -> None:
-        item = get(client, "/openai/models/chat-model").json()
+    async def test_item_shape(self, client: httpx.AsyncClient) -> None:
+        item = (await get(client, "/openai/models/chat-model")).json()
         assert item["id"] == item["model"] == item["reference"] == "chat-model"
         assert item["object"] == "model"
         assert item["display_name"] == "Chat Model" and item["display_version"] == "1.0"
@@ -59,95 +68,100 @@ class TestModels:
         assert "upstreams" not in item and "endpoint" not in item  # nothing secret is listed
         assert "icon_url" not in item  # null fields are omitted
 
-    def test_embedding_capabilities(self, client: httpx.Client) -> None:
-        item = get(client, "/openai/models/embedding-model").json()
+    async def test_embedding_capabilities(self, client: httpx.AsyncClient) -> None:
+        item = (await get(client, "/openai/models/embedding-model")).json()
         assert item["capabilities"]["embeddings"] is True
         assert item["capabilities"]["chat_completion"] is False
 
-    def test_single_item_codes(self, client: httpx.Client) -> None:
-        assert get(client, "/openai/models/power-model").status_code == 403
-        assert get(client, "/openai/models/power-model", POWER_KEY).status_code == 200
-        assert get(client, "/openai/models/unknown").status_code == 404
-        assert get(client, "/openai/models/special%5B1m%5D").json()["id"] == "special[1m]"
+    async def test_single_item_codes(self, client: httpx.AsyncClient) -> None:
+        assert (await get(client, "/openai/models/power-model")).status_code == 403
+        assert (await get(client, "/openai/models/power-model", POWER_KEY)).status_code == 200
+        assert (await get(client, "/openai/models/unknown")).status_code == 404
+        assert (await get(client, "/openai/models/special%5B1m%5D")).json()["id"] == "special[1m]"
 
 
 class TestDeployments:
-    def test_listing(self, client: httpx.Client) -> None:
-        body = get(client, "/openai/deployments").json()
+    async def test_listing(self, client: httpx.AsyncClient) -> None:
+        body = (await get(client, "/openai/deployments")).json()
         item = next(i for i in body["data"] if i["id"] == "chat-model")
         assert item["object"] == "deployment"
         assert item["scale_settings"] == {"scale_type": "standard"}
         assert item["features"]["rate"] is True
-        assert "power-model" not in ids(get(client, "/openai/deployments"))
-        assert "echo-app" not in ids(get(client, "/openai/deployments"))  # models only
+        assert "power-model" not in ids(await get(client, "/openai/deployments"))
+        assert "echo-app" not in ids(await get(client, "/openai/deployments"))  # models only
 
-    def test_single(self, client: httpx.Client) -> None:
-        assert get(client, "/openai/deployments/chat-model").json()["id"] == "chat-model"
-        assert get(client, "/openai/deployments/power-model").status_code == 403
+    async def test_single(self, client: httpx.AsyncClient) -> None:
+        assert (await get(client, "/openai/deployments/chat-model")).json()["id"] == "chat-model"
+        assert (await get(client, "/openai/deployments/power-model")).status_code == 403
         # A call path used with GET is a lookup of an id with that suffix (spec proxy 3).
-        assert get(client, "/openai/deployments/chat-model/chat/completions").status_code == 404
+        assert (
+            await get(client, "/openai/deployments/chat-model/chat/completions")
+        ).status_code == 404
 
 
 class TestApplications:
-    def test_listing_and_item(self, client: httpx.Client) -> None:
-        assert ids(get(client, "/openai/applications")) == {"echo-app"}
-        assert ids(get(client, "/openai/applications", POWER_KEY)) == {"echo-app", "power-app"}
-        item = get(client, "/openai/applications/echo-app").json()
+    async def test_listing_and_item(self, client: httpx.AsyncClient) -> None:
+        assert ids(await get(client, "/openai/applications")) == {"echo-app"}
+        assert ids(await get(client, "/openai/applications", POWER_KEY)) == {
+            "echo-app",
+            "power-app",
+        }
+        item = (await get(client, "/openai/applications/echo-app")).json()
         assert item["application"] == "echo-app" and item["object"] == "application"
         assert item["description"] == "repeats things"
         assert item["features"]["system_prompt"] is False and item["features"]["rate"] is True
         assert item["defaults"] == {"custom_fields": {"configuration": {"x": 1}}}
 
-    def test_single_resolves_like_a_call(self, client: httpx.Client) -> None:
-        assert error_of(get(client, "/openai/applications/chat-model")) == (
+    async def test_single_resolves_like_a_call(self, client: httpx.AsyncClient) -> None:
+        assert error_of(await get(client, "/openai/applications/chat-model")) == (
             404,
             "Application is not found: chat-model",
         )
-        assert error_of(get(client, "/openai/applications/missing")) == (
+        assert error_of(await get(client, "/openai/applications/missing")) == (
             404,
             "Unknown application: missing",
         )
-        assert error_of(get(client, "/openai/applications/power-app")) == (
+        assert error_of(await get(client, "/openai/applications/power-app")) == (
             403,
             "Forbidden deployment: power-app",
         )
 
 
 class TestAssistantsAndAddons:
-    def test_assistants(self, client: httpx.Client) -> None:
-        assert ids(get(client, "/openai/assistants")) == {"helper-assistant"}
-        assert ids(get(client, "/openai/assistants", POWER_KEY)) == {
+    async def test_assistants(self, client: httpx.AsyncClient) -> None:
+        assert ids(await get(client, "/openai/assistants")) == {"helper-assistant"}
+        assert ids(await get(client, "/openai/assistants", POWER_KEY)) == {
             "helper-assistant",
             "power-assistant",
         }
-        item = get(client, "/openai/assistants/helper-assistant").json()
+        item = (await get(client, "/openai/assistants/helper-assistant")).json()
         assert item["assistant"] == "helper-assistant" and item["object"] == "assistant"
         assert item["addons"] == ["search-addon"]
         assert item["features"]["rate"] is True  # inherited from assistant.features
         # The synthetic base assistant is callable but never listed.
-        assert get(client, "/openai/assistants/assistant").status_code == 404
+        assert (await get(client, "/openai/assistants/assistant")).status_code == 404
 
-    def test_addons(self, client: httpx.Client) -> None:
-        assert ids(get(client, "/openai/addons")) == {"search-addon"}
-        item = get(client, "/openai/addons/search-addon").json()
+    async def test_addons(self, client: httpx.AsyncClient) -> None:
+        assert ids(await get(client, "/openai/addons")) == {"search-addon"}
+        item = (await get(client, "/openai/addons/search-addon")).json()
         assert item["addon"] == "search-addon" and item["display_name"] == "Search"
         assert "endpoint" not in item
-        assert get(client, "/openai/addons/power-addon").status_code == 403
+        assert (await get(client, "/openai/addons/power-addon")).status_code == 403
 
 
 class TestV1:
-    def test_all_deployments(self, client: httpx.Client) -> None:
-        items = get(client, "/v1/deployments").json()
+    async def test_all_deployments(self, client: httpx.AsyncClient) -> None:
+        items = (await get(client, "/v1/deployments")).json()
         assert isinstance(items, list)
         names = {item["id"] for item in items}
         assert {"chat-model", "echo-app"} <= names
         assert not {"power-model", "power-app", "nobody-model"} & names
 
-    def test_one_deployment(self, client: httpx.Client) -> None:
-        assert get(client, "/v1/deployments/echo-app").json()["object"] == "application"
-        assert get(client, "/v1/deployments/chat-model").json()["object"] == "model"
-        assert get(client, "/v1/deployments/power-model").status_code == 403
-        assert get(client, "/v1/deployments/missing").status_code == 404
+    async def test_one_deployment(self, client: httpx.AsyncClient) -> None:
+        assert (await get(client, "/v1/deployments/echo-app")).json()["object"] == "application"
+        assert (await get(client, "/v1/deployments/chat-model")).json()["object"] == "model"
+        assert (await get(client, "/v1/deployments/power-model")).status_code == 403
+        assert (await get(client, "/v1/deployments/missing")).status_code == 404
 
     @pytest.mark.parametrize(
         ("key", "expected"),
@@ -156,7 +170,9 @@ class TestV1:
             (POWER_KEY, {"roles": ["power-user", "default"], "project": "proj-b"}),
         ],
     )
-    def test_user_info(self, client: httpx.Client, key: str, expected: dict[str, object]) -> None:
-        response = get(client, "/v1/user/info", key)
+    async def test_user_info(
+        self, client: httpx.AsyncClient, key: str, expected: dict[str, object]
+    ) -> None:
+        response = await get(client, "/v1/user/info", key)
         assert response.json() == expected
         assert list(response.json()) == ["roles", "project"]
