@@ -27,7 +27,7 @@ class ConfigStore:
 
     `balancers` is the process's one balancer registry: each snapshot built here takes its
     balancers from it, so upstream health and round-robin counters survive a reload that keeps
-    the upstream (spec proxy 6.1), while a call keeps the balancers of the snapshot it started
+    the upstream (compatibility C32), while a call keeps the balancers of the snapshot it started
     with.
     """
 
@@ -60,7 +60,7 @@ class ConfigStore:
     def reload_now(self) -> bool:
         """`reload`, raising the `ConfigError` of a config it refused (the previous one keeps
         serving: nothing is applied until the whole config is valid). For
-        `POST /v1/ops/config/reload` (spec auth-limits 6.4), which answers with it."""
+        `POST /v1/ops/config/reload` (compatibility C53), which answers with it."""
         try:
             loaded = load_config(self.paths, overwrite_arrays=self.overwrite_arrays)
             if loaded.digest == self.current.digest:

@@ -8,7 +8,7 @@ import orjson
 
 
 class GatewayError(Exception):
-    """A failure the client should see, with DIAL's status code and message (DECISIONS 4)."""
+    """A failure the client should see, with DIAL's status code and message (compatibility C49)."""
 
     __slots__ = ("display_message", "headers", "message", "status")
 
@@ -55,5 +55,5 @@ def unknown_application(deployment_id: str) -> GatewayError:
 
 
 def no_route() -> GatewayError:
-    # DECISIONS 4: an unknown URL is 404 (DIAL answers 502).
+    # An unknown URL is 404; DIAL answers 502 (compatibility C50).
     return GatewayError(404, "No route")

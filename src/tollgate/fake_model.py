@@ -509,7 +509,7 @@ async def _send_stream(
     return resp
 
 
-# DIAL feature endpoints, as aidial-sdk serves them (spec proxy 14, 15.3): suffix → method.
+# DIAL feature endpoints, as aidial-sdk serves them (compatibility C43): suffix → method.
 _FEATURES: Final = {
     "rate": "POST",
     "tokenize": "POST",
@@ -560,7 +560,7 @@ def _discarded(chat: Any) -> list[int]:
 
 def _feature_answer(feature: str, body: bytes) -> web.Response:
     if feature == "rate":
-        return web.Response(text="PONG")  # what DIAL's own feature tests expect (spec 16.15)
+        return web.Response(text="PONG")  # what DIAL's own feature tests expect
     if feature == "configuration":
         return web.Response(body=orjson.dumps(FAKE_CONFIGURATION), content_type=_JSON)
     try:

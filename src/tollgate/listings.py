@@ -1,4 +1,4 @@
-"""Listing and info payloads (spec proxy 13), built once per config snapshot."""
+"""Listing and info payloads (compatibility C47), built once per config snapshot."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ OWNER = "organization-owner"
 
 
 def features_payload(features: Features | None) -> dict[str, bool]:
-    """All eleven flags, defaults filled in (spec proxy 13)."""
+    """All eleven flags, defaults filled in (compatibility C47)."""
     f = features or Features()
     return {
         "rate": f.rate_endpoint is not None,

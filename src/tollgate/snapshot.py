@@ -39,8 +39,8 @@ from tollgate.security.keys import (
 )
 from tollgate.security.principal import Principal
 
-APPLICATION_ATTEMPTS = 1  # an application's default `maxRetryAttempts` (spec proxy 6.5)
-BASE_ASSISTANT = "assistant"  # synthesised when `assistant.endpoint` is set (spec proxy 1)
+APPLICATION_ATTEMPTS = 1  # an application's default `maxRetryAttempts` (compatibility C35)
+BASE_ASSISTANT = "assistant"  # synthesised when `assistant.endpoint` is set (compatibility C5)
 
 
 class Kind(enum.Enum):
@@ -51,7 +51,7 @@ class Kind(enum.Enum):
 
 
 def may_use(user_roles: frozenset[str] | None, role_set: frozenset[str]) -> bool:
-    """DIAL's access rule (spec auth-limits 4.1, DECISIONS 3).
+    """DIAL's access rule (compatibility C12).
 
     `userRoles` absent or null admits everyone; `[]` admits nobody; otherwise one shared role.
     """
@@ -73,14 +73,14 @@ class Deployment:
     accessible_by_per_request_key: bool
     defaults: Mapping[str, Any]
     override_name: str | None
-    # Upstream attempts per call: `maxRetryAttempts`, else 5, or 1 for applications (spec 6.5).
+    # Attempts per call: `maxRetryAttempts`, else 5, or 1 for applications (compatibility C35).
     max_attempts: int
     # Tollgate's `connectTimeout`, `readTimeout` (ms); None when neither is set (the settings').
     timeouts_ms: tuple[int | None, int | None] | None
     spec: Deployable
     prices: Prices | None  # models with `pricing` only
     # `globalInterceptors` then the deployment's `interceptors`: the chain a call runs through
-    # first (spec proxy 8). Empty for nearly every deployment: the request path tests it once.
+    # first (compatibility C40). Empty for nearly every deployment: the request path tests it once.
     interceptors: tuple[str, ...] = ()
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
@@ -191,12 +191,12 @@ class Snapshot:
     addons: Listing
     limit_policy: LimitPolicy
     clock: Clock  # day/week/month periods of `rateLimitSchedule`
-    # One per deployment, by name; state carried over from the previous snapshot (spec proxy 6.1).
+    # One per deployment, by name; state carried over from the last snapshot (compatibility C32).
     balancers: Mapping[str, DeploymentBalancer]
-    retriable: frozenset[int]  # 429, 502, 503, 504 and `retriableErrorCodes` (spec proxy 6.4)
-    # Interceptors by name, reached only through a deployment's chain (spec proxy 8).
+    retriable: frozenset[int]  # 429, 502, 503, 504 and `retriableErrorCodes` (compatibility C35)
+    # Interceptors by name, reached only through a deployment's chain (compatibility C40).
     interceptors: Mapping[str, Deployment] = field(default_factory=dict)
-    # `routes`, compiled in the order they are tried (spec proxy 10); falsy when none.
+    # `routes`, compiled in the order they are tried (compatibility C44); falsy when none.
     routes: RouteTable = EMPTY_ROUTES
 
     def resolve(self, deployment_id: str) -> Deployment | None:
@@ -215,10 +215,10 @@ def build_snapshot(
     assistants: dict[str, Assistant] = dict(section.assistants)
     deployments: dict[str, Deployment] = {}
     chain = tuple(config.global_interceptors)
-    # DIAL's lookup precedence: applications, then models, then assistants (spec proxy 4).
+    # DIAL's lookup precedence: applications, then models, then assistants (compatibility C5).
     for name, assistant in assistants.items():
         endpoint = assistant.endpoint or section.endpoint
-        # Unset features come from `assistant.features` (spec proxy 1), as the listing shows.
+        # Unset features come from `assistant.features` (compatibility C5), as the listing shows.
         inherited = listings.inherit_features(assistant.features, section.features)
         spec = assistant.model_copy(update={"features": inherited})
         deployments[name] = _deployment(name, Kind.ASSISTANT, spec, endpoint, chain)
@@ -259,7 +259,7 @@ def build_snapshot(
                 {
                     **{name: UpstreamSet.of(d) for name, d in deployments.items()},
                     # Routes have entries of their own, so their upstreams' health survives
-                    # reloads too (spec proxy 10, 6.1).
+                    # reloads too (compatibility C32).
                     **routes.upstream_sets(config.routes),
                 }
             )

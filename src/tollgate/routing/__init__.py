@@ -1,4 +1,4 @@
-"""Routing: which upstream a call goes to, and what its failures do (spec proxy 6).
+"""Routing: which upstream a call goes to, and what its failures do (compatibility C31-C36).
 
 See `tollgate.routing.balancer` for the API and how the forward step drives it.
 """

@@ -1,4 +1,6 @@
-"""Upstream choice for the forward step: tiers, weighted round robin, parking (spec proxy 6).
+"""Upstream choice for the forward step: tiers, weighted round robin, parking.
+
+The rules are DIAL's, with the differences of compatibility C31-C36.
 
 Pure and I/O-free: time comes from an injectable monotonic clock, nothing here sends a request.
 Not thread-safe; the gateway drives it from one event loop.
@@ -12,7 +14,7 @@ The API, as the forward step uses it::
     )
     plan = by_name[deployment.name].plan(max_attempts=MAX_ATTEMPTS, retriable=retriable)
     for upstream in plan:                            # UpstreamState, best first
-        headers.extend(upstream.headers)             # its X-UPSTREAM-* (spec 5.3)
+        headers.extend(upstream.headers)             # its X-UPSTREAM-* headers
         try:
             response = await send(...)
         except ConnectionFailure:
@@ -25,20 +27,20 @@ The API, as the forward step uses it::
 
 - `UpstreamSet` is one deployment's upstream list as configured (`UpstreamSet.of(deployment)`); an
   upstream-less deployment gets one synthetic upstream used for bookkeeping only: it sends no
-  `X-UPSTREAM-*` headers (spec 6.1).
+  `X-UPSTREAM-*` headers.
 - `Balancers` is the registry that outlives config snapshots. `sync` returns a fresh
   name → `DeploymentBalancer` mapping for the new snapshot; state is kept per (deployment name,
   upstream identity), where the identity is the endpoint, digests of the key and `extraData`, the
   weight, the tier and whether the upstream is synthetic. An upstream that stays finds its parking,
   back-off and round-robin counters again; one that disappears or changes (a new weight, say)
   starts afresh; a deployment whose set is unchanged, in any order, keeps its balancer as a whole
-  (spec 6.1 and 16.22). Core goes further and resets every upstream of a deployment whose set
+  (compatibility C32). Core goes further and resets every upstream of a deployment whose set
   changed; Tollgate keeps the parking of the upstreams that did not change.
 - `DeploymentBalancer.plan()` makes the `AttemptPlan` of one client call: the upstreams in the order
-  to try, at most `max_attempts` of them (Core: 5, spec 6.4), skipping parked ones and moving on to
-  the next tier when a tier has none left. `record(status, retry_after)` books an answer (spec 6.3)
+  to try, at most `max_attempts` of them (Core: 5), skipping parked ones and moving on to
+  the next tier when a tier has none left. `record(status, retry_after)` books an answer
   and says whether to try the next upstream; `exhaustion()` says why the plan ran dry: whether every
-  upstream is parked, whether all of them for a 429 (DECISIONS 5: 503 `Service is not available`)
+  upstream is parked, whether all of them for a 429 (503 `Service is not available`)
   and in how many seconds the first one comes back (its `Retry-After`).
 - `UpstreamState` is what a plan hands out: the configured `Upstream`, its precomputed headers, a
   key fingerprint for logs, and its health (`error_count`, `parked_until`, `rate_limited`). Its repr
@@ -67,15 +69,15 @@ if TYPE_CHECKING:
 Monotonic = Callable[[], float]
 """A clock returning monotonic seconds (`time.monotonic`, or a test's fake)."""
 
-MAX_ATTEMPTS: Final = 5  # upstream picks per client call, the first included (spec 6.4)
-RETRIABLE_STATUSES: Final = frozenset({429, 502, 503, 504})  # before retriableErrorCodes (6.4)
-DEFAULT_RETRY_AFTER: Final = 30  # seconds, when a 429 has no usable Retry-After (spec 6.3)
-ERROR_THRESHOLD: Final = 3  # consecutive 5xx before an upstream is parked (spec 6.3)
+MAX_ATTEMPTS: Final = 5  # upstream picks per client call, the first included (compatibility C35)
+RETRIABLE_STATUSES: Final = frozenset({429, 502, 503, 504})  # before retriableErrorCodes
+DEFAULT_RETRY_AFTER: Final = 30  # seconds, when a 429 has no usable Retry-After
+ERROR_THRESHOLD: Final = 3  # consecutive 5xx before an upstream is parked
 BACKOFF_BASE: Final = 1.0  # seconds: parked for BACKOFF_BASE * 2**errors ...
-BACKOFF_CAP: Final = 300.0  # ... but never longer than 5 minutes (spec 6.3)
+BACKOFF_CAP: Final = 300.0  # ... but never longer than 5 minutes
 
 _NOT_PARKED: Final = -math.inf
-_LONG_MAX: Final = 2**63 - 1  # Java's Long.parseLong range (spec 6.3)
+_LONG_MAX: Final = 2**63 - 1  # Java's Long.parseLong range
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 # 2**9 s already passes the cap: a larger exponent changes nothing (and Java's `1L << errors`
 # would wrap after 63 errors and unpark the upstream; we keep the cap instead).
@@ -83,21 +85,21 @@ _MAX_EXPONENT: Final = math.ceil(math.log2(BACKOFF_CAP / BACKOFF_BASE))
 
 
 def retriable_statuses(extra: Iterable[int] = ()) -> frozenset[int]:
-    """429, 502, 503, 504 and the config's `retriableErrorCodes` (spec 6.4): once a snapshot."""
+    """429, 502, 503, 504 and the config's `retriableErrorCodes`: once a snapshot."""
     return RETRIABLE_STATUSES | frozenset(extra)
 
 
 def is_retriable(status: int, retriable: frozenset[int] = RETRIABLE_STATUSES) -> bool:
-    """Whether an upstream answer with `status` is discarded and the next upstream tried (6.4).
+    """Whether an upstream answer with `status` is discarded and the next upstream tried.
 
-    Connection failures are always retried (DECISIONS 5), see
+    Connection failures are always retried (compatibility C35), see
     `AttemptPlan.record_transport_failure`.
     """
     return status in retriable
 
 
 def retry_after_seconds(value: str | None) -> int:
-    """A 429's parking time from its `Retry-After` header (spec 6.3).
+    """A 429's parking time from its `Retry-After` header (compatibility C34).
 
     An integer number of seconds, negative taken as 0; absent or unparsable (an HTTP-date
     included) gives 30 s, as Core's `Long.parseLong` fallback does.
@@ -114,7 +116,7 @@ def retry_after_seconds(value: str | None) -> int:
 
 
 def backoff_seconds(error_count: int) -> float | None:
-    """How long `error_count` consecutive 5xx park an upstream: None under the threshold (6.3).
+    """How long `error_count` consecutive 5xx park an upstream: None under the threshold.
 
     From the third error on: 1 s x 2**errors, i.e. 8 s, 16 s, 32 s ... capped at 5 minutes.
     """
@@ -124,7 +126,7 @@ def backoff_seconds(error_count: int) -> float | None:
 
 
 def upstream_headers(upstream: Upstream) -> tuple[tuple[str, str], ...]:
-    """`X-UPSTREAM-*` sent with a call through `upstream` (spec 5.3); a null value sends nothing."""
+    """`X-UPSTREAM-*` sent with a call through `upstream`; a null value sends nothing."""
     headers: list[tuple[str, str]] = []
     if upstream.endpoint is not None:
         headers.append(("X-UPSTREAM-ENDPOINT", upstream.endpoint))
@@ -136,7 +138,7 @@ def upstream_headers(upstream: Upstream) -> tuple[tuple[str, str], ...]:
 
 
 def _extra_text(extra: object) -> str:
-    # DIAL keeps `extraData` as its compact JSON text, or the raw string (spec 1).
+    # DIAL keeps `extraData` as its compact JSON text, or the raw string (compatibility C25).
     return extra if isinstance(extra, str) else orjson.dumps(extra).decode()
 
 
@@ -150,7 +152,7 @@ class UpstreamSet:
 
     `forwarded` is False for the synthetic upstream of an upstream-less deployment (applications,
     assistants, models without `upstreams`): it exists for bookkeeping only and sends no
-    `X-UPSTREAM-*` headers (spec 6.1).
+    `X-UPSTREAM-*` headers (compatibility C31).
     """
 
     upstreams: tuple[Upstream, ...]
@@ -158,7 +160,7 @@ class UpstreamSet:
 
     @classmethod
     def of(cls, deployment: Deployment) -> UpstreamSet:
-        """A model's `upstreams`, or the synthetic upstream of anything else (spec 6.1)."""
+        """A model's `upstreams`, or the synthetic upstream of anything else."""
         spec = deployment.spec
         if isinstance(spec, Model) and spec.upstreams:
             return cls(tuple(spec.upstreams))
@@ -166,7 +168,7 @@ class UpstreamSet:
 
     @classmethod
     def synthetic(cls, endpoint: str | None) -> UpstreamSet:
-        """Core's `{endpoint: deployment.endpoint, key: "whatever"}` (spec 6.1); no key is kept."""
+        """Core's `{endpoint: deployment.endpoint, key: "whatever"}`; no key is kept."""
         return cls((Upstream(endpoint=endpoint),), forwarded=False)
 
     def __repr__(self) -> str:
@@ -201,7 +203,7 @@ def _identities(upstreams: Sequence[Upstream], forwarded: bool) -> list[Identity
 class UpstreamState:
     """One upstream's health, with what a call through it needs precomputed.
 
-    Health follows Core's `UpstreamState` (spec 6.3): `parked_until` is a monotonic time (the
+    Health follows Core's `UpstreamState`: `parked_until` is a monotonic time (the
     upstream is available once the clock is past it), `error_count` counts 5xx since the last
     200, `rate_limited` says the current parking came from a 429.
     """
@@ -222,7 +224,7 @@ class UpstreamState:
         self.upstream = upstream
         self.identity = identity
         self.endpoint = upstream.endpoint
-        # DECISIONS 11: logs name a key by the first 8 hex digits of its SHA-256.
+        # Logs name a key by the first 8 hex digits of its SHA-256 (compatibility C10).
         self.fingerprint = "" if upstream.key is None else fingerprint_of_digest(identity[1])
         self.headers = upstream_headers(upstream) if forwarded else ()
         # Its name in metrics, traces and logs: `sha256:<fingerprint>` of its key, or
@@ -236,7 +238,7 @@ class UpstreamState:
         return now > self.parked_until
 
     def record(self, status: int, retry_after: str | None, now: float) -> None:
-        """Book one answer (spec 6.3): 200 clears, 429 parks, 5xx count and back off."""
+        """Book one answer: 200 clears, 429 parks, 5xx count and back off."""
         if status == 200:
             self.error_count = 0
             self.parked_until = _NOT_PARKED
@@ -251,7 +253,7 @@ class UpstreamState:
                 # The count is not reset when the parking ends: the next 5xx parks longer.
                 self.parked_until = now + backoff
                 self.rate_limited = False
-        # Anything else (3xx, 4xx other than 429, other 2xx) changes nothing (spec 6.3).
+        # Anything else (3xx, 4xx other than 429, other 2xx) changes nothing.
 
     def __repr__(self) -> str:
         key = f"sha256:{self.fingerprint}…" if self.fingerprint else None
@@ -268,7 +270,7 @@ class UpstreamState:
 
 
 class _Tier:
-    """Core's `WeightedRoundRobinBalancer` over one tier's enabled upstreams (spec 6.2).
+    """Core's `WeightedRoundRobinBalancer` over one tier's enabled upstreams (compatibility C33).
 
     Upstreams sorted by weight, heaviest first (stable). Each pick computes for every upstream
     `delta_i = w_i/W - (u_i == 0 ? 0 : u_i/U)` and tries them in descending delta, ties to the
@@ -326,10 +328,10 @@ class _Tier:
 
 
 class DeploymentBalancer:
-    """One deployment's upstreams: tiers visited lowest first, round robin inside (spec 6.2).
+    """One deployment's upstreams: tiers visited lowest first, round robin inside.
 
     Build it through `Balancers.sync`; construct one directly only for a deployment that is not
-    in the config (Core builds a fresh balancer per request for custom applications, spec 6.1).
+    in the config (Core builds a fresh balancer per request for custom applications).
     `previous` carries state over from the balancer the last config built for the same name.
     """
 
@@ -342,7 +344,7 @@ class DeploymentBalancer:
         clock: Monotonic = time.monotonic,
         previous: DeploymentBalancer | None = None,
     ) -> None:
-        enabled = [u for u in upstreams.upstreams if u.weight > 0]  # weight <= 0 disables (1)
+        enabled = [u for u in upstreams.upstreams if u.weight > 0]  # weight <= 0 disables
         identities = _identities(enabled, upstreams.forwarded)
         known = {} if previous is None else {s.identity: s for s in previous.states}
         states: list[UpstreamState] = []
@@ -371,12 +373,12 @@ class DeploymentBalancer:
         self.clock = clock
 
     def same_upstreams(self, upstreams: UpstreamSet) -> bool:
-        """Whether `upstreams` is this balancer's set, in any order (spec 6.1)."""
+        """Whether `upstreams` is this balancer's set, in any order (compatibility C32)."""
         enabled = [u for u in upstreams.upstreams if u.weight > 0]
         return frozenset(_identities(enabled, upstreams.forwarded)) == self._key
 
     def pick(self) -> UpstreamState | None:
-        """The next upstream by tier and weight, or None when none is available now (6.2)."""
+        """The next upstream by tier and weight, or None when none is available now."""
         now = self.clock()
         for tier in self._tiers:
             state = tier.pick(now)
@@ -391,7 +393,7 @@ class DeploymentBalancer:
         return AttemptPlan(self, max_attempts, retriable)
 
     def exhaustion(self, attempts: int = 0, limit_reached: bool = False) -> Exhaustion:
-        """Whether every enabled upstream is parked now, why, and until when (DECISIONS 5)."""
+        """Whether every enabled upstream is parked now, why, and until when (compatibility C36)."""
         now = self.clock()
         states = self.states
         if not states or any(now > s.parked_until for s in states):
@@ -414,7 +416,7 @@ class Exhaustion:
     """Why a plan handed out no further upstream.
 
     `all_parked`: every enabled upstream is parked now (False when none is enabled);
-    `rate_limited`: ... and every one of them by a 429, which DECISIONS 5 answers with 503
+    `rate_limited`: ... and every one of them by a 429, which the gateway answers with 503
     `Service is not available`; anything else is 502 `No route` (or 504 after a timeout).
     `retry_after`: whole seconds until the first parked upstream comes back, when all are parked.
     """
@@ -427,7 +429,7 @@ class Exhaustion:
 
 
 class AttemptPlan:
-    """The upstreams of one client call, in the order to try (spec 6.4).
+    """The upstreams of one client call, in the order to try (compatibility C35).
 
     `next()` (or iteration) hands out the current upstream; `record` / `record_transport_failure`
     book its answer on it. After `max_attempts` upstreams, or when none is available, `next()`
@@ -479,8 +481,8 @@ class AttemptPlan:
     def record(self, status: int, retry_after: str | None = None) -> bool:
         """Book the current upstream's answer; True when the next upstream should be tried.
 
-        `retry_after` is the raw `Retry-After` header of a 429. A retriable answer is discarded
-        (spec 6.4); any other is relayed, its bookkeeping done all the same (a 500 counts).
+        `retry_after` is the raw `Retry-After` header of a 429. A retriable answer is discarded;
+        any other is relayed, its bookkeeping done all the same (a 500 counts).
         """
         state = self.current
         if state is not None:
@@ -488,14 +490,14 @@ class AttemptPlan:
         return status in self._retriable
 
     def record_transport_failure(self) -> bool:
-        """A connection failure or timeout: booked as a 502 (spec 6.4), retried (DECISIONS 5)."""
+        """A connection failure or timeout: booked as a 502, and retried (compatibility C35)."""
         state = self.current
         if state is not None:
             state.record(502, None, self._balancer.clock())
         return True
 
     def exhaustion(self) -> Exhaustion:
-        """Why `next()` returned None: the attempt limit, or nothing available (DECISIONS 5)."""
+        """Why `next()` returned None: attempts used up, or none available (compatibility C36)."""
         return self._balancer.exhaustion(self.attempts, self.attempts >= self._limit)
 
     def __repr__(self) -> str:
@@ -507,7 +509,7 @@ class AttemptPlan:
 
 
 class Balancers:
-    """Balancer state across config snapshots, by (deployment name, upstream identity) (6.1).
+    """Balancer state across config snapshots, by (deployment name, upstream identity).
 
     In process memory, not shared between instances, as in Core.
     """

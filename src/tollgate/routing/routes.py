@@ -1,6 +1,6 @@
-"""DIAL's `routes` compiled for the request path (spec proxy 10, auth-limits 2.3).
+"""DIAL's `routes` compiled for the request path (compatibility C44-C46).
 
-A route answers requests that none of Tollgate's own endpoints takes (spec proxy 3, "any other"):
+A route answers requests that none of Tollgate's own endpoints takes:
 the first route, in config order, whose `methods` admit the request's method and one of whose
 `paths` (Java regexes, see `tollgate.config.java_regex`) fully matches the request URI including
 its query string. A route with no `paths` matches every URI. Newer DIAL's `order` puts a route
@@ -8,7 +8,7 @@ first (lower first, default 2^31-1; ties keep config order).
 
 Built once per config snapshot: patterns compiled, methods upper-cased, the static answer encoded,
 and each route's balancer taken from the process's registry, under a name no deployment can
-clash with, so upstream health survives reloads as a deployment's does (spec proxy 6.1).
+clash with, so upstream health survives reloads as a deployment's does (compatibility C32).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tollgate.config.schema import Route
 from tollgate.routing.balancer import MAX_ATTEMPTS, DeploymentBalancer, UpstreamSet
 
 DEFAULT_ORDER: Final = 2**31 - 1  # newer DIAL's `order` default: after every ordered route
-# Only a 429 moves a route call to the next upstream; connection failures do too (spec proxy 10).
+# Only a 429 moves a route call to the next upstream; so do failed connections (compatibility C46).
 ROUTE_RETRIABLE: Final = frozenset({429})
 # Prefix of a route's entry in the balancer registry, beside the deployments' (a NUL cannot
 # appear in a name anyone configures on purpose).
@@ -61,7 +61,7 @@ class CompiledRoute:
     name: str
     patterns: tuple[re.Pattern[str], ...]  # empty: every URI matches
     methods: frozenset[str] | None  # None: every method
-    user_roles: frozenset[str] | None  # DIAL's access rule, as for deployments (spec 4.1)
+    user_roles: frozenset[str] | None  # DIAL's access rule, as for deployments (compatibility C45)
     rewrite_path: bool
     answer: StaticAnswer | None  # `response`: answered here, nothing proxied
     upstream_urls: Mapping[int, URL]  # by id() of the balancer's Upstream object
