@@ -44,8 +44,9 @@ Loc = tuple[int | str, ...]
 
 MIN_KEY_BITS = 128
 
-# Top-level sections of newer DIAL versions that Tollgate does not implement (spec auth-limits
-# 2.5): worth a warning of their own, since DIAL would act on them and Tollgate will not.
+# Top-level sections of newer DIAL versions that Tollgate does not implement
+# (compatibility C6): worth a warning of their own, since DIAL would act on them and Tollgate
+# will not.
 UNSUPPORTED_DIAL_SECTIONS = frozenset(
     {
         "toolsets",
@@ -359,13 +360,13 @@ def _key_roles(config: Config) -> Iterator[tuple[Loc, str]]:
 
 
 def role_problems(config: Config) -> list[Problem]:
-    """Roles that lead nowhere, judged by DIAL's rules (spec auth-limits 3.4, 4.1, 5.4).
+    """Roles that lead nowhere, judged by DIAL's rules (compatibility C9, C12, C15).
 
-    A role needs no `roles` entry to grant access through `userRoles` (3.4), so only roles that
-    can have no effect are reported: a key's role that no `roles` entry defines and no
-    `userRoles` lists (`default` excepted: DIAL's conventional role, needed only for limits), a
-    `userRoles` role that no key holds and no `roles` entry defines (Tollgate's callers are
-    keys: nobody can hold it), and a role limit for a deployment that does not exist.
+    A role needs no `roles` entry to grant access through `userRoles` (compatibility C9), so
+    only roles that can have no effect are reported: a key's role that no `roles` entry defines
+    and no `userRoles` lists (`default` excepted: DIAL's conventional role, needed only for
+    limits), a `userRoles` role that no key holds and no `roles` entry defines (Tollgate's
+    callers are keys: nobody can hold it), and a role limit for a deployment that does not exist.
     """
     defined = set(config.roles)
     listed = {role for _, roles in _access_lists(config) for role in roles}
@@ -404,7 +405,7 @@ def role_problems(config: Config) -> list[Problem]:
 
 
 def _limit_targets(config: Config) -> set[str]:
-    """What a role limit may name: deployments, and routes as in newer DIAL (spec 2.2)."""
+    """What a role limit may name: deployments, and routes as in newer DIAL (compatibility C45)."""
     names = {*config.models, *config.applications, *config.assistant.assistants, *config.routes}
     if config.assistant.endpoint:
         names.add(BASE_ASSISTANT)
@@ -458,8 +459,8 @@ def reference_problems(config: Config) -> list[Problem]:
 
 
 def route_problems(config: Config) -> list[Problem]:
-    """Routes that cannot do what they seem to (spec proxy 10): a `response` beside `upstreams`
-    (the response answers), no way to answer (every call is 502 `No route`), WebSocket
+    """Routes that cannot do what they seem to (compatibility C44-C46): a `response` beside
+    `upstreams` (the response answers), no way to answer (every call is 502 `No route`), WebSocket
     upstreams (Tollgate does not proxy them), and routes after one that takes every request."""
     problems: list[Problem] = []
     catch_all: str | None = None

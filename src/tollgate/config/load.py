@@ -1,4 +1,4 @@
-"""Read, merge and validate DIAL config files into a `Config` (spec auth-limits 1.2).
+"""Read, merge and validate DIAL config files into a `Config` (compatibility C3).
 
 Every problem is reported with the file it comes from, its JSON path and DIAL's message; secrets
 that appear in a path (the names of `keys` entries) are replaced by their fingerprint.
@@ -127,7 +127,7 @@ def _json_loc(error: Any, tree: dict[str, Any]) -> tuple[int | str, ...]:
 
 
 def load_config(paths: Sequence[str], *, overwrite_arrays: bool = False) -> LoadedConfig:
-    """Read every file in order, deep-merge them (DECISIONS 1) and validate the result."""
+    """Read every file in order, deep-merge them (compatibility C2) and validate the result."""
     if not paths:
         raise ConfigError(["no config files: pass --config FILE or set config.files in settings"])
     sources: list[SourceFile] = []

@@ -1,4 +1,4 @@
-"""Deep merge of JSON trees, as DIAL merges its config files (DECISIONS 1)."""
+"""Deep merge of JSON trees, as DIAL merges its config files (compatibility C2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `aidial.config.json` schema (spec auth-limits 2, proxy 1), validated with pydantic.
+"""The `aidial.config.json` schema (compatibility C4), validated with pydantic.
 
 Field names are snake_case here; every field also accepts DIAL's camelCase spelling. Unknown
 fields are kept (DIAL grew many over its versions) so that a newer file still loads.
@@ -26,7 +26,7 @@ from pydantic.alias_generators import to_camel
 
 from tollgate.config.java_regex import JavaRegexError, compile_java
 
-UNLIMITED = 9223372036854775807  # Java's Long.MAX_VALUE: DIAL's "no limit" (spec auth-limits 2.2)
+UNLIMITED = 9223372036854775807  # Java's Long.MAX_VALUE: DIAL's "no limit" (compatibility C4)
 UNLIMITED_COST = Decimal(UNLIMITED)
 
 
@@ -46,7 +46,7 @@ class DialModel(BaseModel):
 
 
 def _null_is_zero(value: Any) -> Any:
-    # DIAL binds JSON null on a primitive long to 0, which makes the limit non-positive (spec 2).
+    # DIAL binds JSON null on a primitive long to 0: the limit is non-positive (compatibility C4).
     return 0 if value is None else value
 
 
@@ -79,7 +79,7 @@ class Upstream(DialModel):
 
 
 class Features(DialModel):
-    """Deployment feature flags; `None` means "not set" so assistants can inherit (spec proxy 1)."""
+    """Deployment feature flags; `None` means "not set" so assistants inherit (compatibility C5)."""
 
     rate_endpoint: str | None = None
     tokenize_endpoint: str | None = None
@@ -95,7 +95,7 @@ class Features(DialModel):
 
 
 class TokenLimits(DialModel):
-    """Model context limits: advertised in listings only, never enforced (spec auth-limits 2.4)."""
+    """Model context limits: advertised in listings only, never enforced (compatibility C4)."""
 
     max_total_tokens: int | None = None
     max_prompt_tokens: int | None = None
@@ -200,7 +200,7 @@ class Route(DialModel):
     @field_validator("paths")
     @classmethod
     def _paths_compile(cls, paths: list[str]) -> list[str]:
-        # DIAL's paths are Java regexes (spec proxy 10): translated, and refused here when
+        # DIAL's paths are Java regexes (compatibility C44): translated, and refused here when
         # invalid or Java-only, so a bad route stops the load instead of every call.
         for path in paths:
             try:
@@ -212,7 +212,7 @@ class Route(DialModel):
     @field_validator("upstreams")
     @classmethod
     def _upstream_urls(cls, upstreams: list[Upstream]) -> list[Upstream]:
-        # A route's upstream endpoint is the URL called (spec proxy 10), not a header value.
+        # A route's upstream endpoint is the URL called, not a header value (compatibility C46).
         for upstream in upstreams:
             endpoint = upstream.endpoint
             if endpoint is None or not re.match(r"(https?|wss?)://[^/?#]+", endpoint, re.I):
@@ -221,7 +221,7 @@ class Route(DialModel):
 
 
 def _validate_cidr(text: str) -> str:
-    """DIAL's IP range rules and messages (spec auth-limits 3.7)."""
+    """DIAL's IP range rules and messages (compatibility C11)."""
     if "/" not in text:
         raise ValueError(f"Invalid CIDR: {text}")
     base, _, prefix = text.partition("/")
@@ -263,7 +263,7 @@ class Key(DialModel):
 
     @model_validator(mode="after")
     def _project_and_role(self) -> Key:
-        # DIAL's key validation messages, verbatim (spec auth-limits 2.1).
+        # DIAL's key validation messages, verbatim (compatibility C9).
         if not self.project:
             raise ValueError("Project key is undefined")
         if not self.role and not any(self.roles):
@@ -349,6 +349,6 @@ class Config(DialModel):
     roles: dict[str, Role] = Field(default_factory=dict)
     retriable_error_codes: list[int] = Field(default_factory=list)
     interceptors: dict[str, Interceptor] = Field(default_factory=dict)
-    # Newer DIAL: interceptor names run before every deployment's own (spec proxy 8).
+    # Newer DIAL: interceptor names run before every deployment's own (compatibility C40).
     global_interceptors: list[str] = Field(default_factory=list)
     rate_limit_schedule: RateLimitSchedule = Field(default_factory=RateLimitSchedule)

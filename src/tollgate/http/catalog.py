@@ -1,4 +1,4 @@
-"""Listing and identity endpoints (spec proxy 13, spec auth-limits 6.3)."""
+"""Listing and identity endpoints (compatibility C47, C48, C61)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def single(listing: Listing, principal: Principal, raw_id: str, what: str) -> we
 
 
 def application(snapshot: Snapshot, principal: Principal, raw_id: str) -> web.Response:
-    """`/openai/applications/{id}` resolves like a call (spec proxy 13.3)."""
+    """`/openai/applications/{id}` resolves like a call (compatibility C47)."""
     deployment = resolve(snapshot, raw_id)
     if not may_use(deployment.user_roles, principal.role_set):
         raise forbidden_deployment(deployment.name)
@@ -41,7 +41,7 @@ def application(snapshot: Snapshot, principal: Principal, raw_id: str) -> web.Re
 
 
 def all_deployments(snapshot: Snapshot, principal: Principal) -> web.Response:
-    """`/v1/deployments` [newer]: models and applications in one bare JSON array."""
+    """`/v1/deployments` (compatibility C61): models and applications in one bare JSON array."""
     role_set = principal.role_set
     items = snapshot.models.visible(role_set) + snapshot.applications.visible(role_set)
     return json_bytes_response(orjson.dumps(items))
@@ -59,5 +59,5 @@ def one_deployment(snapshot: Snapshot, principal: Principal, raw_id: str) -> web
 
 
 def user_info(principal: Principal) -> web.Response:
-    """Exactly `{"roles": [...], "project": ...}` for key callers (spec auth-limits 6.3)."""
+    """Exactly `{"roles": [...], "project": ...}` for key callers (compatibility C48)."""
     return json_response({"roles": list(principal.roles), "project": principal.project})

@@ -1,4 +1,7 @@
-"""The limits API: `/v1/deployments/{id}/limits`, `/v1/user/limits`, `/v1/user/usage` (spec 6)."""
+"""The limits API: `/v1/deployments/{id}/limits`, `/v1/user/limits`, `/v1/user/usage`.
+
+See compatibility C19.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ KINDS = {"model": Kind.MODEL, "application": Kind.APPLICATION, "assistant": Kind
 
 
 def _resets_at(snapshot: Snapshot, now: Instant, period: Period) -> str:
-    """ISO-8601 with the schedule's offset, e.g. `2026-10-01T00:00:00+02:00` (spec 6.1)."""
+    """ISO-8601 with the schedule's offset, e.g. `2026-10-01T00:00:00+02:00` (compatibility C19)."""
     zone = snapshot.clock.schedule.zone
     return datetime.fromtimestamp(now.period_end(period), zone).isoformat()
 
@@ -88,7 +91,7 @@ class LimitsApi:
     async def deployment(
         self, snapshot: Snapshot, principal: Principal, raw_id: str
     ) -> web.StreamResponse:
-        """Ten entries; the cost ones are the caller's whole budget and spend (spec 6.1)."""
+        """Ten entries; the cost ones are the caller's budget and spend (compatibility C19)."""
         deployment = resolve(snapshot, raw_id)
         if not may_use(deployment.user_roles, principal.role_set):
             raise forbidden_deployment(deployment.name)
@@ -103,7 +106,7 @@ class LimitsApi:
         self, request: web.Request, snapshot: Snapshot, principal: Principal, *, used_only: bool
     ) -> web.StreamResponse:
         """Every deployment of the asked types the caller may use (models by default); with
-        `used_only`, those with any usage in their windows (spec 6.2)."""
+        `used_only`, those with any usage in their windows (compatibility C19)."""
         asked = request.query.get("deploymentTypes", "model")
         kinds = {KINDS[k.strip()] for k in asked.split(",") if k.strip() in KINDS}
         deployments = [

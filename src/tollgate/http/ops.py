@@ -1,4 +1,4 @@
-"""Operator endpoints: `POST /v1/ops/config/reload` (spec auth-limits 6.4) and `/metrics`.
+"""Operator endpoints: `POST /v1/ops/config/reload` (compatibility C53) and `/metrics`.
 
 Both are for administrators (`access.admin.rules`, see `security.admin`): anyone else gets
 403 `User must be admin`. `/metrics` may instead be served on a port of its own
@@ -84,8 +84,8 @@ def metrics_app(ops: Ops) -> web.Application:
 
 
 def public_config(config: Config) -> dict[str, Any]:
-    """The config in DIAL's camelCase, secrets left out (spec auth-limits 6.4: secrets are
-    write-only). Keys are named by their fingerprint (`sha256:1a2b3c4d…`, DECISIONS 11);
+    """The config in DIAL's camelCase, secrets left out (compatibility C53: secrets
+    are write-only). Keys are named by their fingerprint (`sha256:1a2b3c4d…`, compatibility C10);
     upstream and key `key` fields are dropped; credentials in endpoint URLs and unknown fields
     that look like credentials are masked."""
     tree = _public(config)

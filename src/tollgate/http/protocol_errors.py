@@ -3,7 +3,7 @@
 A request line or header over `server.maxHeaderSize`, too many headers, or bytes that are not
 HTTP are answered 400 by aiohttp itself, which logs an ERROR with a traceback whose message
 quotes up to 100 bytes of the offending line. That line may be an `Api-Key` or `Authorization`
-header (DECISIONS 11), and any client can produce such lines at will: each becomes one INFO
+header (compatibility C10), and any client can produce such lines at will: each becomes one INFO
 line naming only the status and the kind of problem.
 """
 

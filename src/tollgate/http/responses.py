@@ -1,4 +1,4 @@
-"""Rendering at the edge: JSON bodies and DIAL's error shape (DECISIONS 4)."""
+"""Rendering at the edge: JSON bodies and DIAL's error shape (compatibility C49)."""
 
 from __future__ import annotations
 

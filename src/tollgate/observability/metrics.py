@@ -1,4 +1,4 @@
-"""Prometheus metrics (DECISIONS 12): plain counters on the request path, rendered at scrape.
+"""Prometheus metrics (compatibility C54): plain counters on the request path, rendered at scrape.
 
 prometheus-client's own metric objects take a lock and look up a labelled child on every
 update (microseconds each); the request path instead adds to plain dicts keyed by label
@@ -7,7 +7,7 @@ Prometheus scrapes. What the gateway already keeps (config reloads, balancer hea
 health) is read at scrape time and costs the request path nothing.
 
 Labels name deployments, projects and upstreams by their key's fingerprint (or position), never
-a key, a key's digest or a header value (DECISIONS 11). A deployment that does not exist is
+a key, a key's digest or a header value (compatibility C55). A deployment that does not exist is
 labelled `""`, so unknown ids sent by clients cannot grow the label set.
 """
 

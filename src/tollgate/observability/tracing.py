@@ -1,4 +1,4 @@
-"""OpenTelemetry traces (DECISIONS 12), exported over OTLP/HTTP when configured.
+"""OpenTelemetry traces (compatibility C55), exported over OTLP/HTTP when configured.
 
 This module needs the optional extra `otel` (`pip install 'tollgate[otel]'`). The gateway
 imports it only when tracing is configured (`telemetry.otlp.endpoint`, or OpenTelemetry's own
@@ -28,7 +28,7 @@ with its per-request key joins the trace of the call that gave it the key, throu
 on this instance: a key minted by another instance starts a new trace if no `traceparent` comes).
 
 Attributes name the deployment, the project, the status, tokens, cost and upstream; never a key,
-a key's digest, an upstream key, a header or a URL's query (DECISIONS 11).
+a key's digest, an upstream key, a header or a URL's query (compatibility C55).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class CallTrace:
         cost_nano: int | None,
         upstream: str | None,
     ) -> None:
-        """A deployment call ended: its facts on its span (DECISIONS 11: no key, no digest)."""
+        """A deployment call ended: its facts on its span (no key, no digest: compatibility C55)."""
         span = self.span
         if deployment:
             span.set_attribute("tollgate.deployment", deployment)

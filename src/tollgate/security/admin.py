@@ -1,9 +1,9 @@
-"""Who is an administrator: the static setting `access.admin.rules` (spec auth-limits 1.1, 6.4).
+"""Who is an administrator: the static setting `access.admin.rules` (compatibility C52).
 
 DIAL evaluates each rule against a JWT claim named by its `source`; every rule must match, and a
 rule matches when one of the caller's values does for one of its `targets`: `EQUAL` (the same
 text), `CONTAIN` (the value contains the target) or `REGEX` (the value matches the whole
-pattern). Tollgate has no identity provider (DECISIONS 7): a rule whose source is `roles` is
+pattern). Tollgate has no identity provider (compatibility C7): a rule whose source is `roles` is
 evaluated against the API key's roles, so a key can be an administrator; a rule on any other
 claim never matches an API key.
 

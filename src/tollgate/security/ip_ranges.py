@@ -1,4 +1,4 @@
-"""Client IP ranges of a key and the client address behind proxies (spec auth-limits 3.7)."""
+"""Client IP ranges of a key and the client address behind proxies (compatibility C11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""New project API keys for `tollgate keys new` (DECISIONS 11, 12).
+"""New project API keys for `tollgate keys new` (compatibility C10, C54).
 
 A key is 256 random bits from the operating system's CSPRNG, written in URL-safe base64 so it
 survives headers, shells and JSON without escaping. The config needs only its `sha256:` name.
@@ -15,7 +15,7 @@ from tollgate.security.keys import digest_of, fingerprint_of_digest
 
 KEY_BYTES = 32  # 256 bits
 DEFAULT_PROJECT = "my-project"
-DEFAULT_ROLE = "default"  # DIAL's fallback role name (spec auth-limits 5.4)
+DEFAULT_ROLE = "default"  # DIAL's fallback role name (compatibility C15)
 
 
 @dataclass(frozen=True, slots=True)

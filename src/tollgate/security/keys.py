@@ -1,9 +1,9 @@
-"""Project API keys: lookup by SHA-256 digest, `sha256:` names, fingerprints (DECISIONS 11).
+"""Project API keys: lookup by SHA-256 digest, `sha256:` names, fingerprints.
 
 The table never holds a plaintext secret: every key is stored under the SHA-256 digest of its
 secret, whether the config named it by the secret itself or by `sha256:<hex>`. A lookup hashes
 what the client sent and compares digests in constant time, so neither the table nor the
-comparison tells anything about a secret that was not presented.
+comparison tells anything about a secret that was not presented (compatibility C9, C10).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ProjectKey:
     """A configured key, without its secret: the principal it authenticates, and where from."""
 
     principal: Principal
-    allowed_ips: IpRanges | None  # None: any address (spec auth-limits 3.7)
+    allowed_ips: IpRanges | None  # None: any address (compatibility C11)
 
 
 class KeyTable:

@@ -1,4 +1,4 @@
-"""Per-request keys: minted for each upstream hop, dead when the hop ends (spec proxy 11)."""
+"""Per-request keys: minted for each upstream hop, dead when the hop ends (compatibility C38)."""
 
 from __future__ import annotations
 

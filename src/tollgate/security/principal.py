@@ -8,10 +8,10 @@ _tuple_new = tuple.__new__
 
 
 class ChainStep(NamedTuple):
-    """Where a per-request key given to an interceptor stands in its chain (spec proxy 8).
+    """Where a per-request key given to an interceptor stands in its chain (compatibility C40).
 
     DIAL keeps the same in the key's data (`interceptors`, `interceptorIndex`,
-    `initialDeployment`, `initialDeploymentApi`, spec auth-limits 3.5).
+    `initialDeployment`, `initialDeploymentApi`).
     """
 
     interceptors: tuple[str, ...]  # the whole chain, in call order
@@ -27,7 +27,7 @@ class ChainStep(NamedTuple):
 class Principal(NamedTuple):
     """The identity a request acts as.
 
-    A call made with a per-request key acts as the root caller (spec auth-limits 3.5): same
+    A call made with a per-request key acts as the root caller (compatibility C39): same
     project, roles and `secured` flag; `source_deployment` names the deployment that received
     the key, and is `None` for a call made with a project key. `chain` is set only for a key
     given to an interceptor. (A named tuple: one is built for every hop, and tuples are the

@@ -1,4 +1,6 @@
-"""Per-request keys shared through Redis, so a hop's key works on every instance (spec 3.5).
+"""Per-request keys shared through Redis, so a hop's key works on every instance.
+
+See compatibility C38.
 
 Each instance keeps the keys it minted in memory (the fast path); with Redis configured it also
 publishes them, under the digest of the key (never the key itself), with the TTL of
@@ -53,7 +55,7 @@ class SharedKeys:
     async def publish(self, digest: bytes, principal: Principal) -> None:
         if not self._store_healthy():
             return
-        # An interceptor's key carries its chain step (spec proxy 8), so that the interceptor's
+        # An interceptor's key carries its chain step (compatibility C40), so that the interceptor's
         # callback may land on any instance; other keys store `null` there.
         chain = principal.chain
         value = orjson.dumps(
