@@ -36,6 +36,7 @@ from tollgate.config.schema import Config
 from tollgate.config_check import reference_problems
 from tollgate.errors import GatewayError
 from tollgate.fake_model import DEFAULT_REPLY
+from tollgate.pipeline.call import Call
 from tollgate.pipeline.interceptors import Interceptors
 from tollgate.security.principal import ChainStep, Principal
 
@@ -407,20 +408,11 @@ class TestErrors:
         def never(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("must not be reached")
 
-        interceptors = Interceptors(
-            None,  # type: ignore[arg-type]
-            None,
-            None,  # type: ignore[arg-type]
-            session=never,
-            read_body=never,
-            end_hop=never,
-            authorization_is_api_key=never,
-            finish=never,
-        )
+        interceptors = Interceptors(None, None, 1.0, finish=never)  # type: ignore[arg-type]
         step = ChainStep(("a", "b"), 2, "m", "chat/completions")
         past_end = Principal("p", ("default",), frozenset({"default"}), "fp", False, "b", step)
         with pytest.raises(GatewayError) as refused:
-            await interceptors.next(None, past_end, None)  # type: ignore[arg-type]
+            await interceptors.next(Call(None, past_end, None))  # type: ignore[arg-type]
         assert (refused.value.status, refused.value.message) == (
             400,
             "Provided API key is not a per request key of an interceptor",

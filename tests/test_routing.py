@@ -30,7 +30,7 @@ from harness import (
     write_json,
 )
 from tollgate.config.schema import Config
-from tollgate.pipeline.attempts import Timeouts
+from tollgate.pipeline.hop import Timeouts
 from tollgate.snapshot import build_snapshot
 
 KEY = "routing-key-0123456789"

@@ -7,7 +7,9 @@ from typing import Any
 from tollgate.config.schema import Config
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.usage import Usage
-from tollgate.pipeline.admit import Admission
+from tollgate.pipeline.admit import Admission, Ticket, wall_clock_ms
+from tollgate.pipeline.call import Call
+from tollgate.pipeline.relay import Relayed
 from tollgate.pipeline.settle import charge_for
 from tollgate.security.principal import Principal
 from tollgate.snapshot import build_snapshot
@@ -36,16 +38,30 @@ async def test_a_call_admitted_before_a_schedule_change_is_charged_in_the_new_pe
     deployment_before, deployment_after = before.resolve("m"), after.resolve("m")
     assert deployment_before is not None and deployment_after is not None
 
-    in_flight = admission.admit_now(before, CALLER, deployment_before, "chat", BODY, {})
+    before_call = call_on(before, deployment_before)
+    in_flight = admission.admit_now(before_call)
     assert in_flight is not None
     # The reload: a call admitted and settled under the new schedule.
-    fresh = admission.admit_now(after, CALLER, deployment_after, "chat", BODY, {})
+    fresh_call = call_on(after, deployment_after)
+    fresh = admission.admit_now(fresh_call)
     assert fresh is not None
-    ledger.settle_now(charge_for(fresh, 200, Usage(0, 0, 100), {}, b"", False, "chat", after.clock))
+    ledger.settle_now(finished(fresh_call, fresh, 100, after))
     # The call admitted before the reload ends now.
-    ledger.settle_now(
-        charge_for(in_flight, 200, Usage(0, 0, 50), {}, b"", False, "chat", after.clock)
-    )
+    ledger.settle_now(finished(before_call, in_flight, 50, after))
 
     usage = await ledger.usage("Keys/proj", ["m"], after.clock.at(in_flight.ask.now.ms))
     assert usage.entities["m"].tokens[1] == 150  # the new day holds both calls
+
+
+def call_on(snapshot: Any, deployment: Any) -> Call:
+    call = Call(None, CALLER, snapshot, "m", "chat")  # type: ignore[arg-type]
+    call.deployment, call.body = deployment, BODY
+    return call
+
+
+def finished(call: Call, ticket: Ticket, tokens: int, current: Any) -> Any:
+    """The call's charge once it relayed a 200 that used `tokens`, by `current`'s clock."""
+    from aiohttp import web
+
+    call.relayed = Relayed(web.Response(), Usage(0, 0, tokens), b"", False)
+    return charge_for(call, ticket, current.clock, wall_clock_ms())

@@ -5,8 +5,7 @@ See compatibility C19.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -20,7 +19,7 @@ from tollgate.http.responses import json_bytes_response
 from tollgate.limits.ledger import EntityUsage, Ledger, usd
 from tollgate.limits.policy import Limits
 from tollgate.limits.windows import Instant, Period
-from tollgate.pipeline.admit import bucket_of
+from tollgate.pipeline.admit import bucket_of, wall_clock_ms
 from tollgate.pipeline.resolve import resolve
 from tollgate.security.principal import Principal
 from tollgate.snapshot import Deployment, Kind, Snapshot, may_use
@@ -77,8 +76,9 @@ def _token_and_request_stats(
 
 
 class LimitsApi:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, now_ms: Callable[[], int] = wall_clock_ms) -> None:
         self.ledger = ledger
+        self._now_ms = now_ms
 
     def _limits(self, snapshot: Snapshot, principal: Principal, deployment: Deployment) -> Limits:
         return snapshot.limit_policy.limits(
@@ -86,7 +86,7 @@ class LimitsApi:
         )
 
     def _now(self, snapshot: Snapshot) -> Instant:
-        return snapshot.clock.at(time.time_ns() // 1_000_000)
+        return snapshot.clock.at(self._now_ms())
 
     async def deployment(
         self, snapshot: Snapshot, principal: Principal, raw_id: str

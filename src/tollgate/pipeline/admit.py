@@ -13,19 +13,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tollgate.config.schema import Model
 from tollgate.errors import GatewayError
 from tollgate.limits import messages
 from tollgate.limits.cost import Prices, to_nano_usd
 from tollgate.limits.ledger import Ask, Ledger, Refusal, usd
-from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.policy import COST_WINDOWS, REQUEST_WINDOWS, TOKEN_WINDOWS
 from tollgate.security.principal import Principal
-from tollgate.snapshot import Deployment, Kind, Snapshot
+from tollgate.snapshot import Deployment, Kind
+
+if TYPE_CHECKING:
+    from tollgate.pipeline.call import Call
+    from tollgate.routing.routes import CompiledRoute
 
 CHARS_PER_TOKEN = 4  # estimate: a prompt's JSON bytes / 4 over-counts its tokens, safely
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch: the clock limits are counted by (injectable for tests)."""
+    return time.time_ns() // 1_000_000
 
 
 def bucket_of(principal: Principal) -> str:
@@ -43,75 +51,78 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, ledger: Ledger, *, reserve: bool, default_completion_tokens: int) -> None:
+    """The admission step: what to ask the ledger for a call, and the ticket or the refusal."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        reserve: bool,
+        default_completion_tokens: int,
+        now_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
         self.ledger = ledger
         self.reserve = reserve
         self.default_completion_tokens = default_completion_tokens
-        # The embedded ledger is synchronous: the gateway calls it directly (`admit_now`).
-        self._admit_now = ledger.admit_now if isinstance(ledger, MemoryLedger) else None
-        self.synchronous = self._admit_now is not None
+        self.now_ms = now_ms
+        # The ledger says whether it can be called without a coroutine (the embedded one).
+        self.synchronous = ledger.synchronous
         # Told of every refusal (metrics: limit rejections by kind and window).
         self.on_refusal: Callable[[Ask, Refusal], None] | None = None
 
-    async def admit(
-        self,
-        snapshot: Snapshot,
-        principal: Principal,
-        deployment: Deployment,
-        api: str,
-        body: bytes,
-        request: dict[str, Any],
-    ) -> Ticket | None:
-        ask = self.ask(snapshot, principal, deployment, api, body, request)
+    async def admit(self, call: Call) -> Ticket | None:
+        """The call's ticket; None when no limits apply. Raises the refusal."""
+        ask = self.ask(call)
         if ask is None:
             return None
-        return self._ticket(ask, await self.ledger.admit(ask), deployment)
+        return self._ticket(ask, await self.ledger.admit(ask), call.deployment)
 
-    def admit_now(
-        self,
-        snapshot: Snapshot,
-        principal: Principal,
-        deployment: Deployment,
-        api: str,
-        body: bytes,
-        request: dict[str, Any],
-    ) -> Ticket | None:
+    def admit_now(self, call: Call) -> Ticket | None:
         """`admit` without a coroutine, when the ledger is `synchronous`."""
-        ask = self.ask(snapshot, principal, deployment, api, body, request)
+        ask = self.ask(call)
         if ask is None:
             return None
-        assert self._admit_now is not None
-        return self._ticket(ask, self._admit_now(ask), deployment)
+        return self._ticket(ask, self.ledger.admit_now(ask), call.deployment)
 
-    def _ticket(self, ask: Ask, refusal: Refusal | None, deployment: Deployment) -> Ticket:
+    async def admit_route(self, call: Call, route: CompiledRoute) -> Ticket | None:
+        """Request and cost limits on a route's name (newer DIAL, compatibility C3x): a route
+        produces no tokens and no cost, so only its requests are counted."""
+        snapshot = call.snapshot
+        limits = snapshot.limit_policy.limits(call.principal.role_set, route.name, route.user_roles)
+        if limits.unlimited:
+            return None  # a route no limit applies to is not counted at all
+        if not limits.positive:
+            raise GatewayError(403, "Access denied")
+        ask = Ask(bucket_of(call.principal), route.name, limits, snapshot.clock.at(self.now_ms()))
+        ledger = self.ledger
+        refusal = ledger.admit_now(ask) if self.synchronous else await ledger.admit(ask)
+        return self._ticket(ask, refusal, None)
+
+    def _ticket(self, ask: Ask, refusal: Refusal | None, deployment: Deployment | None) -> Ticket:
         """The admitted call's ticket, or the refusal raised (and told to `on_refusal`)."""
         if refusal is not None:
             if self.on_refusal is not None:
                 self.on_refusal(ask, refusal)
             raise rejection(refusal)
-        return Ticket(ask, deployment.prices)
+        return Ticket(ask, None if deployment is None else deployment.prices)
 
-    def ask(
-        self,
-        snapshot: Snapshot,
-        principal: Principal,
-        deployment: Deployment,
-        api: str,
-        body: bytes,
-        request: dict[str, Any],
-    ) -> Ask | None:
+    def ask(self, call: Call) -> Ask | None:
         """What to ask the ledger for this call; None when no limits apply (not a model)."""
+        deployment = call.deployment
+        assert deployment is not None, "admitted after resolution"
         if deployment.kind is not Kind.MODEL:
             return None
+        snapshot = call.snapshot
+        principal = call.principal
         limits = snapshot.limit_policy.limits(
             principal.role_set, deployment.name, deployment.user_roles
         )
         if not limits.positive:
             raise GatewayError(403, "Access denied")
-        now = snapshot.clock.at(time.time_ns() // 1_000_000)
+        now = snapshot.clock.at(self.now_ms())
         if not self.reserve:
             return Ask(bucket_of(principal), deployment.name, limits, now)
-        tokens, cost_nano = self._estimate(deployment, api, body, request)
+        tokens, cost_nano = self._estimate(deployment, call.api, call.body, call.parsed)
         # An estimate above a limit would refuse the call forever; capped, such a call is
         # admitted when nothing else is in flight (and overshoots, as under DIAL's rule).
         return Ask(

@@ -7,8 +7,8 @@ a project key from the config or a live per-request key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol
 
 from tollgate.errors import (
     GatewayError,
@@ -20,8 +20,12 @@ from tollgate.security.ip_ranges import client_address, forwarded_for
 from tollgate.security.keys import digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
-from tollgate.security.shared_keys import RemoteKeyLookup
+from tollgate.security.shared_keys import SharedKeys
 from tollgate.snapshot import Snapshot
+
+# What `authenticate` returns for a key that may have been minted by another instance: the
+# lookup in the shared store, to await.
+RemoteLookup = Coroutine[Any, Any, Principal]
 
 
 class Peer(Protocol):
@@ -32,18 +36,28 @@ class Peer(Protocol):
 
 
 class Authenticator:
-    """Turns request headers into a `Principal`, or raises DIAL's 400/401/403."""
+    """Turns request headers into a `Principal`, or raises DIAL's 400/401/403.
+
+    Synchronous for every key this instance knows; a key it does not know may be a per-request
+    key minted by another instance (with a shared store): then the answer is the lookup to
+    await (`RemoteLookup`), which raises 401 if the store does not know the key either.
+    """
 
     __slots__ = ("_per_request", "_proxy_count", "_shared")
 
     def __init__(
-        self, per_request_keys: PerRequestKeys, proxy_count: int, *, shared: bool = False
+        self,
+        per_request_keys: PerRequestKeys,
+        proxy_count: int,
+        shared: SharedKeys | None = None,
     ) -> None:
         self._per_request = per_request_keys
         self._proxy_count = proxy_count
         self._shared = shared  # per-request keys may have been minted by another instance
 
-    def authenticate(self, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot) -> Principal:
+    def authenticate(
+        self, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot
+    ) -> Principal | RemoteLookup:
         api_key = headers.get("Api-Key")
         authorization = headers.get("Authorization")
         if authorization is None:
@@ -74,26 +88,32 @@ class Authenticator:
             return principal
         if snapshot.keys.lookup_digest(digest) is not None:
             raise GatewayError(400, "Provided API key is not per request key")
-        if self._shared:
-            raise RemoteKeyLookup(digest, with_authorization=True)
+        if self._shared is not None:
+            return _remote(self._shared, digest)
         raise unknown_api_key()
 
     def _by_key(
         self, secret: str, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot
-    ) -> Principal:
+    ) -> Principal | RemoteLookup:
         digest = digest_of(secret)
         key = snapshot.keys.lookup_digest(digest)
         if key is not None:
             if key.allowed_ips is not None:
-                address = client_address(
-                    peer.remote, forwarded_for(headers), self._proxy_count
-                )
+                address = client_address(peer.remote, forwarded_for(headers), self._proxy_count)
                 if not key.allowed_ips.admits(address):
                     raise GatewayError(403, f"Access is forbidden from IP address: {address}")
             return key.principal
         principal = self._per_request.resolve_digest(digest)
         if principal is None:
-            if self._shared:
-                raise RemoteKeyLookup(digest, with_authorization=False)
+            if self._shared is not None:
+                return _remote(self._shared, digest)
             raise unknown_api_key()
         return principal
+
+
+async def _remote(shared: SharedKeys, digest: bytes) -> Principal:
+    """A per-request key minted by another instance, from the shared store."""
+    principal = await shared.lookup(digest)
+    if principal is None:
+        raise unknown_api_key()
+    return principal

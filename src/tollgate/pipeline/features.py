@@ -20,22 +20,18 @@ headers and body. No limits, no retries, no balancer bookkeeping.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-import aiohttp
 from aiohttp import web
 
 from tollgate.config.schema import Model, Upstream
 from tollgate.errors import GatewayError
-from tollgate.pipeline.attempts import Timeouts
 from tollgate.pipeline.authorize import authorize
-from tollgate.pipeline.forward import upstream_headers
-from tollgate.pipeline.relay import response_headers
+from tollgate.pipeline.call import Call
+from tollgate.pipeline.forward import client_headers, read_body, with_hop_key
+from tollgate.pipeline.hop import FEATURE, HopEngine, Outbound
+from tollgate.pipeline.hop_keys import HopKeys
 from tollgate.pipeline.resolve import resolve
-from tollgate.security.per_request_keys import PerRequestKeys
-from tollgate.security.principal import Principal
-from tollgate.security.shared_keys import SharedKeys
 from tollgate.snapshot import Deployment, Snapshot
 
 log = logging.getLogger("tollgate.features")
@@ -54,10 +50,6 @@ RATE = Feature("rate", "rate_endpoint", required=False)
 TOKENIZE = Feature("tokenize", "tokenize_endpoint", required=True)
 TRUNCATE_PROMPT = Feature("truncate_prompt", "truncate_prompt_endpoint", required=True)
 CONFIGURATION = Feature("configuration", "configuration_endpoint", required=False)
-
-# DIAL's messages for a hop that failed (spec proxy 14); a timeout is a 504 (DECISIONS 5).
-CONNECTION_ERROR = "connection error to origin"
-SEND_ERROR = "deployment responded with error"
 
 
 def feature_url(deployment: Deployment, feature: Feature) -> str | None:
@@ -110,69 +102,50 @@ def upstream_identity(upstream: Upstream | None) -> list[tuple[str, str]]:
 
 
 class FeatureCalls:
-    """The feature endpoints of one gateway: its HTTP client, per-request keys and timeouts."""
+    """The feature endpoints of one gateway."""
 
-    __slots__ = (
-        "_authorization_is_api_key",
-        "_end_hop",
-        "_keys",
-        "_read_body",
-        "_session",
-        "_shared",
-        "_timeouts",
-    )
+    __slots__ = ("_body_timeout_s", "_engine", "_keys")
 
-    def __init__(
-        self,
-        session: Callable[[], aiohttp.ClientSession],
-        keys: PerRequestKeys,
-        shared: SharedKeys | None,
-        timeouts: Timeouts,
-        *,
-        end_hop: Callable[[bytes], None],
-        authorization_is_api_key: Callable[[web.Request], bool],
-        read_body: Callable[[web.Request], Awaitable[bytes]],
-    ) -> None:
-        self._session = session  # created when the gateway starts
+    def __init__(self, engine: HopEngine, keys: HopKeys, body_timeout_s: float) -> None:
+        self._engine = engine
         self._keys = keys
-        self._shared = shared
-        self._timeouts = timeouts
-        self._end_hop = end_hop  # kills the hop's key here and in the shared store
-        self._authorization_is_api_key = authorization_is_api_key
-        self._read_body = read_body  # the deployment call's: its 408, 413 and 422 (spec 14)
+        self._body_timeout_s = body_timeout_s  # the deployment call's: its 408, 413 and 422
 
-    async def call(
-        self,
-        request: web.Request,
-        principal: Principal,
-        snapshot: Snapshot,
-        raw_id: str,
-        feature: Feature,
-    ) -> web.StreamResponse:
-        deployment = resolve(snapshot, raw_id)
+    async def call(self, call: Call, feature: Feature) -> web.StreamResponse:
+        snapshot, principal, request = call.snapshot, call.principal, call.request
+        deployment = call.deployment = resolve(snapshot, call.raw_id)
         authorize(principal, deployment)
         url = feature_url(deployment, feature)
-        body = await self._read_body(request)  # read in every case, as DIAL does
+        body = await read_body(request, self._body_timeout_s)  # read in every case, as DIAL does
         if url is None:
             if feature.required:
                 raise GatewayError(403, "Forbidden deployment")
             return web.Response()  # DIAL: 200, empty body
-
-        key, handle = self._keys.mint(principal, deployment.name)
+        keys = self._keys
+        hop_key = keys.open(principal.via(deployment.name))
         try:
-            if self._shared is not None:
-                await self._shared.publish(handle, principal.via(deployment.name))
-            headers = upstream_headers(
-                request.headers.items(),
-                key,
-                forward_authorization=(
-                    deployment.forward_auth_token and not self._authorization_is_api_key(request)
-                ),
+            if hop_key.publishing is not None:
+                await hop_key.publishing
+            headers = with_hop_key(
+                client_headers(request, forward_authorization=deployment.forward_auth_token),
+                hop_key.key,
             )
             headers += upstream_identity(first_upstream(snapshot, deployment))
-            response = await self._send(request.method, url, headers, body, deployment, feature)
+            relayed = await self._engine.send(
+                request,
+                Outbound(
+                    request.method,
+                    url,
+                    headers,
+                    body or None,
+                    self._engine.timeouts.of(deployment),
+                    FEATURE,
+                    target=f"{feature.name} of {deployment.name}",
+                ),
+            )
         finally:
-            self._end_hop(handle)
+            await keys.close(hop_key)
+        response = relayed.response
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "feature %s project=%s key=%s deployment=%s status=%d",
@@ -183,45 +156,3 @@ class FeatureCalls:
                 response.status,
             )
         return response
-
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        deployment: Deployment,
-        feature: Feature,
-    ) -> web.Response:
-        """One request, its whole answer relayed (feature answers are small JSON documents)."""
-        try:
-            async with self._session().request(
-                method,
-                url,
-                data=body or None,
-                headers=headers,
-                timeout=self._timeouts.of(deployment),
-            ) as answer:
-                content = await answer.read()
-                return web.Response(
-                    status=answer.status,
-                    reason=answer.reason,
-                    body=content,
-                    headers=response_headers(answer.headers, 0),  # no attempts: no retries
-                )
-        except aiohttp.ClientConnectorError as exc:
-            raise _failure(502, CONNECTION_ERROR, deployment, feature, exc) from None
-        except TimeoutError as exc:  # aiohttp's connect and read timeouts included
-            raise _failure(504, "Upstream timed out", deployment, feature, exc) from None
-        except aiohttp.InvalidURL as exc:  # a `features` URL that is no URL: never reached
-            raise _failure(502, CONNECTION_ERROR, deployment, feature, exc) from None
-        except aiohttp.ClientError as exc:
-            raise _failure(502, SEND_ERROR, deployment, feature, exc) from None
-
-
-def _failure(
-    status: int, message: str, deployment: Deployment, feature: Feature, reason: Exception
-) -> GatewayError:
-    # The URL is not logged: a feature URL may carry a secret in its query.
-    log.warning("%s call to %s failed: %s", feature.name, deployment.name, type(reason).__name__)
-    return GatewayError(status, message)

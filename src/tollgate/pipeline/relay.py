@@ -1,46 +1,66 @@
-"""Step 6: the upstream response back to the client, streamed as it arrives (spec proxy 7)."""
+"""Step 6: an upstream's answer back to the client, as it arrives (compatibility C1x).
+
+Every hop's answer comes through here (see `hop.HopEngine`): its status (never its reason
+phrase, which the upstream controls), its headers minus the hop-by-hop ones, and its body,
+either read whole (up to the hop's bound, then parsed for usage) or streamed chunk by chunk
+with the write-stall watch. A client that goes away mid-stream does not stop usage counting.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tollgate.limits.usage import StreamUsage, Usage, body_usage
+from tollgate.limits.usage import StreamUsage, Usage, body_usage, last_usage
 
 log = logging.getLogger("tollgate.relay")
 
-DROPPED_RESPONSE_HEADERS = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         "connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",
         "upgrade",
-        "content-length",
     }
 )
-# DECISIONS 9: after a client disconnect, read on for the final usage at most this long.
-DRAIN_TIMEOUT_S = 30.0
+DROPPED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {"content-length"}
+# After a client disconnect, read on for the final usage at most this long (compatibility C9).
+DRAIN_TIMEOUT_S: Final = 30.0
+MAX_KEPT_STREAM: Final = 16 * 1024 * 1024  # a stream kept for pricing by characters
+TAIL_BYTES: Final = 64 * 1024  # of a streamed body that is not an event stream: where usage is
+
+
+def nominated(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """The header names a `Connection` header nominates as hop-by-hop (RFC 9110 7.6.1)."""
+    names: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        names.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return frozenset(names)
 
 
 def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop ones, plus `X-UPSTREAM-ATTEMPTS` (unless
-    `attempts` is 0: an interceptor's answer keeps the header of the call it relays).
+    """The upstream's headers minus hop-by-hop ones (and those its `Connection` names), plus
+    `X-UPSTREAM-ATTEMPTS` (unless `attempts` is 0: a hop that is not retried).
 
     Copied whole and pruned: both are single calls into multidict's C code, cheaper than
     filtering header by header in Python.
     """
     headers = CIMultiDict(upstream)
-    for name in DROPPED_RESPONSE_HEADERS:
+    dropped = DROPPED_RESPONSE_HEADERS
+    if "Connection" in headers:
+        dropped = dropped | nominated(headers)
+    for name in dropped:
         if name in headers:
             del headers[name]
     if attempts:
@@ -48,44 +68,81 @@ def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiD
     return headers
 
 
-def is_stream(upstream: aiohttp.ClientResponse) -> bool:
-    """Relay chunk by chunk when the upstream streams (SSE) or sends a body of unknown size."""
-    headers = upstream.headers
-    return (
-        headers.get("Content-Type", "").startswith("text/event-stream")
-        or "Content-Length" not in headers
-    )
-
-
 class Relayed(NamedTuple):
     response: web.StreamResponse
-    usage: Usage | None  # of a 200 response only
+    usage: Usage | None  # of a 200 answer of a hop that reads usage
     body: bytes  # the whole body; of a stream only when asked to keep it
     streamed: bool
 
 
-MAX_KEPT_STREAM = 16 * 1024 * 1024
-
-
-async def relay_whole(upstream: aiohttp.ClientResponse, attempts: int) -> Relayed:
-    body = await upstream.read()
-    response = web.Response(
-        status=upstream.status,
-        reason=upstream.reason,
-        body=body,
-        headers=response_headers(upstream.headers, attempts),
+def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) -> bool:
+    """Relay chunk by chunk when the upstream streams (SSE), sends a body of unknown size, or
+    one larger than the hop reads whole; a HEAD answer has no body to stream."""
+    if method == "HEAD":
+        return False
+    length = upstream.content_length
+    return (
+        length is None
+        or length > buffer_limit
+        or upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     )
-    return Relayed(response, body_usage(body) if upstream.status == 200 else None, body, False)
+
+
+async def relay_whole(
+    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], with_usage: bool
+) -> Relayed:
+    """The whole answer at once; its length is known and within the hop's bound (`streams`)."""
+    body = await upstream.read()
+    response = web.Response(status=upstream.status, body=body, headers=headers)
+    usage = body_usage(body) if with_usage and upstream.status == 200 else None
+    return Relayed(response, usage, body, False)
+
+
+class UsageTracker(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Usage | None: ...
+
+
+class TailUsage:
+    """Usage of a streamed body that is not an event stream: the last `usage` object in its
+    last `TAIL_BYTES` (where OpenAI-style bodies put it), in bounded memory."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        tail = self._tail + chunk
+        self._tail = tail[-TAIL_BYTES:] if len(tail) > TAIL_BYTES else tail
+
+    def finish(self) -> Usage | None:
+        return last_usage(self._tail)
+
+
+class _NoUsage:
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self) -> Usage | None:
+        return None
+
+
+NO_USAGE: Final = _NoUsage()
 
 
 async def relay_stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    attempts: int,
+    headers: CIMultiDict[str],
     *,
+    with_usage: bool,
+    stall_s: float,
     keep: bool = False,
     on_client_gone: Callable[[], None] | None = None,
-    stall_s: float | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
@@ -94,14 +151,16 @@ async def relay_stream(
     `stall_s`: a client that takes none of the answer for that long while some waits for it is
     disconnected (see `_StallWatch`), and counted as gone.
     """
-    headers = response_headers(upstream.headers, attempts)
-    # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
+    # Sent before the handler returns, so the edge cannot add it later (compatibility C1x).
     headers["Access-Control-Allow-Origin"] = "*"
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    tracker = StreamUsage()
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    tracker: UsageTracker = NO_USAGE
+    if with_usage and upstream.status == 200:
+        event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
+        tracker = StreamUsage() if event_stream else TailUsage()
     kept = bytearray() if keep else None
     content = upstream.content
-    watch = None if stall_s is None else _StallWatch(request.transport, stall_s)
+    watch = _StallWatch(request.transport, stall_s)
     try:
         await response.prepare(request)
         async for chunk in content.iter_any():
@@ -109,14 +168,14 @@ async def relay_stream(
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
             await response.write(chunk)
-            if watch is not None:
-                watch.written += 1
+            watch.written += 1
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
         if on_client_gone is not None:
             on_client_gone()
-        await _drain(content, tracker, kept)
+        if tracker is not NO_USAGE or kept is not None:
+            await _drain(content, tracker, kept)
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream broke off mid-stream: what was counted so far stands, and the client must
         # not mistake the truncated stream for a complete one, so its connection is cut too.
@@ -124,9 +183,8 @@ async def relay_stream(
         if request.transport is not None:
             request.transport.abort()
     finally:
-        if watch is not None:
-            watch.stop()
-    usage = tracker.finish() if upstream.status == 200 else None
+        watch.stop()
+    usage = tracker.finish()
     body = bytes(kept) if kept else b""
     return Relayed(response, usage, body, True)
 
@@ -176,7 +234,7 @@ class _StallWatch:
 
 
 async def _drain(
-    content: aiohttp.StreamReader, tracker: StreamUsage, kept: bytearray | None
+    content: aiohttp.StreamReader, tracker: UsageTracker, kept: bytearray | None
 ) -> None:
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):

@@ -1,11 +1,10 @@
-"""A call that a configured route answers (spec proxy 10; auth-limits 2.3, 4.1, 5.1).
+"""A call that a configured route answers (compatibility C3x).
 
 The route was chosen by the front door (`RouteTable.match`: methods, then the paths' full match
 of the request URI). Then, in DIAL's order:
 
 1. access: `userRoles` absent admits everyone, `[]` nobody, else one shared role; refused →
-   403 `Forbidden route` (spec auth-limits 4.1; the newer docs' "[] admits all" contradicts
-   DIAL's code and tests, which win here);
+   403 `Forbidden route` (compatibility C3x);
 2. limits (newer DIAL, spec auth-limits 5.1): `roles.<role>.limits.<route name>` as for a model,
    with the route's `userRoles` choosing the roles that count. Requests are counted and checked
    (`requestHour`, `requestDay`), and the caller's cost budget (`costLimit`) is checked; a route
@@ -31,31 +30,17 @@ else → 502 `No route`, as DIAL answers for routes.
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import Final
-
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from tollgate.errors import GatewayError
-from tollgate.limits.ledger import Ask, Ledger
-from tollgate.limits.memory import MemoryLedger
-from tollgate.pipeline.admit import bucket_of, rejection
-from tollgate.pipeline.attempts import Timeouts
-from tollgate.pipeline.forward import DROPPED_HEADERS, DROPPED_WITHOUT_AUTH_FORWARDING
-from tollgate.pipeline.relay import response_headers
-from tollgate.routing.balancer import AttemptPlan, UpstreamState
-from tollgate.routing.routes import ROUTE_RETRIABLE, CompiledRoute
-from tollgate.security.principal import Principal
-from tollgate.snapshot import Snapshot, may_use
-
-log = logging.getLogger("tollgate.routes")
-
-# A relayed answer this large (or of unknown length) is streamed rather than read whole.
-STREAM_ABOVE: Final = 256 * 1024
+from tollgate.pipeline.admit import Admission
+from tollgate.pipeline.call import Call
+from tollgate.pipeline.forward import client_headers, read_body
+from tollgate.pipeline.hop import ROUTE, HopEngine, Outbound
+from tollgate.routing.balancer import UpstreamState
+from tollgate.routing.routes import ROUTE_RETRIABLE, CompiledRoute, escapes
+from tollgate.snapshot import may_use
 
 
 def forbidden_route() -> GatewayError:
@@ -65,164 +50,68 @@ def forbidden_route() -> GatewayError:
 class RouteCalls:
     """Calls through configured routes; one per gateway."""
 
-    def __init__(
-        self,
-        session: Callable[[], aiohttp.ClientSession],
-        ledger: Ledger,
-        timeouts: Timeouts,
-        *,
-        read_body: Callable[[web.Request], Awaitable[bytes]],
-        authorization_is_api_key: Callable[[web.Request], bool],
-    ) -> None:
-        self._session = session
-        self._ledger = ledger
-        self._admit_now = ledger.admit_now if isinstance(ledger, MemoryLedger) else None
-        self._timeouts = timeouts
-        self._read_body = read_body
-        self._authorization_is_api_key = authorization_is_api_key
+    __slots__ = ("_admission", "_body_timeout_s", "_engine")
 
-    async def call(
-        self,
-        request: web.Request,
-        principal: Principal,
-        snapshot: Snapshot,
-        route: CompiledRoute,
-    ) -> web.StreamResponse:
-        if not may_use(route.user_roles, principal.role_set):
+    def __init__(self, engine: HopEngine, admission: Admission, body_timeout_s: float) -> None:
+        self._engine = engine
+        self._admission = admission  # its refusal hook counts route refusals too
+        self._body_timeout_s = body_timeout_s
+
+    async def call(self, call: Call, route: CompiledRoute) -> web.StreamResponse:
+        request = call.request
+        if escapes(request.raw_path.partition("?")[0]):
+            raise GatewayError(400, "Invalid path")
+        if not may_use(route.user_roles, call.principal.role_set):
             raise forbidden_route()
-        await self._admit(snapshot, principal, route)
-        body = await self._read_body(request)
+        await self._admission.admit_route(call, route)
+        body = await read_body(request, self._body_timeout_s)
         answer = route.answer
         if answer is not None:
             return web.Response(
                 status=answer.status, body=answer.body or None, headers=answer.headers
             )
-        dropped = (
-            DROPPED_WITHOUT_AUTH_FORWARDING
-            if self._authorization_is_api_key(request)
-            else DROPPED_HEADERS
-        )
-        headers = [(n, v) for n, v in request.headers.items() if n.lower() not in dropped]
+        # `Authorization` is kept unless it carries the caller's API key (compatibility C1x).
+        headers = client_headers(request, forward_authorization=True)
         # Routes relay bytes they never parse; identity keeps them as the upstream wrote them
-        # (DIAL drops the client's Accept-Encoding, spec proxy 5.3).
+        # (DIAL drops the client's Accept-Encoding, compatibility C2x).
         headers.append(("Accept-Encoding", "identity"))
-        return await self._send(request, route, headers, body)
-
-    async def _admit(self, snapshot: Snapshot, principal: Principal, route: CompiledRoute) -> None:
-        """Request and cost limits on the route's name (spec auth-limits 5.1 [newer])."""
-        limits = snapshot.limit_policy.limits(principal.role_set, route.name, route.user_roles)
-        if limits.unlimited:
-            return
-        if not limits.positive:
-            raise GatewayError(403, "Access denied")
-        ask = Ask(
-            bucket_of(principal), route.name, limits, snapshot.clock.at(time.time_ns() // 10**6)
+        engine = self._engine
+        relayed = await engine.send(
+            request,
+            Outbound(
+                request.method,
+                "",
+                headers,
+                body,
+                engine.timeouts.default,
+                ROUTE,
+                route.balancer.plan(route.max_attempts, ROUTE_RETRIABLE),
+                _Attempt(route, request.raw_path.partition("?")[0]),
+                f"route {route.name}",
+            ),
         )
-        admit_now = self._admit_now
-        refusal = admit_now(ask) if admit_now is not None else await self._ledger.admit(ask)
-        if refusal is not None:
-            raise rejection(refusal)
-
-    async def _send(
-        self,
-        request: web.Request,
-        route: CompiledRoute,
-        headers: list[tuple[str, str]],
-        body: bytes,
-    ) -> web.StreamResponse:
-        plan = route.balancer.plan(route.max_attempts, ROUTE_RETRIABLE)
-        session = self._session()
-        timeout = self._timeouts.default
-        method = request.method
-        common = len(headers)
-        timed_out = False
-        while (upstream := plan.next()) is not None:
-            del headers[common:]  # the previous attempt's Api-Key
-            key = upstream.upstream.key
-            if key is not None:
-                headers.append(("Api-Key", key))
-            url = _url(route, upstream, request)
-            try:
-                answer = await session.request(
-                    method, url, data=body, headers=headers, timeout=timeout
-                )
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                timed_out = isinstance(exc, TimeoutError)
-                plan.record_transport_failure()
-                log.warning(
-                    "route %s: upstream call failed (attempt %d): %s",
-                    route.name,
-                    plan.attempts,
-                    type(exc).__name__,
-                )
-                continue
-            async with answer:
-                status = answer.status
-                retry_after = answer.headers.get("Retry-After") if status == 429 else None
-                if not plan.record(status, retry_after):
-                    return await _relay(request, answer, plan.attempts)
-            timed_out = False
-            log.debug("route %s: upstream answered %d, trying the next", route.name, status)
-        raise _exhausted(plan, timed_out)
+        return relayed.response
 
 
-def _url(route: CompiledRoute, upstream: UpstreamState, request: web.Request) -> URL:
-    url = route.upstream_urls[id(upstream.upstream)]
-    if not route.rewrite_path:
-        return url
-    # The endpoint's path replaced by the request's, as sent (spec proxy 10); its query kept.
-    rewritten = url.with_path(request.raw_path.partition("?")[0], encoded=True)
-    query = url.raw_query_string
-    return URL(f"{rewritten}?{query}", encoded=True) if query else rewritten
+class _Attempt:
+    """A route attempt's URL and `Api-Key`: the upstream's `endpoint` (its path replaced by the
+    request's with `rewritePath`) and the upstream's `key` (none without one)."""
 
+    __slots__ = ("_path", "_route")
 
-async def _relay(
-    request: web.Request, answer: aiohttp.ClientResponse, attempts: int
-) -> web.StreamResponse:
-    """The upstream's answer as it is: status, headers minus hop-by-hop ones, body."""
-    headers = response_headers(answer.headers, attempts)
-    length = answer.content_length
-    streamed = request.method != "HEAD" and (
-        length is None
-        or length > STREAM_ABOVE
-        or answer.headers.get("Content-Type", "").startswith("text/event-stream")
-    )
-    try:
-        if not streamed:
-            body = await answer.read()
-            return web.Response(
-                status=answer.status, reason=answer.reason, body=body, headers=headers
-            )
-        # Sent before the handler returns, so the edge cannot add it later (spec proxy 2).
-        headers["Access-Control-Allow-Origin"] = "*"
-        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
-        await response.prepare(request)
-    except TimeoutError:
-        raise GatewayError(504, "Upstream timed out") from None
-    except aiohttp.ClientError:
-        raise GatewayError(502, "Upstream connection failed") from None
-    try:
-        async for chunk in answer.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionResetError):
-        pass  # the client left: the upstream connection is closed with the answer
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        # The upstream broke off: the client must not take the truncated body for a whole one.
-        log.warning("route upstream answer ended abnormally: %s", type(exc).__name__)
-        if request.transport is not None:
-            request.transport.abort()
-    return response
+    def __init__(self, route: CompiledRoute, path: str) -> None:
+        self._route = route
+        self._path = path
 
-
-def _exhausted(plan: AttemptPlan, timed_out: bool) -> GatewayError:
-    """DECISIONS 5 for a route: 503 when every upstream is parked by a 429, 504 after a
-    timeout, else DIAL's 502 `No route`."""
-    why = plan.exhaustion()
-    headers = {"X-UPSTREAM-ATTEMPTS": str(why.attempts)}
-    if why.all_parked and why.rate_limited and why.retry_after is not None:
-        headers["Retry-After"] = str(why.retry_after)
-        return GatewayError(503, "Service is not available", headers=headers)
-    if timed_out:
-        return GatewayError(504, "Upstream timed out", headers=headers)
-    return GatewayError(502, "No route", headers=headers)
+    def __call__(self, upstream: UpstreamState, headers: list[tuple[str, str]]) -> URL:
+        key = upstream.upstream.key
+        if key is not None:
+            headers.append(("Api-Key", key))
+        route = self._route
+        url = route.upstream_urls[id(upstream.upstream)]
+        if not route.rewrite_path:
+            return url
+        # The endpoint's path replaced by the request's, as sent; its query kept.
+        rewritten = url.with_path(self._path, encoded=True)
+        query = url.raw_query_string
+        return URL(f"{rewritten}?{query}", encoded=True) if query else rewritten

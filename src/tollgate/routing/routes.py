@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote
 
 import orjson
 from yarl import URL
@@ -94,6 +95,28 @@ class RouteTable:
 
 
 EMPTY: Final = RouteTable(())
+
+_ENCODED_SEPARATOR: Final = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
+MAX_DECODINGS: Final = 3
+
+
+def escapes(path: str) -> bool:
+    """Whether an upstream that normalises `path` could read it as another path: a dot segment
+    (`.`, `..`, also percent-encoded, once or more), an encoded slash or backslash, or a
+    backslash. A route forwards with the route's own upstream key, so such a path could reach
+    what lies outside the route (compatibility C2x): it is refused instead."""
+    for _ in range(MAX_DECODINGS):
+        if "\\" in path or _ENCODED_SEPARATOR.search(path) is not None:
+            return True
+        if any(segment in (".", "..") for segment in path.split("/")):
+            return True
+        if "%" not in path:
+            return False
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # encoded more deeply than any client needs
 
 
 def balancer_name(route: str) -> str:
