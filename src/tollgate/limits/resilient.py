@@ -114,8 +114,11 @@ class ResilientLedger(Ledger):
                     await self.local.settle(_unreserved(entry))
         try:
             await self.shared.start()
+            # Checked now, not at the first call: a wrong address starts degraded, saying so
+            # once, and /health reports it from the start.
+            await self._ping()
         except self._errors as exc:
-            self._down(exc)
+            self._down(exc, "at start-up ")
         if self._queue and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._recover())
 
@@ -145,12 +148,13 @@ class ResilientLedger(Ledger):
         await self.shared.close()
         await self.local.close()
 
-    def _down(self, exc: BaseException) -> None:
+    def _down(self, exc: BaseException, when: str = "") -> None:
         self.failures += 1
         if self.healthy:
             self.healthy = False
             log.error(
-                "limits store unreachable (%s: %s); %s",
+                "limits store unreachable %s(%s: %s); %s",
+                when,
                 type(exc).__name__,
                 exc,
                 "counting on this instance until it returns"
