@@ -60,7 +60,7 @@ DEPLOYMENT_CALL = re.compile(
 )
 OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
 # Connections to one upstream (host and port) at most: a caller that floods one slow upstream
-# must not take the whole pool from every other caller (compatibility C2x).
+# must not take the whole pool from every other caller (compatibility C68).
 MAX_CONNECTIONS = 1024
 MAX_CONNECTIONS_PER_UPSTREAM = 256
 
@@ -102,7 +102,7 @@ class Gateway:
             now_ms=now_ms,
         )
         self.limits_api = LimitsApi(self.ledger, now_ms)
-        # Telemetry (compatibility C4x): None when off, so a call pays one attribute check.
+        # Telemetry (compatibility C54, C55): None when off, so a call pays one attribute check.
         self.metrics = (
             Metrics(
                 StoreView(
@@ -166,7 +166,7 @@ class Gateway:
                 ttl_dns_cache=300,
             ),
             timeout=self.engine.timeouts.default,  # each hop passes its own (hop.Timeouts)
-            # Upstream bodies are relayed and parsed as they are (compatibility C2x): requests
+            # Upstream bodies are relayed and parsed as they are (compatibility C25, C26): requests
             # ask for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
             auto_decompress=False,
             # One session serves every caller: cookies an upstream sets must never be sent on
@@ -203,7 +203,7 @@ class Gateway:
             await asyncio.to_thread(self.tracing.shutdown)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Every request enters here. Every answer allows any origin (compatibility C1x)."""
+        """Every request enters here. Every answer allows any origin (compatibility C21)."""
         routed: web.StreamResponse | Call | AsyncAnswer | None = None
         try:
             routed = self._front_door(request)
@@ -261,7 +261,7 @@ class Gateway:
         self.metrics.rejected(project, ask.entity, refusal.kind, window)
 
     def _front_door(self, request: web.Request) -> web.StreamResponse | None:
-        """DIAL's front door (compatibility C1x): what is refused or answered before the caller
+        """DIAL's front door (compatibility C21): what is refused or answered before the caller
         is known. None: the request goes on to authentication."""
         method = request.method
         if request.version != aiohttp.HttpVersion11:
@@ -274,10 +274,10 @@ class Gateway:
         length = request.content_length
         if length is not None and length > self.settings.max_body_size:
             raise GatewayError(413, "Request body is too large")
-        if "Content-Encoding" in headers:  # compressed bodies are refused (compatibility C1x)
+        if "Content-Encoding" in headers:  # compressed bodies are refused (compatibility C62)
             _check_content_encoding(headers.getall("Content-Encoding"))
         if "Expect" in headers and headers["Expect"].lower() != "100-continue":
-            # RFC 9110 10.1.1; `100-continue` is answered when the body is read (forward.py).
+            # RFC 9110 10.1.1; `100-continue` is answered when the body is read (forward.py, compatibility C63).
             raise GatewayError(417, "Expectation failed")
         if method == "GET":
             path = request.raw_path.partition("?")[0]
@@ -302,7 +302,7 @@ class Gateway:
             call = DEPLOYMENT_CALL.fullmatch(path)
             if call is not None:
                 return Call(request, principal, snapshot, call[1], call[2])
-            if OPS_RELOAD.fullmatch(path):  # administrators only (spec auth-limits 6.4)
+            if OPS_RELOAD.fullmatch(path):  # administrators only (compatibility C53)
                 return self.ops.reload(principal)
         elif method == "GET" and path == "/metrics" and self._metrics_here:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
@@ -329,7 +329,7 @@ class Gateway:
                 match = pattern.fullmatch(path)
                 if match is not None:
                     return handler(request, principal, snapshot, match)
-        # Anything else goes to the configured routes (spec proxy 3, 10), first match wins.
+        # Anything else goes to the configured routes (compatibility C44), first match wins.
         route = snapshot.routes.match(method, request.raw_path) if snapshot.routes else None
         if route is not None:
             return AsyncAnswer(
@@ -342,7 +342,7 @@ class Gateway:
 
 def _check_content_encoding(values: list[str]) -> None:
     """A request body must come as it is: a compressed one would be inflated past every size
-    check, and forwarded under a label that no longer fits it (compatibility C1x)."""
+    check, and forwarded under a label that no longer fits it (compatibility C62)."""
     for value in values:
         for coding in value.split(","):
             if coding.strip().lower() not in ("", "identity"):
@@ -350,7 +350,7 @@ def _check_content_encoding(values: list[str]) -> None:
 
 
 def _preflight(request: web.Request) -> web.Response:
-    """CORS pre-flight: 200, no auth, requested methods and headers echoed (spec proxy 2)."""
+    """CORS pre-flight: 200, no auth, requested methods and headers echoed (compatibility C21)."""
     headers = {"Access-Control-Max-Age": "86400"}
     requested_method = request.headers.get("Access-Control-Request-Method")
     if requested_method is not None:
@@ -375,7 +375,7 @@ AsyncHandler = Callable[
     Coroutine[Any, Any, web.StreamResponse],
 ]
 
-# Feature endpoints (spec proxy 3, 14), DIAL's patterns: rate has no `deployments/` segment.
+# Feature endpoints (compatibility C43), DIAL's patterns: rate has no `deployments/` segment.
 # Checked before ROUTES, whose `/v1/deployments/(.+?)` would take `.../configuration` as an id.
 FEATURE_ROUTES: tuple[tuple[str, re.Pattern[str], features.Feature], ...] = (
     ("POST", re.compile(r"/+v1/(.+?)/rate"), features.RATE),
@@ -400,7 +400,7 @@ ASYNC_ROUTES: tuple[tuple[re.Pattern[str], AsyncHandler], ...] = (
     ),
 )
 
-# --- route table: (method, raw-path regex, handler); leading `/+` as in DIAL (spec proxy 3) -----
+# --- route table: (method, raw-path regex, handler); leading `/+` as in DIAL (compatibility C22) -
 
 Handler = Callable[[web.Request, Principal, Snapshot, re.Match[str]], web.StreamResponse]
 

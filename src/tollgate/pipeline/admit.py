@@ -1,6 +1,6 @@
-"""Step 4: may this call go ahead within the caller's limits (spec auth-limits 5, DECISIONS 8).
+"""Step 4: may this call go ahead within the caller's limits (compatibility C17, C56).
 
-Models are limited; applications and assistants are not (spec 5.1). A non-positive limit is
+Models are limited; applications and assistants are not (compatibility C14). A non-positive limit is
 403 `Access denied`; an exceeded one is 429 with DIAL's message, `display_message` and
 `Retry-After`. In `reserve` mode an estimate of the call's tokens and cost is reserved at
 admission, so concurrent calls cannot all pass a check that only one of them fits.
@@ -38,7 +38,7 @@ def wall_clock_ms() -> int:
 
 def bucket_of(principal: Principal) -> str:
     """Whose counters: all keys of a project share them, per-request keys count for the root
-    caller (spec 5.5)."""
+    caller (compatibility C39)."""
     return f"Keys/{principal.project}"
 
 
@@ -85,7 +85,7 @@ class Admission:
         return self._ticket(ask, self.ledger.admit_now(ask), call.deployment)
 
     async def admit_route(self, call: Call, route: CompiledRoute) -> Ticket | None:
-        """Request and cost limits on a route's name (newer DIAL, compatibility C3x): a route
+        """Request and cost limits on a route's name (newer DIAL, compatibility C45): a route
         produces no tokens and no cost, so only its requests are counted."""
         snapshot = call.snapshot
         limits = snapshot.limit_policy.limits(call.principal.role_set, route.name, route.user_roles)
@@ -165,7 +165,7 @@ class Admission:
 
 
 def rejection(refusal: Refusal) -> GatewayError:
-    """DIAL's 429 body, `display_message` and `Retry-After` (spec 5.8)."""
+    """DIAL's 429 body, `display_message` and `Retry-After` (compatibility C18)."""
     if refusal.kind == "token":
         text = messages.token_message(
             dict(zip(TOKEN_WINDOWS, refusal.used, strict=True)),

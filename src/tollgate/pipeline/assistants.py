@@ -1,4 +1,4 @@
-"""Step 5 for assistants: the request an assistant receives (spec proxy 9).
+"""Step 5 for assistants: the request an assistant receives (compatibility C42).
 
 DIAL rewrites a call to an assistant before sending it to the assistant's endpoint (the shared
 `assistant.endpoint` unless the assistant names its own), after `defaults` are applied:
@@ -15,7 +15,7 @@ DIAL rewrites a call to an assistant before sending it to the assistant's endpoi
    what is missing.
 
 Pure: a request dict, a snapshot and a principal in, the body and extra headers out. Addon
-tokens are secrets (DECISIONS 11): they travel only in those headers, never in a log line.
+tokens are secrets (compatibility C10): they travel only in those headers, never in a log line.
 """
 
 from __future__ import annotations

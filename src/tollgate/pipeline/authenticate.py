@@ -1,7 +1,7 @@
-"""Step 1: who is calling (spec auth-limits 3, DECISIONS 2 and 11).
+"""Step 1: who is calling (compatibility C8, C10).
 
 Credentials come from `Api-Key` (any case), `Authorization` and, when neither is present,
-`x-api-key`. Tollgate has no identity provider (DECISIONS 7), so every credential is an API key:
+`x-api-key`. Tollgate has no identity provider (compatibility C7), so every credential is an API key:
 a project key from the config or a live per-request key.
 """
 
@@ -81,7 +81,7 @@ class Authenticator:
             return self._by_key(api_key, headers, peer, snapshot)
 
         # Two different credentials: only a per-request key may come with an `Authorization`
-        # header (an interceptor passing on the user's token), spec auth-limits 3.3 [newer].
+        # header (an interceptor passing on the user's token), compatibility C8.
         digest = digest_of(api_key)
         principal = self._per_request.resolve_digest(digest)
         if principal is not None:

@@ -1,4 +1,4 @@
-"""Step 3: may this caller use this deployment (spec auth-limits 4, DECISIONS 3)."""
+"""Step 3: may this caller use this deployment (compatibility C12, C13)."""
 
 from __future__ import annotations
 

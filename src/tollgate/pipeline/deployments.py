@@ -88,7 +88,7 @@ class DeploymentCalls:
         request = call.request
         if "application/json" not in request.headers.get("Content-Type", "").lower():
             raise GatewayError(415, "Only application/json is supported")
-        if call.raw_id == INTERCEPTOR_ID:  # an interceptor's callback (compatibility C2x)
+        if call.raw_id == INTERCEPTOR_ID:  # an interceptor's callback (compatibility C40)
             return await self.interceptors.next(call)
         deployment = call.deployment = resolve(call.snapshot, call.raw_id)
         note = call.note
@@ -111,7 +111,7 @@ class DeploymentCalls:
             )
             body = enhance(body, parsed, deployment)
             headers = client_headers(request, forward_authorization=deployment.forward_auth_token)
-            if deployment.kind is Kind.ASSISTANT:  # prompt, addons, model (compatibility C2x)
+            if deployment.kind is Kind.ASSISTANT:  # prompt, addons, model (compatibility C42)
                 assistant = assistant_request(parsed, call.snapshot, call.principal, deployment)
                 body = assistant.body
                 headers = addon_headers(headers, assistant.headers)
@@ -137,7 +137,7 @@ class DeploymentCalls:
                     and ticket.prices is not None
                     and ticket.prices.unit == "char_without_whitespace",
                     # DIAL deletes the hop's key when its caller disconnects (compatibility
-                    # C2x); the drain for usage must not keep it alive.
+                    # C29); the drain for usage must not keep it alive.
                     on_client_gone=lambda: keys.end(hop_key.handle),
                     note=note,
                 ),

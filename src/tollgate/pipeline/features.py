@@ -1,4 +1,4 @@
-"""Feature endpoints: rate, tokenize, truncate_prompt, configuration (spec proxy 3, 14).
+"""Feature endpoints: rate, tokenize, truncate_prompt, configuration (compatibility C43).
 
 `POST /v1/{id}/rate`, `POST /v1/deployments/{id}/tokenize`,
 `POST /v1/deployments/{id}/truncate_prompt` and `GET /v1/deployments/{id}/configuration` go, for
@@ -8,8 +8,8 @@ is resolved and authorized as for a call (404 `Unknown application: <id>`, 403 `
 deployment: <id>`); when the URL is unset, rate and configuration answer an empty 200, tokenize
 and truncate_prompt 403 `Forbidden deployment`.
 
-The hop follows newer DIAL (spec 14 [newer]), since aidial-sdk adapters refuse tokenize and
-truncate_prompt without `Api-Key` (spec 15.3): a fresh per-request key goes as `Api-Key` and dies
+The hop follows newer DIAL (compatibility C43), since aidial-sdk adapters refuse tokenize and
+truncate_prompt without `Api-Key`: a fresh per-request key goes as `Api-Key` and dies
 when the hop ends; `Authorization` only with `forwardAuthToken` (and never when it carries the
 caller's API key); a model with `upstreams` also sends its first available upstream's
 `X-UPSTREAM-ENDPOINT` and `X-UPSTREAM-KEY`. The request goes with the client's method to the URL
@@ -39,7 +39,7 @@ log = logging.getLogger("tollgate.features")
 
 class Feature(NamedTuple):
     """One feature endpoint: its name, the `Features` field holding its URL, and whether an
-    unset URL refuses the call (403) rather than answering an empty 200 (spec proxy 3)."""
+    unset URL refuses the call (403) rather than answering an empty 200 (compatibility C43)."""
 
     name: str
     field: str
@@ -67,7 +67,7 @@ def feature_url(deployment: Deployment, feature: Feature) -> str | None:
 def first_upstream(snapshot: Snapshot, deployment: Deployment) -> Upstream | None:
     """The upstream whose `X-UPSTREAM-*` a model's feature call carries; None for anything else.
 
-    DIAL takes the model's first upstream (spec 14 [newer]). Tollgate takes the first one the
+    DIAL takes the model's first upstream (compatibility C43). Tollgate takes the first one the
     balancer has not parked (lowest tier first, then config order), so a feature call does not
     go to a provider that just answered 429; when all are parked or disabled, the first one.
     """
@@ -89,7 +89,7 @@ def first_upstream(snapshot: Snapshot, deployment: Deployment) -> Upstream | Non
 def upstream_identity(upstream: Upstream | None) -> list[tuple[str, str]]:
     """`X-UPSTREAM-ENDPOINT` and `X-UPSTREAM-KEY` of `upstream` (a null value sends nothing).
 
-    Not `X-UPSTREAM-EXTRA-DATA`: DIAL's feature hop sends only these two (spec 14 [newer]).
+    Not `X-UPSTREAM-EXTRA-DATA`: DIAL's feature hop sends only these two (compatibility C43).
     """
     if upstream is None:
         return []

@@ -1,5 +1,5 @@
 """Step 5: the upstream request: the client's body read, enhanced, and its headers rewritten
-(compatibility C2x).
+(compatibility C23, C25).
 
 Sending it, once per upstream the balancer hands out, is `tollgate.pipeline.hop`.
 """
@@ -19,7 +19,7 @@ from tollgate.errors import GatewayError
 from tollgate.pipeline.relay import nominated
 from tollgate.snapshot import Deployment
 
-# Never copied from the client (spec proxy 5.3): hop-by-hop headers, the client's credentials,
+# Never copied from the client (compatibility C25, C64): hop-by-hop headers, the client's credentials,
 # and X-UPSTREAM-* that only Tollgate may set (DIAL let client copies through: a security gap).
 DROPPED_HEADERS = frozenset(
     {
@@ -56,7 +56,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 
 def enhance(body: bytes, request: dict[str, Any], deployment: Deployment) -> bytes:
-    """Apply `defaults` and `overrideName` (spec proxy 5.2).
+    """Apply `defaults` and `overrideName` (compatibility C23).
 
     Defaults fill only top-level keys the request lacks (an explicit null stays). When nothing
     changes, the client's bytes are forwarded as they came.
@@ -97,7 +97,7 @@ def client_headers(request: web.Request, *, forward_authorization: bool) -> list
     header names, RFC 9110 7.6.1), its credentials, and Tollgate's own `X-UPSTREAM-*`.
 
     `Authorization` goes along only with `forward_authorization`, and never when it carries the
-    caller's own API key (compatibility C1x). A plain list: the HTTP client builds its own
+    caller's own API key (compatibility C10). A plain list: the HTTP client builds its own
     multidict from it, so building one here would be done twice.
     """
     headers = request.headers
@@ -139,7 +139,7 @@ def authorization_is_api_key(request: web.Request) -> bool:
     """True when `Authorization` carries the API key itself (the openai SDK sends it there).
 
     `forwardAuthToken` exists to pass a user's token on; forwarding a project key instead would
-    hand the caller's secret to the upstream, so that one is never forwarded (compatibility C1x).
+    hand the caller's secret to the upstream, so that one is never forwarded (compatibility C10).
     """
     authorization = request.headers.get("Authorization")
     if authorization is None:
@@ -154,7 +154,7 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The request body, or DIAL's 413 / 422, or 408 when it does not come in time.
 
     Read only once the caller is authenticated and the declared length accepted, so a client
-    that sent `Expect: 100-continue` is told to go on only then (compatibility C1x).
+    that sent `Expect: 100-continue` is told to go on only then (compatibility C63).
     """
     try:
         if request.content.is_eof():  # the body came with the headers: no timer needed

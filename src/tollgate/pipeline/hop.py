@@ -6,10 +6,10 @@ endpoint, each interceptor of a chain, a route. It asks the hop's attempt plan f
 one exception map, retries what the plan says is retriable, and relays the chosen answer (see
 `relay`): streamed with the write-stall watch, or read whole up to a bound, with usage read
 when the hop counts it. What differs per kind of hop is a `HopPolicy` value: error texts, usage,
-the attempts header, how large an answer is read whole (compatibility C2x).
+the attempts header, how large an answer is read whole (compatibility C66).
 
 The choice between attempts is made on the status line, before a byte reaches the client: a
-stream that has started is never retried. When the plan runs dry (compatibility C2x):
+stream that has started is never retried. When the plan runs dry (compatibility C36):
 
 - every upstream parked by a 429 → 503 `Service is not available`, with `Retry-After`;
 - else the last attempt's failure, as the policy words it (a timeout is always a 504);
@@ -96,9 +96,9 @@ DEPLOYMENT: Final = HopPolicy(
     usage=True,
     observed=True,
 )
-# An interceptor's answer, whatever it is, is relayed as it comes (compatibility C2x).
+# An interceptor's answer, whatever it is, is relayed as it comes (compatibility C40).
 INTERCEPTOR: Final = HopPolicy("interceptor", DEPLOYMENT.errors, attempts_header=False)
-# DIAL's feature-endpoint messages (compatibility C2x).
+# DIAL's feature-endpoint messages (compatibility C43).
 FEATURE: Final = HopPolicy(
     "feature",
     {
@@ -110,7 +110,7 @@ FEATURE: Final = HopPolicy(
     attempts_header=False,
 )
 # DIAL answers `No route` when a route's upstreams fail; a route's bytes are never parsed, so
-# anything above 256 KiB is streamed (compatibility C2x).
+# anything above 256 KiB is streamed (compatibility C46, C66).
 ROUTE: Final = HopPolicy(
     "route",
     {
@@ -351,5 +351,5 @@ def exhausted(
 
 
 def _name(fingerprint: str) -> str:
-    # An upstream is named by its key's fingerprint, never by the key (compatibility C1x).
+    # An upstream is named by its key's fingerprint, never by the key (compatibility C10).
     return f"sha256:{fingerprint}" if fingerprint else "(endpoint)"

@@ -1,5 +1,5 @@
 """Per-request keys of hops: minted for each hop, published for other instances, dead when the
-hop ends (compatibility C2x)."""
+hop ends (compatibility C38)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Interceptor chains: a deployment's call through its interceptors first (compatibility C2x).
+"""Interceptor chains: a deployment's call through its interceptors first (compatibility C40).
 
 A deployment listing interceptors `[i1, i2]` (after `globalInterceptors`, newer DIAL) is not
 called directly. The client's request goes to `i1`'s endpoint (plus the client's query string)
@@ -10,7 +10,7 @@ calls back `POST /openai/deployments/interceptor/<api>` with that key:
 - none left → the deployment's normal path (limits, defaults, `overrideName`, balancer,
   retries: `Gateway.deployment_call`), acting as the root caller, who is charged once.
 
-An interceptor hop differs from a deployment hop (compatibility C2x): no `defaults`, no limits, no
+An interceptor hop differs from a deployment hop (compatibility C40, C41): no `defaults`, no limits, no
 retries or balancer, no `X-UPSTREAM-*`; `Authorization` goes along only with the interceptor's
 `forwardAuthToken` (newer DIAL; the 2024 code sent it always). Its answer, whatever it is, is
 relayed as it comes. Unlike DIAL 2024, an interceptor that breaks off after connecting ends the
@@ -43,7 +43,7 @@ from tollgate.security.principal import ChainStep, Principal
 
 log = logging.getLogger("tollgate.interceptors")
 
-# The reserved deployment id: "the next step of my chain" (compatibility C2x). DIAL tests it
+# The reserved deployment id: "the next step of my chain" (compatibility C40). DIAL tests it
 # before resolving the id, so it shadows any deployment of that name.
 INTERCEPTOR_ID: Final = "interceptor"
 
@@ -53,7 +53,7 @@ def interceptor_not_found() -> GatewayError:
 
 
 def not_mid_chain(principal: Principal) -> GatewayError:
-    """`interceptor` called with a key that holds no step of a chain (compatibility C2x)."""
+    """`interceptor` called with a key that holds no step of a chain (compatibility C40)."""
     if principal.source_deployment is None:
         # A project key: DIAL's message where a per-request key is required.
         return GatewayError(400, "Provided API key is not per request key")
@@ -145,7 +145,7 @@ class Interceptors:
                     self._engine.timeouts.of(interceptor),
                     INTERCEPTOR,
                     target=f"interceptor {name}",
-                    # The client gone, the hop's key dies at once (compatibility C2x).
+                    # The client gone, the hop's key dies at once (compatibility C29).
                     on_client_gone=lambda: keys.end(hop_key.handle),
                 ),
             )

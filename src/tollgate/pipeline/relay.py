@@ -1,4 +1,4 @@
-"""Step 6: an upstream's answer back to the client, as it arrives (compatibility C1x).
+"""Step 6: an upstream's answer back to the client, as it arrives (compatibility C26, C27, C65, C66).
 
 Every hop's answer comes through here (see `hop.HopEngine`): its status (never its reason
 phrase, which the upstream controls), its headers minus the hop-by-hop ones, and its body,
@@ -35,7 +35,7 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 DROPPED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {"content-length"}
-# After a client disconnect, read on for the final usage at most this long (compatibility C9).
+# After a client disconnect, read on for the final usage at most this long (compatibility C29).
 DRAIN_TIMEOUT_S: Final = 30.0
 MAX_KEPT_STREAM: Final = 16 * 1024 * 1024  # a stream kept for pricing by characters
 TAIL_BYTES: Final = 64 * 1024  # of a streamed body that is not an event stream: where usage is
@@ -151,7 +151,7 @@ async def relay_stream(
     `stall_s`: a client that takes none of the answer for that long while some waits for it is
     disconnected (see `_StallWatch`), and counted as gone.
     """
-    # Sent before the handler returns, so the edge cannot add it later (compatibility C1x).
+    # Sent before the handler returns, so the edge cannot add it later (compatibility C21).
     headers["Access-Control-Allow-Origin"] = "*"
     response = web.StreamResponse(status=upstream.status, headers=headers)
     tracker: UsageTracker = NO_USAGE

@@ -1,4 +1,4 @@
-"""Step 2: which deployment the call is for (spec proxy 4)."""
+"""Step 2: which deployment the call is for (compatibility C5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tollgate.snapshot import Deployment, Snapshot
 
 
 def decode_id(raw_id: str) -> str:
-    """A deployment id from the raw path: percent-decoded, `%2F` becoming `/` (spec proxy 3)."""
+    """A deployment id from the raw path: percent-decoded, `%2F` becoming `/` (compatibility C22)."""
     return unquote(raw_id) if "%" in raw_id else raw_id
 
 

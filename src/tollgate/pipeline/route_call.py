@@ -1,30 +1,30 @@
-"""A call that a configured route answers (compatibility C3x).
+"""A call that a configured route answers (compatibility C44-C46).
 
 The route was chosen by the front door (`RouteTable.match`: methods, then the paths' full match
 of the request URI). Then, in DIAL's order:
 
 1. access: `userRoles` absent admits everyone, `[]` nobody, else one shared role; refused →
-   403 `Forbidden route` (compatibility C3x);
-2. limits (newer DIAL, spec auth-limits 5.1): `roles.<role>.limits.<route name>` as for a model,
+   403 `Forbidden route` (compatibility C45);
+2. limits (newer DIAL, compatibility C45): `roles.<role>.limits.<route name>` as for a model,
    with the route's `userRoles` choosing the roles that count. Requests are counted and checked
    (`requestHour`, `requestDay`), and the caller's cost budget (`costLimit`) is checked; a route
    produces no tokens and no cost, so token windows never fill. A non-positive limit → 403
-   `Access denied`; exceeded → 429 with DIAL's message and `Retry-After` (auth-limits 5.8).
+   `Access denied`; exceeded → 429 with DIAL's message and `Retry-After` (compatibility C18).
    A route no limit applies to is not counted at all;
 3. the request body is read (422 `Failed to receive body` if it cannot be);
 4. a static `response` answers with its `status` and `body`;
-5. otherwise the balancer's upstreams are tried in turn (spec proxy 6.2), each sent the client's
+5. otherwise the balancer's upstreams are tried in turn (compatibility C33), each sent the client's
    method, body and headers (hop-by-hop ones, the caller's credentials and Tollgate's own
    `X-UPSTREAM-*` removed; `Authorization` kept unless it carries the caller's API key,
-   DECISIONS 11) with `Api-Key` set to the upstream's `key` (none without one). The URL is the
+   compatibility C10) with `Api-Key` set to the upstream's `key` (none without one). The URL is the
    upstream's `endpoint`; with `rewritePath` its path is replaced by the request's. The
-   request's query string is not sent in either mode, as in DIAL (spec proxy 10).
+   request's query string is not sent in either mode, as in DIAL (compatibility C46).
    Only a 429 and a failed connection move on to the next upstream, up to the route's
    `maxRetryAttempts` (default 5); any other answer is relayed as it is, streamed chunk by
    chunk when it has no length or is an event stream.
 
 When the upstreams run out: all of them parked by 429s → 503 `Service is not available` with
-`Retry-After` (DECISIONS 5); the last attempt timed out → 504 `Upstream timed out`; anything
+`Retry-After` (compatibility C46); the last attempt timed out → 504 `Upstream timed out`; anything
 else → 502 `No route`, as DIAL answers for routes.
 """
 
@@ -70,10 +70,10 @@ class RouteCalls:
             return web.Response(
                 status=answer.status, body=answer.body or None, headers=answer.headers
             )
-        # `Authorization` is kept unless it carries the caller's API key (compatibility C1x).
+        # `Authorization` is kept unless it carries the caller's API key (compatibility C10, C46).
         headers = client_headers(request, forward_authorization=True)
         # Routes relay bytes they never parse; identity keeps them as the upstream wrote them
-        # (DIAL drops the client's Accept-Encoding, compatibility C2x).
+        # (DIAL drops the client's Accept-Encoding, compatibility C25).
         headers.append(("Accept-Encoding", "identity"))
         engine = self._engine
         relayed = await engine.send(

@@ -1,8 +1,8 @@
-"""Step 7: charge what the call used, release what its admission reserved (compatibility C3x).
+"""Step 7: charge what the call used, release what its admission reserved (compatibility C17, C20, C56).
 
 Only a successful (200) response of a model is charged: its `total_tokens`, and its cost from
 the model's `pricing`. Settling happens after the response is relayed, also when the client
-went away mid-stream (the relay drained the upstream first, compatibility C3x).
+went away mid-stream (the relay drained the upstream first, compatibility C29).
 """
 
 from __future__ import annotations

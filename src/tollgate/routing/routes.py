@@ -104,7 +104,7 @@ def escapes(path: str) -> bool:
     """Whether an upstream that normalises `path` could read it as another path: a dot segment
     (`.`, `..`, also percent-encoded, once or more), an encoded slash or backslash, or a
     backslash. A route forwards with the route's own upstream key, so such a path could reach
-    what lies outside the route (compatibility C2x): it is refused instead."""
+    what lies outside the route (compatibility C67): it is refused instead."""
     for _ in range(MAX_DECODINGS):
         if "\\" in path or _ENCODED_SEPARATOR.search(path) is not None:
             return True
