@@ -277,7 +277,8 @@ class Gateway:
         if "Content-Encoding" in headers:  # compressed bodies are refused (compatibility C62)
             _check_content_encoding(headers.getall("Content-Encoding"))
         if "Expect" in headers and headers["Expect"].lower() != "100-continue":
-            # RFC 9110 10.1.1; `100-continue` is answered when the body is read (forward.py, compatibility C63).
+            # RFC 9110 10.1.1; `100-continue` is answered when the body is read (forward.py,
+            # compatibility C63).
             raise GatewayError(417, "Expectation failed")
         if method == "GET":
             path = request.raw_path.partition("?")[0]

@@ -1,8 +1,8 @@
 """Step 1: who is calling (compatibility C8, C10).
 
 Credentials come from `Api-Key` (any case), `Authorization` and, when neither is present,
-`x-api-key`. Tollgate has no identity provider (compatibility C7), so every credential is an API key:
-a project key from the config or a live per-request key.
+`x-api-key`. Tollgate has no identity provider (compatibility C7), so every credential is an API
+key: a project key from the config or a live per-request key.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from tollgate.errors import GatewayError
 from tollgate.pipeline.relay import nominated
 from tollgate.snapshot import Deployment
 
-# Never copied from the client (compatibility C25, C64): hop-by-hop headers, the client's credentials,
-# and X-UPSTREAM-* that only Tollgate may set (DIAL let client copies through: a security gap).
+# Never copied from the client (compatibility C25, C64): hop-by-hop headers, the client's
+# credentials, and X-UPSTREAM-* that only Tollgate may set (DIAL let client copies through).
 DROPPED_HEADERS = frozenset(
     {
         "connection",

@@ -8,13 +8,13 @@ calls back `POST /openai/deployments/interceptor/<api>` with that key:
 
 - more interceptors left → the next one, with a new key one step further;
 - none left → the deployment's normal path (limits, defaults, `overrideName`, balancer,
-  retries: `Gateway.deployment_call`), acting as the root caller, who is charged once.
+  retries: `DeploymentCalls.run`), acting as the root caller, who is charged once.
 
-An interceptor hop differs from a deployment hop (compatibility C40, C41): no `defaults`, no limits, no
-retries or balancer, no `X-UPSTREAM-*`; `Authorization` goes along only with the interceptor's
-`forwardAuthToken` (newer DIAL; the 2024 code sent it always). Its answer, whatever it is, is
-relayed as it comes. Unlike DIAL 2024, an interceptor that breaks off after connecting ends the
-call with 502 instead of leaving the client waiting.
+An interceptor hop differs from a deployment hop (compatibility C40, C41): no `defaults`, no
+limits, no retries or balancer, no `X-UPSTREAM-*`; `Authorization` goes along only with the
+interceptor's `forwardAuthToken` (newer DIAL; the 2024 code sent it always). Its answer,
+whatever it is, is relayed as it comes. Unlike DIAL 2024, an interceptor that breaks off after
+connecting ends the call with 502 instead of leaving the client waiting.
 
 A call to any other deployment made with an interceptor's key is a fresh call (newer DIAL),
 which runs that deployment's own chain, if it has one.

@@ -1,4 +1,4 @@
-"""Step 6: an upstream's answer back to the client, as it arrives (compatibility C26, C27, C65, C66).
+"""Step 6: an upstream's answer back to the client, as it arrives (compatibility C26-C27).
 
 Every hop's answer comes through here (see `hop.HopEngine`): its status (never its reason
 phrase, which the upstream controls), its headers minus the hop-by-hop ones, and its body,

@@ -9,7 +9,8 @@ from tollgate.snapshot import Deployment, Snapshot
 
 
 def decode_id(raw_id: str) -> str:
-    """A deployment id from the raw path: percent-decoded, `%2F` becoming `/` (compatibility C22)."""
+    """A deployment id from the raw path, percent-decoded: `%2F` becomes `/` (compatibility
+    C22)."""
     return unquote(raw_id) if "%" in raw_id else raw_id
 
 

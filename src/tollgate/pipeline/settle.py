@@ -1,4 +1,4 @@
-"""Step 7: charge what the call used, release what its admission reserved (compatibility C17, C20, C56).
+"""Step 7: charge what the call used, release what its admission reserved (compatibility C17).
 
 Only a successful (200) response of a model is charged: its `total_tokens`, and its cost from
 the model's `pricing`. Settling happens after the response is relayed, also when the client
