@@ -249,7 +249,7 @@ def to_nano_usd(cost: Decimal) -> int:
     """`cost` in whole nano-dollars, rounded half-up (away from zero at exactly a half).
 
     Ledgers keep integers so that Redis can add them atomically (INCRBY), which it cannot do
-    with decimal text.
+    with decimal text; they cap what they count at `limits.usage.USAGE_MAX`.
     """
     return int(cost.quantize(NANO, ROUND_HALF_UP, EXACT).scaleb(9, EXACT))
 

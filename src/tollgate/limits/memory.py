@@ -33,6 +33,7 @@ from tollgate.limits.ledger import (
     Refusal,
     retry_after_s,
 )
+from tollgate.limits.usage import USAGE_MAX, clamp
 from tollgate.limits.windows import (
     HOUR,
     MINUTE,
@@ -95,21 +96,39 @@ class FileLock:
 
 _T = TypeVar("_T")
 
-Calendar = list[int]  # [period start (epoch s), count]
+Calendar = list[int]  # [period start (epoch s), count, period end (epoch s; 0: unknown)]
 
 
-def _calendar_total(counter: Calendar, period: int) -> int:
-    return counter[1] if counter[0] == period else 0
+def _holds(counter: Calendar, period: int, ms: int) -> bool:
+    """Whether `counter` counts a moment `ms` of `period`: its own period, or a moment inside
+    the period it holds (a change of `rateLimitSchedule` gave that moment another period id).
+
+    The rule for a schedule change: the stored period keeps counting until it ends, then the
+    new schedule's period starts. A change can thus never start a limit over early, whichever
+    way it moves the clock (compatibility note in docs/deployment.md)."""
+    return counter[0] == period or counter[0] * 1000 <= ms < counter[2] * 1000
 
 
-def _calendar_add(counter: Calendar, period: int, amount: int) -> None:
-    """Add in `period`; a later period starts from 0, an earlier one (a call replayed or
-    settled late) is over and counts nowhere, rather than starting the current one over."""
-    if counter[0] != period:
-        if period < counter[0]:
+def _calendar_total(counter: Calendar, period: int, ms: int) -> int:
+    return counter[1] if _holds(counter, period, ms) else 0
+
+
+def _calendar_add(counter: Calendar, period: int, end: int, ms: int, amount: int) -> None:
+    """Add at moment `ms` of `period` (which ends at `end`): in the period held while it holds
+    that moment; a moment before it (a call replayed or settled late) is over and counts
+    nowhere, rather than starting the current one over; any other starts the new period."""
+    if counter[0] == period:
+        counter[2] = end
+    elif not _holds(counter, period, ms):
+        if ms < counter[0] * 1000:
             return
-        counter[0], counter[1] = period, 0
-    counter[1] = max(counter[1] + amount, 0)
+        counter[0], counter[1], counter[2] = period, 0, end
+    counter[1] = clamp(max(counter[1] + amount, 0))
+
+
+def _calendar(data: Any) -> Calendar:
+    """A stored calendar counter; one written before period ends were kept has none (0)."""
+    return [int(data[0]), clamp(int(data[1])), int(data[2]) if len(data) > 2 else 0]
 
 
 def _sliding_add(counts: dict[int, int], slot: int, amount: int) -> None:
@@ -124,9 +143,9 @@ class _Windows:
     def __init__(self) -> None:
         self.sliding: dict[int, int] = {}
         # Calendar counters as their own fields, not a dict by period: read on every call.
-        self.day: Calendar = [0, 0]
-        self.week: Calendar = [0, 0]
-        self.month: Calendar = [0, 0]
+        self.day: Calendar = [0, 0, 0]
+        self.week: Calendar = [0, 0, 0]
+        self.month: Calendar = [0, 0, 0]
 
     @property
     def calendar(self) -> dict[Period, Calendar]:
@@ -134,43 +153,46 @@ class _Windows:
 
     def totals(self, window: Sliding, now: Instant) -> tuple[int, int, int, int]:
         day, week, month = self.day, self.week, self.month
+        ms = now.ms
         return (
-            sliding_total(self.sliding, window, now.ms) if self.sliding else 0,
-            day[1] if day[0] == now.day else 0,
-            week[1] if week[0] == now.week else 0,
-            month[1] if month[0] == now.month else 0,
+            clamp(sliding_total(self.sliding, window, ms)) if self.sliding else 0,
+            day[1] if day[0] == now.day or day[0] * 1000 <= ms < day[2] * 1000 else 0,
+            week[1] if week[0] == now.week or week[0] * 1000 <= ms < week[2] * 1000 else 0,
+            month[1] if month[0] == now.month or month[0] * 1000 <= ms < month[2] * 1000 else 0,
         )
 
     def add(self, window: Sliding, now: Instant, amount: int) -> None:
         if amount <= 0:
             return
+        if amount > USAGE_MAX:  # 1e30 tokens reported: counted as the most a ledger holds
+            amount = USAGE_MAX
         sliding = self.sliding
         slot = now.ms // window.width_ms
         held = sliding.get(slot)
         if held is not None:
-            sliding[slot] = held + amount
+            sliding[slot] = clamp(held + amount)
         else:
             if len(sliding) >= window.slots:
                 # Windows only written (attributed cost) are never read on the hot path, so
                 # they are pruned here, or they would keep a slot per second forever.
                 sliding_total(sliding, window, now.ms)
             sliding[slot] = amount
-        # Unrolled: this runs for every call.
+        # The common case inline (this runs for every call); the rest in _calendar_add.
         counter = self.day
-        if counter[0] == now.day:
-            counter[1] += amount
-        elif now.day > counter[0]:  # an earlier period is over (see _calendar_add)
-            counter[0], counter[1] = now.day, amount
+        if counter[0] == now.day and counter[2]:
+            counter[1] = clamp(counter[1] + amount)
+        else:
+            _calendar_add(counter, now.day, now.day_end, now.ms, amount)
         counter = self.week
-        if counter[0] == now.week:
-            counter[1] += amount
-        elif now.week > counter[0]:  # an earlier period is over (see _calendar_add)
-            counter[0], counter[1] = now.week, amount
+        if counter[0] == now.week and counter[2]:
+            counter[1] = clamp(counter[1] + amount)
+        else:
+            _calendar_add(counter, now.week, now.week_end, now.ms, amount)
         counter = self.month
-        if counter[0] == now.month:
-            counter[1] += amount
-        elif now.month > counter[0]:  # an earlier period is over (see _calendar_add)
-            counter[0], counter[1] = now.month, amount
+        if counter[0] == now.month and counter[2]:
+            counter[1] = clamp(counter[1] + amount)
+        else:
+            _calendar_add(counter, now.month, now.month_end, now.ms, amount)
 
     def release(self, window: Sliding, at: Instant, now: Instant, amount: int) -> None:
         """Take back what was added at `at`, from the slots and periods that still hold it."""
@@ -178,8 +200,8 @@ class _Windows:
         if slot >= window.oldest_live_slot(now.ms) and slot in self.sliding:
             _sliding_add(self.sliding, slot, -amount)
         for counter, period in ((self.day, at.day), (self.week, at.week), (self.month, at.month)):
-            if counter[0] == period:
-                _calendar_add(counter, period, -amount)
+            if _holds(counter, period, at.ms):
+                counter[1] = max(counter[1] - amount, 0)
 
     def dump(self) -> dict[str, Any]:
         return {"s": self.sliding, "c": self.calendar}
@@ -190,9 +212,7 @@ class _Windows:
         windows.sliding = {int(slot): int(n) for slot, n in data["s"].items()}
         # Fix: every period, or the row is unreadable (a missing one was a KeyError in admit).
         calendar = data["c"]
-        windows.day, windows.week, windows.month = (
-            [int(calendar[p][0]), int(calendar[p][1])] for p in PERIODS
-        )
+        windows.day, windows.week, windows.month = (_calendar(calendar[p]) for p in PERIODS)
         return windows
 
 
@@ -203,7 +223,7 @@ class _Entity:
         self.tokens = _Windows()
         self.cost = _Windows()  # attributed to this deployment, for reports
         self.request_hour: dict[int, int] = {}
-        self.request_day: Calendar = [0, 0]
+        self.request_day: Calendar = [0, 0, 0]
 
     def dump(self) -> dict[str, Any]:
         return {
@@ -219,7 +239,7 @@ class _Entity:
         entity.tokens = _Windows.load(data["t"])
         entity.cost = _Windows.load(data["c"])
         entity.request_hour = {int(slot): int(n) for slot, n in data["rh"].items()}
-        entity.request_day = [int(data["rd"][0]), int(data["rd"][1])]
+        entity.request_day = _calendar(data["rd"])
         return entity
 
 
@@ -365,10 +385,10 @@ class MemoryLedger(Ledger):
                 sliding_total(hour, HOUR, now.ms)  # drop expired slots
             hour[slot] = 1
         day = entity.request_day
-        if day[0] == now.day:
+        if day[0] == now.day and day[2]:
             day[1] += 1
-        elif now.day > day[0]:
-            day[0], day[1] = now.day, 1
+        else:
+            _calendar_add(day, now.day, now.day_end, now.ms, 1)
         self._dirty.add(ask.bucket)
         return None
 
@@ -396,7 +416,7 @@ class MemoryLedger(Ledger):
 
         requests_used = (
             sliding_total(entity.request_hour, HOUR, now.ms),
-            _calendar_total(entity.request_day, now.day),
+            _calendar_total(entity.request_day, now.day, now.ms),
         )
         if _over(requests_used, limits.requests, 0) and (
             exceeded := _exceeded(requests_used, limits.requests, ("hour", "day"), ask, 0)
@@ -467,7 +487,7 @@ class MemoryLedger(Ledger):
                 tokens=entity.tokens.totals(MINUTE, now),
                 requests=(
                     sliding_total(entity.request_hour, HOUR, now.ms),
-                    _calendar_total(entity.request_day, now.day),
+                    _calendar_total(entity.request_day, now.day, now.ms),
                 ),
                 cost_nano=entity.cost.totals(MINUTE, now),
             )

@@ -53,6 +53,7 @@ from tollgate.limits.ledger import (
     Refusal,
     retry_after_s,
 )
+from tollgate.limits.usage import clamp
 from tollgate.limits.windows import (
     HOUR,
     MINUTE,
@@ -114,8 +115,15 @@ def _text(value: object) -> str:
 
 
 def _int(value: object) -> int:
-    if isinstance(value, int | bytes | str):
-        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytes | str):
+        try:
+            return int(value)
+        except ValueError:
+            # A stored count Redis wrote from a Lua number of 2^53 or more: `%.17g` text
+            # (`9.2233720368547748e+18`), exact as a double (windows.lua caps every count).
+            return int(float(value))
     raise TypeError(f"unexpected Redis reply {value!r}")
 
 
@@ -137,6 +145,12 @@ def _limit(limit: int | None) -> str:
 
 def _periods(at: Instant) -> list[str]:
     return [str(at.day), str(at.week), str(at.month)]
+
+
+def _ends(at: Instant) -> list[str]:
+    """The ends of `at`'s periods, then `at` in whole seconds: what tells a moment of the
+    stored period from one of another (a changed `rateLimitSchedule`, see windows.lua)."""
+    return [str(at.day_end), str(at.week_end), str(at.month_end), str(at.ms // 1000)]
 
 
 class RedisLedger(Ledger):
@@ -165,8 +179,8 @@ class RedisLedger(Ledger):
             [
                 ask.entity,
                 "1" if ask.reserve else "0",
-                str(ask.tokens),
-                str(ask.cost_nano),
+                str(clamp(ask.tokens)),
+                str(clamp(ask.cost_nano)),
                 str(now.ms // MINUTE.width_ms),
                 str(now.ms // HOUR.width_ms),
                 *_periods(now),
@@ -174,6 +188,7 @@ class RedisLedger(Ledger):
                 *map(_limit, limits.requests),
                 *map(_limit, cost_limits),
                 KEY_TTL,
+                *_ends(now),
             ],
         )
         if not isinstance(reply, list):
@@ -213,21 +228,22 @@ class RedisLedger(Ledger):
         at = charge.reserved_at
         if at is None or not (charge.reserved_tokens or charge.reserved_cost_nano):
             release_tokens = release_cost = "0"
-            reserved_slot = ""
+            reserved_slot = reserved_s = ""
             reserved_periods = ["", "", ""]
         else:
-            release_tokens = str(charge.reserved_tokens)
-            release_cost = str(charge.reserved_cost_nano)
+            release_tokens = str(clamp(charge.reserved_tokens))
+            release_cost = str(clamp(charge.reserved_cost_nano))
             slot = MINUTE.slot(at.ms)
             reserved_slot = str(slot) if slot >= MINUTE.oldest_live_slot(now.ms) else ""
             reserved_periods = _periods(at)
+            reserved_s = str(at.ms // 1000)
         await self._redis.run(
             SETTLE,
             [base + "entities", base + "h"],
             [
                 charge.entity,
-                str(charge.tokens),
-                str(charge.cost_nano),
+                str(clamp(charge.tokens)),
+                str(clamp(charge.cost_nano)),
                 str(now.ms // MINUTE.width_ms),
                 *_periods(now),
                 release_tokens,
@@ -235,6 +251,8 @@ class RedisLedger(Ledger):
                 reserved_slot,
                 *reserved_periods,
                 KEY_TTL,
+                *_ends(now),
+                reserved_s,
             ],
         )
 
@@ -244,7 +262,13 @@ class RedisLedger(Ledger):
         reply = await self._redis.run(
             USAGE,
             [base + "h"],
-            [str(now.ms // MINUTE.width_ms), str(now.ms // HOUR.width_ms), *_periods(now), *names],
+            [
+                str(now.ms // MINUTE.width_ms),
+                str(now.ms // HOUR.width_ms),
+                *_periods(now),
+                str(now.ms // 1000),
+                *names,
+            ],
         )
         n = [_int(value) for value in _list(reply)]
         report = BucketUsage(cost_nano=(n[0], n[1], n[2], n[3]))

@@ -16,6 +16,15 @@ WHOLE_PARSE_LIMIT = 16 * 1024
 USAGE_HEAD = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 MAX_CLOSING_BRACES_TRIED = 64
 MAX_CARRY = 16 * 1024 * 1024  # an SSE line longer than this cannot be the usage line we want
+# The largest count any ledger keeps (tokens, requests, nano-dollars): within DIAL's Java `Long`
+# (an upstream may report 1e30 tokens), and the largest double below 2^63, so the Redis scripts,
+# which count in doubles, keep the same figure exactly (limits/lua/windows.lua, CAP).
+USAGE_MAX = 2**63 - 1024
+
+
+def clamp(count: int) -> int:
+    """`count`, at most `USAGE_MAX`."""
+    return count if count <= USAGE_MAX else USAGE_MAX
 
 
 class Usage(NamedTuple):
@@ -38,7 +47,7 @@ class Usage(NamedTuple):
         return cls(
             prompt,
             completion,
-            prompt + completion if total is None else _count(total),
+            clamp(prompt + completion) if total is None else _count(total),
             _count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
             (
                 _count(completion_details.get("reasoning_tokens"))
@@ -49,11 +58,11 @@ class Usage(NamedTuple):
 
 
 def _count(value: Any) -> int:
-    """A token count; anything that is not a whole number counts as zero."""
+    """A token count, at most `USAGE_MAX`; anything that is not a whole number counts as zero."""
     if type(value) is int:
-        return value
+        return value if value <= USAGE_MAX else USAGE_MAX
     if type(value) is float and value.is_integer():
-        return int(value)
+        return clamp(int(value))
     return 0
 
 

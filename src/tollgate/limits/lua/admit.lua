@@ -6,6 +6,7 @@
 --       10-13 token limits (minute, day, week, month)   14-15 request limits (hour, day)
 --       16-19 cost limits (minute, day, week, month), nano-dollars; '' means no limit
 --       20 TTL of the keys (seconds)
+--       21-23 the ends of the day, week and month (epoch seconds)   24 now (epoch seconds)
 --
 -- The entity's fields (prefixed `<entity>|`): tokens `tm` (sliding minute), `td`/`tw`/`tmo`
 -- (calendar); requests `rh` (sliding hour), `rd` (calendar day). The caller's cost: `cm`, `cd`,
@@ -19,7 +20,7 @@ local entity, reserve = ARGV[1], ARGV[2] == '1'
 local tokens, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 local minute_slot, hour_slot = tonumber(ARGV[5]), tonumber(ARGV[6])
 local minute_oldest, hour_oldest = minute_slot - SLOTS + 1, hour_slot - SLOTS + 1
-local periods = {ARGV[7], ARGV[8], ARGV[9]}
+local now = moment({ARGV[7], ARGV[8], ARGV[9]}, {ARGV[21], ARGV[22], ARGV[23]}, ARGV[24])
 local ttl = ARGV[20]
 
 local function limits(first, count)
@@ -59,7 +60,7 @@ local seen = want(E .. 'seen')
 local t = amounts_of(E .. 't', minute_slot)
 local rh, rd = sliding(E .. 'rh', hour_slot), calendar(E .. 'rd')
 local c = costed and amounts_of('c', minute_slot)
-read(KEYS[2], periods[1])
+read(KEYS[2], now[1])
 -- The entity exists from its first admission, refused or not, as in MemoryLedger.
 remember(KEYS[1], entity, seen)
 
@@ -69,20 +70,20 @@ local function refuse(kind, used, hit, w, oldest, now_slot)
   return {kind, used, hit, live}
 end
 
-local used = amounts(t, minute_oldest, periods, true)
+local used = amounts(t, minute_oldest, now, true)
 local hit = exceeded(CALENDAR, used, limits(10, 4), tokens)
 if #hit > 0 then
   return refuse('token', used, hit, t.m, minute_oldest, minute_slot)
 end
 
-used = {total(rh, hour_oldest, true), in_period(rd, periods[1])}
+used = {total(rh, hour_oldest, true), in_period(rd, now[1], now.at)}
 hit = exceeded({'hour', 'day'}, used, limits(14, 2), 0)
 if #hit > 0 then
   return refuse('request', used, hit, rh, hour_oldest, hour_slot)
 end
 
 if c then
-  used = amounts(c, minute_oldest, periods, true)
+  used = amounts(c, minute_oldest, now, true)
   hit = exceeded(CALENDAR, used, cost_limits, cost)
   if #hit > 0 then
     return refuse('cost', used, hit, c.m, minute_oldest, minute_slot)
@@ -90,12 +91,12 @@ if c then
 end
 
 window_add(rh, hour_slot, hour_oldest, 1)
-calendar_add(rd, periods[1], 1)
+calendar_add(rd, now[1], now.ends[1], now.at, 1)
 if tokens ~= 0 then
-  amounts_add(t, minute_slot, minute_oldest, periods, tokens)
+  amounts_add(t, minute_slot, minute_oldest, now, tokens)
 end
 if cost ~= 0 then
-  amounts_add(c, minute_slot, minute_oldest, periods, cost)
+  amounts_add(c, minute_slot, minute_oldest, now, cost)
 end
 flush(ttl, {KEYS[1]})
 return 0

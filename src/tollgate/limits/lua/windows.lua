@@ -8,8 +8,12 @@
 --                   slot held is in [old, old + SLOTS - 1]; moving the window on deletes the
 --                   slots that left it and takes them off the total, so reading a window costs
 --                   the slots that left since the last reader (usually none), not a scan.
---   calendar        `<c>.id` = the period id (its start, epoch seconds) and `<c>.n` = the count
---                   in that period; a new period starts from 0.
+--   calendar        `<c>.id` = the period id (its start, epoch seconds), `<c>.e` = its end
+--                   (epoch seconds; absent in counters written before ends were kept) and
+--                   `<c>.n` = the count in that period; a new period starts from 0. A moment
+--                   inside the stored period counts there even when its own period id differs
+--                   (`rateLimitSchedule` changed): the stored period runs until its end, so a
+--                   schedule change never starts a limit over early.
 --
 -- The caller's own windows (its cost) are named `c...`; an entity's are prefixed with the
 -- entity and `|` (`gpt-4|tm.old`). No caller field has a `|` and no suffix has one, so no two
@@ -26,9 +30,19 @@
 --
 -- Numbers: stored counts are integers written as decimal strings. Sums and comparisons use Lua
 -- numbers (doubles): exact while every count, window total, amount and limit stays below 2^53
--- (9.007e15 tokens, or $9,007,199.25 as nano-dollars in one window).
+-- (9.007e15 tokens, or $9,007,199.25 as nano-dollars in one window). Every count is capped at
+-- CAP, the largest double below 2^63 (as MemoryLedger caps them, limits.cost.USAGE_MAX): a
+-- larger one would overflow Java's Long (and Redis's integer replies, which turn it negative).
 
 local SLOTS = 60 -- both sliding windows: 60 x 1 s (minute), 60 x 1 min (hour)
+local CAP = 9223372036854774784 -- 2^63 - 1024
+
+local function capped(n)
+  if n > CAP then
+    return CAP
+  end
+  return n
+end
 
 -- The bucket hash as one script sees it: the fields it reads (`want`, before `read`), their
 -- values, and the fields it writes (`put`, written by `flush`).
@@ -177,9 +191,9 @@ local function window_add(w, slot, oldest, amount)
     return -- a release from a slot that no longer holds anything
   end
   local before = held and tonumber(held) or 0
-  local after = math.max(before + amount, 0)
+  local after = capped(math.max(before + amount, 0))
   put(name, after)
-  put(w.tot, count(w.tot) + after - before)
+  put(w.tot, capped(math.max(count(w.tot) + after - before, 0)))
 end
 
 -- The live slots of window `w` as {slot, count, ...}: what a Retry-After is computed from.
@@ -201,34 +215,58 @@ end
 -- --- calendar counters -------------------------------------------------------------------------
 
 local function calendar(name)
-  return {id = want(name .. '.id'), n = want(name .. '.n')}
+  return {id = want(name .. '.id'), n = want(name .. '.n'), e = want(name .. '.e')}
 end
 
-local function in_period(c, id)
-  if stored(c.id) == id then
+-- The moment a script runs at, as periods see it: `ids` {day, week, month} period ids, their
+-- `ends`, and `at`, the moment in whole epoch seconds.
+local function moment(ids, ends, at)
+  return {ids[1], ids[2], ids[3], ends = ends, at = tonumber(at)}
+end
+
+-- Whether calendar `c` counts moment `at` (seconds) of period `id`: its own period, or a moment
+-- inside the period it holds (see the header: a changed `rateLimitSchedule`).
+local function holds(c, id, at)
+  local held = stored(c.id)
+  if held == id then
+    return true
+  end
+  local stop = tonumber(stored(c.e) or '')
+  return held and stop ~= nil and at ~= nil and at >= tonumber(held) and at < stop
+end
+
+local function in_period(c, id, at)
+  if holds(c, id, at) then
     return count(c.n)
   end
   return 0
 end
 
--- Add to calendar `c` in period `id`; a later period starts from 0, an earlier one (a call
--- replayed or settled late) is over and counts nowhere; a count never goes below 0.
-local function calendar_add(c, id, amount)
+-- Add to calendar `c` at moment `at` of period `id` (ending at `stop`): in the period held
+-- while it holds that moment; a moment before it (a call replayed or settled late) is over and
+-- counts nowhere; any other starts the new period from 0. A count never goes below 0.
+local function calendar_add(c, id, stop, at, amount)
   local held = stored(c.id)
   local n = 0
   if held == id then
     n = count(c.n)
-  elseif held and tonumber(id) < tonumber(held) then
+    if stored(c.e) ~= stop then
+      put(c.e, stop)
+    end
+  elseif holds(c, id, at) then
+    n = count(c.n)
+  elseif held and at < tonumber(held) then
     return
   else
     put(c.id, id)
+    put(c.e, stop)
   end
-  put(c.n, math.max(n + amount, 0))
+  put(c.n, capped(math.max(n + amount, 0)))
 end
 
--- Take back from calendar `c` what was added in period `id`, if that is still its period.
-local function calendar_release(c, id, amount)
-  if stored(c.id) == id then
+-- Take back from calendar `c` what was added at moment `at` of period `id`, if it still holds it.
+local function calendar_release(c, id, at, amount)
+  if holds(c, id, at) then
     put(c.n, math.max(count(c.n) - amount, 0))
   end
 end
@@ -245,29 +283,30 @@ local function amounts_of(prefix, slot)
   }
 end
 
--- {minute, day, week, month}; `periods` = {day, week, month} ids.
-local function amounts(a, oldest, periods, write)
+-- {minute, day, week, month}; `now` = a `moment`.
+local function amounts(a, oldest, now, write)
   return {
-    total(a.m, oldest, write),
-    in_period(a[1], periods[1]),
-    in_period(a[2], periods[2]),
-    in_period(a[3], periods[3]),
+    capped(total(a.m, oldest, write)),
+    in_period(a[1], now[1], now.at),
+    in_period(a[2], now[2], now.at),
+    in_period(a[3], now[3], now.at),
   }
 end
 
-local function amounts_add(a, slot, oldest, periods, amount)
+local function amounts_add(a, slot, oldest, now, amount)
   window_add(a.m, slot, oldest, amount)
   for i = 1, 3 do
-    calendar_add(a[i], periods[i], amount)
+    calendar_add(a[i], now[i], now.ends[i], now.at, amount)
   end
 end
 
-local function amounts_release(a, slot, oldest, periods, amount)
+-- `at` = the reservation's `moment` (its ends are not needed).
+local function amounts_release(a, slot, oldest, at, amount)
   if slot then
     window_add(a.m, slot, oldest, -amount)
   end
   for i = 1, 3 do
-    calendar_release(a[i], periods[i], amount)
+    calendar_release(a[i], at[i], at.at, amount)
   end
 end
 
