@@ -41,30 +41,34 @@ from inprocess import (
 )
 
 KINDS = ("unit", "inprocess", "e2e")
-# Fixtures that tell what a test runs against, when its module does not say.
-E2E_FIXTURES = frozenset({"gateway", "client", "fake", "fake_model", "work_dir"})
-INPROCESS_FIXTURES = frozenset(
-    {"inprocess_gateway", "inprocess_fake", "aclient", "afake", "gateways", "clock"}
-)
+# What a test runs against, told by the fixtures it needs (directly or through other fixtures)
+# when its module does not say: the session's real processes hang off `fake_model`; in-process
+# servers off these; `work_dir` is where tests that start processes keep their files.
+INPROCESS_FIXTURES = frozenset({"inprocess_gateway", "inprocess_fake", "gateways"})
 REDIS_FIXTURES = frozenset({"redis", "redis_server", "redis_url"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test without `unit`, `inprocess` or `e2e` gets one by the fixtures it uses (real
-    processes: e2e; in-process servers: inprocess; neither: unit); one that uses a Redis
-    fixture gets `redis` too."""
+    """A test without `unit`, `inprocess` or `e2e` gets one by the fixtures it uses (the
+    session's real processes: e2e; in-process servers: inprocess; a work directory for
+    processes: e2e; none of these: unit); one that uses a Redis fixture gets `redis` too."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & REDIS_FIXTURES and item.get_closest_marker("redis") is None:
             item.add_marker(pytest.mark.redis)
         if any(item.get_closest_marker(kind) is not None for kind in KINDS):
             continue
-        if fixtures & E2E_FIXTURES:
+        if "fake_model" in fixtures:
             item.add_marker(pytest.mark.e2e)
         elif fixtures & INPROCESS_FIXTURES:
             item.add_marker(pytest.mark.inprocess)
+        elif "work_dir" in fixtures:
+            item.add_marker(pytest.mark.e2e)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+# Real processes (tests/harness.py).
 
 
 @pytest.fixture(scope="session")
