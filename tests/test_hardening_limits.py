@@ -4,16 +4,21 @@ Redis (a private redis-server)."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio
 
+from gateway_config import chat
+from harness import run_gateway_expecting_exit, start_gateway, stop
 from redis_server import RedisServer, redis_server_binary, start_redis_server, stop_redis_server
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST, RateLimitSchedule
 from tollgate.limits.ledger import Ask, Charge, Ledger
@@ -150,3 +155,95 @@ async def test_huge_charges_stay_within_a_long(ledger: Ledger) -> None:
     limited = Limits(tokens=(U, 10**18, U, U), requests=(U, U), cost=(Decimal(5),) * 4)
     refusal = await ledger.admit(Ask("b", MODEL, limited, now))
     assert refusal is not None and refusal.used[1] == USAGE_MAX
+
+
+# --- item 14, end to end: an upstream that reports 1e30 tokens; a limit beyond a long -------
+
+
+class _HugeUsage(BaseHTTPRequestHandler):
+    """An upstream whose every answer reports 1e30 prompt tokens."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = (
+            b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":'
+            b'{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":1e30,"completion_tokens":1,"total_tokens":1e30}}'
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def huge_upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HugeUsage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/openai/deployments/big/chat/completions"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+def test_an_upstream_reporting_1e30_tokens_never_breaks_the_limits_api(
+    work_dir: Path, huge_upstream: str, store: str, request: pytest.FixtureRequest
+) -> None:
+    settings = None
+    if store == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        settings = {
+            "redis": {"singleServerConfig": {"address": f"redis://127.0.0.1:{server.port}"}}
+        }
+    config = {
+        "models": {"big": {"endpoint": huge_upstream}},
+        "keys": {f"huge-key-{store}-0123": {"project": f"huge-{store}", "role": "r"}},
+        "roles": {"r": {"limits": {"big": {"day": "1000000", "minute": "1000000"}}}},
+    }
+    gw = start_gateway(work_dir, [config], settings=settings)
+    try:
+        headers = {"Api-Key": f"huge-key-{store}-0123"}
+        answer = httpx.post(
+            f"{gw.url}/openai/deployments/big/chat/completions", headers=headers, json=chat()
+        )
+        assert answer.status_code == 200
+        for path in ("/v1/user/limits", "/v1/user/usage", "/v1/deployments/big/limits"):
+            response = httpx.get(f"{gw.url}{path}", headers=headers)
+            assert response.status_code == 200, (path, response.text)
+            numbers = [n for n in _numbers(response.json()) if isinstance(n, int)]
+            assert numbers and all(-(2**63) <= n < 2**63 for n in numbers), (path, numbers)
+            assert USAGE_MAX in numbers, (path, response.text)
+        # Over its limits now: refused, not a 500.
+        again = httpx.post(
+            f"{gw.url}/openai/deployments/big/chat/completions", headers=headers, json=chat()
+        )
+        assert again.status_code == 429, again.text
+    finally:
+        stop(gw.process)
+
+
+def _numbers(value: object) -> Iterator[object]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def test_a_limit_beyond_a_long_is_refused_with_a_message(work_dir: Path) -> None:
+    config = {
+        "models": {"m": {"endpoint": "http://127.0.0.1:9/x"}},
+        "roles": {"r": {"limits": {"m": {"day": "99999999999999999999999"}}}},
+    }
+    result = run_gateway_expecting_exit(work_dir, [config])
+    assert result.returncode == 1
+    assert "99999999999999999999999 is outside Java's long range" in result.stderr
+    assert "Traceback" not in result.stderr

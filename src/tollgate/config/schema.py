@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AliasGenerator,
     BaseModel,
@@ -50,7 +51,18 @@ def _null_is_zero(value: Any) -> Any:
     return 0 if value is None else value
 
 
-LimitValue = Annotated[int, BeforeValidator(_null_is_zero)]
+def _within_long(value: int) -> int:
+    # DIAL reads limits as Java longs: a larger number stops its config load; it must not reach
+    # the ledgers (whose counts stay within that range).
+    if not -UNLIMITED - 1 <= value <= UNLIMITED:
+        raise ValueError(
+            f"limit {value} is outside Java's long range (largest {UNLIMITED}, which means no "
+            "limit)"
+        )
+    return value
+
+
+LimitValue = Annotated[int, BeforeValidator(_null_is_zero), AfterValidator(_within_long)]
 
 
 def _decimal_text(value: Any) -> Any:
