@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 from aiohttp import web
@@ -103,9 +103,7 @@ def _public(value: Any) -> Any:
             item = getattr(value, name)
             if name in ("key", "token"):
                 continue  # an upstream's or a key's secret; an addon's token
-            if name == "endpoint" and isinstance(item, str):
-                item = _url_without_password(item)
-            elif name == "extra_data":  # sent to the adapter as it is: may hold credentials
+            if name == "extra_data":  # sent to the adapter as it is: may hold credentials
                 out["extraData"] = _masked("", item)
                 continue
             out[to_camel(name)] = _public(item)
@@ -118,6 +116,9 @@ def _public(value: Any) -> Any:
         return [_public(item) for item in value]
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, str) and "://" in value:
+        # Any URL, whatever field holds it (features.*Endpoint, upstreams, routes, ...).
+        return masked_url(value)
     return value
 
 
@@ -133,15 +134,37 @@ def _masked(name: str, value: Any) -> Any:
     return _public(value)
 
 
-def _url_without_password(url: str) -> str:
+# Query parameters that carry a credential in the URLs of common providers and signed links.
+_SECRET_PARAMS: Final = frozenset(
+    {"key", "api_key", "apikey", "token", "sig", "signature", "password", "secret", "code"}
+)
+_SECRET_PARAM_ENDINGS: Final = ("_key", "-key", "_token", "-token", "_secret", "_signature")
+
+
+def _secret_param(name: str) -> bool:
+    name = name.lower()
+    return name in _SECRET_PARAMS or name.endswith(_SECRET_PARAM_ENDINGS)
+
+
+def masked_url(url: str) -> str:
+    """`url` with its userinfo (a password, or a token given as the user) and the values of
+    query parameters named like a credential masked; the rest kept as written."""
     try:
         parts = urlsplit(url)
     except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{host}" if colon else f"{MASK}@{host}"
+    query = parts.query
+    if query:
+        fields = []
+        for field in query.split("&"):
+            name, equals, _ = field.partition("=")
+            fields.append(f"{name}={MASK}" if equals and _secret_param(unquote(name)) else field)
+        query = "&".join(fields)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:{MASK}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
