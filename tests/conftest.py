@@ -10,6 +10,8 @@ runs the fast part alone.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -41,24 +43,47 @@ from inprocess import (
 )
 
 KINDS = ("unit", "inprocess", "e2e")
-# What a test runs against, told by the fixtures it needs (directly or through other fixtures)
-# when its module does not say: the session's real processes hang off `fake_model`; in-process
-# servers off these; `work_dir` is where tests that start processes keep their files.
+# What a test runs against, when its module does not say, is told by its code and the code of
+# the fixtures it needs: starting a process makes it e2e, a private redis-server adds `redis`.
+PROCESS_CALLS = (
+    "start_gateway(",
+    "start_fake_model(",
+    "start_app(",
+    "start_relay(",
+    "start_sdk_interceptor(",
+    "run_gateway_expecting_exit(",
+    "start_redis_server(",
+    "subprocess.",
+)
+REDIS_CALLS = ("start_redis_server(",)
 INPROCESS_FIXTURES = frozenset({"inprocess_gateway", "inprocess_fake", "gateways"})
-REDIS_FIXTURES = frozenset({"redis", "redis_server", "redis_url"})
+
+
+def _sources(item: pytest.Item) -> str:
+    """The test function's source and that of every fixture it needs."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in info.name2fixturedefs.values() if info is not None else ():
+        functions += [definition.func for definition in definitions]
+    texts = []
+    for function in functions:
+        with contextlib.suppress(OSError, TypeError):  # a builtin, or no source
+            texts.append(inspect.getsource(function))  # type: ignore[arg-type]
+    return "\n".join(texts)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test without `unit`, `inprocess` or `e2e` gets one by the fixtures it uses (the
-    session's real processes: e2e; in-process servers: inprocess; a work directory for
-    processes: e2e; none of these: unit); one that uses a Redis fixture gets `redis` too."""
+    """Each test without `unit`, `inprocess` or `e2e` gets one: e2e if it or a fixture it
+    needs starts a process (or it keeps files in `work_dir` for one), else inprocess if it
+    needs an in-process server, else unit; `redis` if it starts a redis-server."""
     for item in items:
+        code = _sources(item)
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & REDIS_FIXTURES and item.get_closest_marker("redis") is None:
+        if any(call in code for call in REDIS_CALLS) and item.get_closest_marker("redis") is None:
             item.add_marker(pytest.mark.redis)
         if any(item.get_closest_marker(kind) is not None for kind in KINDS):
             continue
-        if "fake_model" in fixtures:
+        if any(call in code for call in PROCESS_CALLS):
             item.add_marker(pytest.mark.e2e)
         elif fixtures & INPROCESS_FIXTURES:
             item.add_marker(pytest.mark.inprocess)

@@ -13,9 +13,11 @@ import pytest
 
 from gateway_config import Upstream
 from inprocess import (
+    Clock,
     Gateways,
     InProcessFake,
     InProcessGateway,
+    clock_injectable,
     eventually_async,
     start_inprocess_gateway,
 )
@@ -450,3 +452,25 @@ async def test_reserve_mode_admits_a_call_whose_estimate_exceeds_the_limit(
         refused = await call(http, "small-key-0123456789", "small-model")
         assert refused.status_code == 429
         assert "Minute limit: 10 / 100 tokens." in refused.json()["error"]["message"]
+
+
+async def test_a_minute_later_the_minute_window_admits_again(
+    gateways: Gateways, afake: InProcessFake
+) -> None:
+    """The gateway's wall clock decides the windows: moved on a minute, the spent minute
+    limit admits again, and the day's count still holds the earlier calls."""
+    if not clock_injectable():
+        pytest.skip("this Gateway reads the real clock")
+    config = limits_config(afake)
+    clock = Clock()
+    day_ms = 86_400_000
+    clock.freeze(clock() // day_ms * day_ms + day_ms // 2)  # noon: a minute on stays in the day
+    gw = await gateways.start([config], clock=clock)
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        assert (await call(http, KEY_B, "tok-model", reply_words=34)).status_code == 200  # 35
+        assert (await call(http, KEY_B, "tok-model")).status_code == 429
+        clock.advance(60_000)
+        assert (await call(http, KEY_B, "tok-model")).status_code == 200
+        stats = await limits_of(http, KEY_B, "tok-model")
+        assert stats["minuteTokenStats"]["used"] == 10
+        assert stats["dayTokenStats"]["used"] == 45
