@@ -13,6 +13,7 @@ labelled `""`, so unknown ids sent by clients cannot grow the label set.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
@@ -163,6 +164,10 @@ class _Collector:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        for family in self._families():
+            yield _printable(family)
+
+    def _families(self) -> Iterator[Metric]:
         m = self.metrics
         requests = CounterMetricFamily(
             "tollgate_requests",
@@ -229,6 +234,28 @@ class _Collector:
         yield endpoints
         if m.view is not None:
             yield from _gateway_state(m.view)
+
+
+# C0 and C1 control characters and DEL: a label value holding one (a route or deployment named
+# with a NUL) is escaped as `\xNN`, so every label is printable and names stay distinct.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def _printable(family: Metric) -> Metric:
+    """`family` with every label value printable (checked per scrape, rewritten only when a
+    value holds a control character)."""
+    samples = family.samples
+    for index, sample in enumerate(samples):
+        labels = sample.labels
+        if any(_CONTROL.search(value) for value in labels.values()):
+            samples[index] = sample._replace(
+                labels={k: _CONTROL.sub(_escape_control, v) for k, v in labels.items()}
+            )
+    return family
 
 
 def _histograms(name: str, documentation: str, by_deployment: dict[str, Histogram]) -> Metric:
