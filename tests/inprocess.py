@@ -5,6 +5,10 @@ the processes of `harness.py` do, but start in milliseconds, share the test's ev
 test can read the gateway's state and the fake model's records directly) and count for coverage.
 Use these for behaviour of `pipeline/` and `http/`; use `harness.py` (real processes) for
 start-up, signals, reload files, hostile sockets, Redis, shutdown and the real client libraries.
+
+Tests that use these are `async def` and talk through an async client (`aclient`, or
+`httpx.AsyncClient(base_url=gw.url)`); a blocking call (sync httpx, `socket.recv`) to an
+in-process server waits on the very loop that has to answer it, so it hangs until its timeout.
 """
 
 from __future__ import annotations
