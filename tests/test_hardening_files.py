@@ -41,7 +41,7 @@ def test_a_second_gateway_on_the_same_usage_file_refuses_to_start(
     config = write_json(work_dir / "files-config.json", _config(fake_model))
     first = start_gateway(work_dir, [config], env={"aidial.limits.embedded.file": str(usage)})
     try:
-        assert f"usage counters file: {usage}" in first.output()
+        assert f"usage counters in {usage})" in first.output()
         second = _serve_expecting_exit(work_dir, config, usage)
         assert second.returncode == 1, second.stdout + second.stderr
         lines = [line for line in second.stderr.splitlines() if "cannot start" in line]

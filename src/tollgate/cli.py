@@ -110,14 +110,19 @@ async def _run(gateway: Gateway) -> int:
             )
             return 1
         snapshot = gateway.store.current
+        # The usage file's absolute path: two gateways started in one folder share it.
+        usage_file = settings.usage_file
+        stored = (
+            ""
+            if usage_file is None
+            else f"; {'replay queue' if gateway.redis is not None else 'usage counters'} in "
+            f"{os.path.abspath(usage_file)}"
+        )
         print(
             f"Tollgate {__version__} listening on http://{settings.host}:{settings.port} "
-            f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys)",
+            f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys{stored})",
             flush=True,
         )
-        if settings.usage_file is not None:
-            what = "replay queue" if gateway.redis is not None else "usage counters"
-            print(f"Tollgate {what} file: {os.path.abspath(settings.usage_file)}", flush=True)
         await stopping.wait()
         log.info("shutting down: new connections refused, calls in flight finishing")
     finally:

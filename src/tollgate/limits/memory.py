@@ -531,7 +531,6 @@ class MemoryLedger(Ledger):
         except BaseException:
             self._lock.release()
             raise
-        log.info("usage store %s: opened (locked for this process)", self._lock.path)
         for name, text in rows:
             # Fix: `except Exception`: whatever is wrong with one row (a list for a mapping, a
             # number too large, nesting too deep, not UTF-8) is skipped; it stopped the start.

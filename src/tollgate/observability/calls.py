@@ -161,7 +161,7 @@ def _access_fields(
             usage.completion_tokens if usage is not None else 0,
             usage.total_tokens if usage is not None else 0,
         ),
-        None if note.cost_nano is None else note.cost_nano / 1e9,
+        note.cost_nano,  # nano-dollars: the log prints them as a plain decimal
         note.upstream,
         note.attempts,
         None if seconds is None else round(seconds * 1000, 3),

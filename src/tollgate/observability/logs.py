@@ -112,6 +112,13 @@ def _text_value(value: object) -> str:
 
 _QUOTED: dict[str, str] = {}
 # The fields of a JSON access line that are left out when they are None.
+def plain_usd(nano: int) -> str:
+    """Nano-dollars as a plain decimal (`0.00000315`, never `3.15e-06`), trailing zeros cut."""
+    whole, fraction = divmod(nano, 1_000_000_000)
+    text = f"{whole}.{fraction:09d}".rstrip("0")
+    return text[:-1] if text.endswith(".") else text
+
+
 _OPTIONAL: Final = ("project", "key", "via", "cost_usd", "upstream", "duration_ms", "trace_id")
 
 
@@ -165,13 +172,14 @@ class AccessLog:
         deployment: str,
         status: int,
         tokens: tuple[int, int, int],
-        cost_usd: float | None,
+        cost_nano: int | None,
         upstream: str | None,
         attempts: int,
         duration_ms: float | None,
         trace_id: str | None,
     ) -> bytes:
         prompt, completion, total = tokens
+        cost_usd = None if cost_nano is None else plain_usd(cost_nano)
         if self._json:
             entry: dict[str, Any] = {
                 "time": self._stamp.iso(now),
@@ -186,7 +194,8 @@ class AccessLog:
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": total,
-                "cost_usd": cost_usd,
+                # A JSON number written as a plain decimal, as in the text format.
+                "cost_usd": None if cost_usd is None else orjson.Fragment(cost_usd),
                 "upstream": upstream,
                 "attempts": attempts,
                 "duration_ms": duration_ms,
