@@ -328,7 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gateway")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Serve the gateway until SIGTERM or SIGINT (then stop gracefully). Static "
+        "settings come from --settings (or $AIDIAL_SETTINGS) and aidial.* environment "
+        "variables; the options below override them.",
+        epilog="Exit status: 0 after a graceful stop; 1 when it cannot start (invalid "
+        "configuration, port taken, usage file in use by another process).",
+    )
     serve.add_argument(
         "--config",
         action="append",
@@ -339,9 +347,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--settings", metavar="FILE", help="static settings file (default: $AIDIAL_SETTINGS)"
     )
-    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    serve.add_argument("--log-level", dest="serve_log_level", help="as the global --log-level")
+    serve.add_argument(
+        "--host", help="address to listen on (default: server.host of the settings, 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default: server.port of the settings, 8080)"
+    )
+    serve.add_argument(
+        "--log-level",
+        dest="serve_log_level",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default: log.level of the settings, else INFO)",
+    )
     serve.add_argument(
         "--log-format",
         choices=("text", "json"),
