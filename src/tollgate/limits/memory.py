@@ -105,7 +105,7 @@ def _holds(counter: Calendar, period: int, ms: int) -> bool:
 
     The rule for a schedule change: the stored period keeps counting until it ends, then the
     new schedule's period starts. A change can thus never start a limit over early, whichever
-    way it moves the clock (compatibility note in docs/deployment.md)."""
+    way it moves the clock (docs/deployment.md, "Changing rateLimitSchedule")."""
     return counter[0] == period or counter[0] * 1000 <= ms < counter[2] * 1000
 
 
