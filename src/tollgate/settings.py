@@ -1,19 +1,39 @@
 """Static settings (`aidial.settings.json`): defaults, a settings file, `aidial.*` variables.
 
-Assembled once at start-up, lowest to highest priority (spec auth-limits 1.1):
-built-in `default_settings.json` → the file named by `AIDIAL_SETTINGS` (or `--settings`) →
-environment variables prefixed `aidial.` (or the deprecated `proxy.`). Settings are never reloaded.
+Assembled once at start-up, lowest to highest priority (README, "Configuration"): built-in
+`default_settings.json` → the file named by `AIDIAL_SETTINGS` (or `--settings`) → environment
+variables prefixed `aidial.` (or the deprecated `proxy.`) → command-line options. The merged
+tree is then validated once into `Settings`, a pydantic model whose every field names the
+setting it comes from; a problem is reported as `setting <path>: <what is wrong>`. Settings are
+never reloaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasGenerator,
+    AliasPath,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
 
 from tollgate.config.merge import deep_merge
 
@@ -21,45 +41,8 @@ ENV_PREFIXES = ("aidial.", "proxy.")
 
 
 class SettingsError(Exception):
-    """A settings source that cannot be read; the message names the source."""
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The static settings Tollgate uses, typed; `raw` keeps the whole merged document."""
-
-    host: str
-    port: int
-    config_files: tuple[str, ...]
-    reload_ms: int
-    overwrite_arrays: bool
-    per_request_key_ttl_s: float
-    proxy_count: int
-    max_body_size: int
-    connect_timeout_s: float
-    read_timeout_s: float
-    admission: str  # "dial" or "reserve" (DECISIONS 8)
-    default_completion_tokens: int
-    usage_file: str | None  # the embedded ledger's SQLite file; None: memory only
-    usage_flush_s: float
-    on_store_failure: Literal["local", "closed"]
-    raw: Mapping[str, Any]
-    # Hostile input and shutdown (`server.*`): see `_server_limits`.
-    shutdown_grace_s: float = 30.0
-    keep_alive_timeout_s: float = 75.0
-    body_read_timeout_s: float = 60.0
-    write_stall_timeout_s: float = 60.0
-    max_header_size: int = 8190
-    max_headers: int = 128
-    # Telemetry (DECISIONS 12): `metrics.*` and `log.*`.
-    metrics_enabled: bool = True
-    metrics_host: str | None = None  # None: server.host
-    metrics_port: int | None = None  # None: `/metrics` on the gateway's port, for admins only
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
-    access_log: bool = True
-    # OpenTelemetry traces (`telemetry.*`, DECISIONS 12); None: off. See `_tracing`.
-    tracing: TracingSettings | None = None
+    """A settings source that cannot be read, or a setting that cannot be used; the message
+    names the source or the setting (one line per problem)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +53,412 @@ class TracingSettings:
     source: str  # the setting or variable that turned tracing on, for messages
     service_name: str
     sample_ratio: float  # of traces started here; a caller's sampled flag is followed
+
+
+# --- Value types: each raises the message that follows `setting <path>: ` -----------------------
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def _integer(value: Any) -> int:
+    return int(_number(value))
+
+
+def _positive(value: Any) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _seconds(value: Any) -> float:
+    return _number(value) / 1000  # settings give milliseconds
+
+
+def _positive_seconds(value: Any) -> float:
+    return _positive(value) / 1000
+
+
+def _tcp_port(value: Any) -> int:
+    port = _integer(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port")
+    return port
+
+
+def _one_of(*choices: str) -> Any:
+    def check(value: Any) -> Any:
+        if value not in choices:
+            names = " or ".join(f'"{choice}"' for choice in choices)
+            raise ValueError(f"expected {names}, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Integer = Annotated[int, BeforeValidator(_integer)]
+Seconds = Annotated[float, BeforeValidator(_seconds)]  # given in milliseconds
+PositiveSeconds = Annotated[float, BeforeValidator(_positive_seconds)]
+PositiveInteger = Annotated[int, BeforeValidator(lambda value: int(_positive(value)))]
+Flag = Annotated[bool, BeforeValidator(lambda value: value is not False)]  # on unless false
+
+
+def _at(*path: str) -> Any:
+    return AliasPath(*path)
+
+
+# --- Sections parsed here once, for the modules that use them -----------------------------------
+
+
+class SettingsSection(BaseModel):
+    """A settings object as DIAL names its fields (camelCase); unknown fields ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=to_camel), extra="ignore", frozen=True
+    )
+
+
+ADMIN_RULE_FUNCTIONS = ("EQUAL", "CONTAIN", "REGEX")
+
+
+class AdminRuleSetting(SettingsSection):
+    """One rule of `access.admin.rules`, as DIAL writes it; the matching is `security.admin`'s.
+
+    `function` is upper-cased (DIAL binds it case-insensitively); `REGEX` targets are checked
+    to compile here, so that a bad pattern is a settings error at start-up.
+    """
+
+    source: str
+    function: Literal["EQUAL", "CONTAIN", "REGEX"]
+    targets: tuple[str, ...]
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _claim(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a claim name such as roles")
+        return value
+
+    @field_validator("function", mode="before")
+    @classmethod
+    def _function(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value.upper() not in ADMIN_RULE_FUNCTIONS:
+            raise ValueError("expected EQUAL, CONTAIN or REGEX")
+        return value.upper()
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ValueError("expected a list of strings")
+        return value
+
+    @model_validator(mode="after")
+    def _patterns(self) -> AdminRuleSetting:
+        if self.function == "REGEX":
+            for target in self.targets:
+                try:
+                    re.compile(target)
+                except re.error as exc:
+                    raise ValueError(f"targets: invalid regular expression: {exc}") from None
+        return self
+
+
+def _rules(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("expected a list of rules")
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"[{index}]: expected an object")
+    # Missing fields are reported by the field validators (validate_default below).
+    return [{"source": None, "function": None, "targets": None, **item} for item in value]
+
+
+class RedisNode(NamedTuple):
+    host: str
+    port: int
+    tls: bool  # `rediss://`
+
+
+def _redis_address(value: Any) -> RedisNode:
+    if isinstance(value, RedisNode):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected redis://host:port, got {value!r}")
+    url = urlsplit(value if "://" in value else f"redis://{value}")
+    try:
+        port = url.port or 6379
+    except ValueError:
+        raise ValueError(f"expected redis://host:port, got {value!r}") from None
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ValueError(f"expected redis://host:port, got {value!r}")
+    return RedisNode(url.hostname, port, url.scheme == "rediss")
+
+
+RedisAddress = Annotated[RedisNode, BeforeValidator(_redis_address)]
+DEFAULT_REDIS_TIMEOUT = 1.0  # s: a limits check must not hold a call for Redisson's 3 s
+DEFAULT_REDIS_POOL_SIZE = 64  # Redisson's connectionPoolSize default
+
+
+class _RedisServers(SettingsSection):
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    timeout: Seconds = DEFAULT_REDIS_TIMEOUT  # of a command; milliseconds in the settings
+    connect_timeout: Seconds = DEFAULT_REDIS_TIMEOUT
+
+
+class SingleServerConfig(_RedisServers):
+    address: RedisAddress | None = None
+    database: Integer = 0
+
+
+def _node_list(value: Any) -> Any:
+    if value is not None and not isinstance(value, list):
+        raise ValueError("expected a list")
+    return value
+
+
+class ClusterServersConfig(_RedisServers):
+    node_addresses: Annotated[list[RedisAddress] | None, BeforeValidator(_node_list)] = None
+    connection_pool_size: Integer = DEFAULT_REDIS_POOL_SIZE
+
+
+class RedisSettings(SettingsSection):
+    """`redis.*`, DIAL's Redisson settings: one server or a cluster (the server wins)."""
+
+    single_server_config: SingleServerConfig | None = None
+    cluster_servers_config: ClusterServersConfig | None = None
+
+    @property
+    def server(self) -> SingleServerConfig | ClusterServersConfig | None:
+        """The configuration in use: the one server if it has an address, else the cluster if
+        it names nodes, else None (no Redis: the embedded ledger)."""
+        single = self.single_server_config
+        if single is not None and single.address is not None:
+            return single
+        cluster = self.cluster_servers_config
+        if cluster is not None and cluster.node_addresses:
+            return cluster
+        return None
+
+
+class TelemetrySettings(SettingsSection):
+    """`telemetry.*`; whether spans are exported is `Settings.tracing`, which also reads
+    OpenTelemetry's own variables."""
+
+    endpoint: str | None = Field(default=None, validation_alias=_at("otlp", "endpoint"))
+    service_name: str | None = None
+    sample_ratio: Number = 1.0
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _url(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"expected a URL, got {value!r}")
+        return value
+
+    @field_validator("service_name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"expected a name, got {value!r}")
+        return value
+
+    @field_validator("sample_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("must be between 0 and 1")
+        return value
+
+
+# --- The settings ---------------------------------------------------------------------------
+
+
+def _files(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise ValueError(f"expected a list of paths, got {value!r}")
+    return tuple(value)
+
+
+def _positive_reload(value: Any) -> int:
+    reload_ms = _integer(value)
+    if reload_ms <= 0:
+        raise ValueError("must be a positive number of milliseconds")
+    return reload_ms
+
+
+def _usage_file(value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"expected a path, got {value!r}")
+    return value or None
+
+
+def _metrics_port(value: Any) -> int | None:
+    if value is None:
+        return None
+    port = _integer(value)
+    if not 0 < port <= 65535:
+        raise ValueError(f"{port} is not a TCP port")
+    return port
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level
+
+
+# Sections the settings read fields of: each must be a JSON object when given.
+SECTIONS = (
+    "server",
+    "config",
+    "perRequestApiKey",
+    "apiKeyValidation",
+    "resources",
+    "upstream",
+    "limits",
+    "metrics",
+    "log",
+    "telemetry",
+    "access",
+    "redis",
+)
+
+
+class Settings(BaseModel):
+    """The static settings Tollgate uses, typed, each field read from its setting's path.
+
+    Defaults are those of `default_settings.json` (which `load_settings` always merges first).
+    `raw` keeps the whole merged document; `tracing` also depends on OpenTelemetry's
+    variables, so it is worked out with the environment `load_settings` was given.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
+
+    host: Annotated[str, BeforeValidator(lambda v: str(v or "0.0.0.0"))] = Field(
+        "0.0.0.0", validation_alias=_at("server", "host")
+    )
+    port: Annotated[int, BeforeValidator(_tcp_port)] = Field(
+        8080, validation_alias=_at("server", "port")
+    )
+    config_files: Annotated[tuple[str, ...], BeforeValidator(_files)] = Field(
+        (), validation_alias=_at("config", "files")
+    )
+    reload_ms: Annotated[int, BeforeValidator(_positive_reload)] = Field(
+        60000, validation_alias=_at("config", "reload")
+    )
+    overwrite_arrays: Annotated[bool, BeforeValidator(bool)] = Field(
+        False, validation_alias=_at("config", "jsonMergeStrategy", "overwriteArrays")
+    )
+    per_request_key_ttl_s: Number = Field(1800.0, validation_alias=_at("perRequestApiKey", "ttl"))
+    proxy_count: Integer = Field(0, validation_alias=_at("apiKeyValidation", "proxyCount"))
+    max_body_size: Integer = Field(67108864, validation_alias=_at("resources", "maxSize"))
+    connect_timeout_s: Seconds = Field(10.0, validation_alias=_at("upstream", "connectTimeout"))
+    read_timeout_s: Seconds = Field(300.0, validation_alias=_at("upstream", "readTimeout"))
+    # "dial" or "reserve" (README, "Limits")
+    admission: Annotated[Literal["dial", "reserve"], _one_of("dial", "reserve")] = Field(
+        "dial", validation_alias=_at("limits", "admission")
+    )
+    default_completion_tokens: Integer = Field(
+        1024, validation_alias=_at("limits", "reserve", "defaultCompletionTokens")
+    )
+    # The embedded ledger's SQLite file; None: memory only.
+    usage_file: Annotated[str | None, BeforeValidator(_usage_file)] = Field(
+        "tollgate-usage.sqlite", validation_alias=_at("limits", "embedded", "file")
+    )
+    usage_flush_s: Seconds = Field(1.0, validation_alias=_at("limits", "embedded", "flushInterval"))
+    on_store_failure: Annotated[Literal["local", "closed"], _one_of("local", "closed")] = Field(
+        "local", validation_alias=_at("limits", "onStoreFailure")
+    )
+    # Hostile input and shutdown (`server.*`): how long a shutdown waits for calls in flight,
+    # how long an idle connection or a request body may take, how long a client may take none
+    # of a streamed answer, and how large request headers may be.
+    shutdown_grace_s: PositiveSeconds = Field(
+        30.0, validation_alias=_at("server", "shutdownGracePeriod")
+    )
+    keep_alive_timeout_s: PositiveSeconds = Field(
+        75.0, validation_alias=_at("server", "keepAliveTimeout")
+    )
+    body_read_timeout_s: PositiveSeconds = Field(
+        60.0, validation_alias=_at("server", "bodyReadTimeout")
+    )
+    write_stall_timeout_s: PositiveSeconds = Field(
+        60.0, validation_alias=_at("server", "writeStallTimeout")
+    )
+    max_header_size: PositiveInteger = Field(8190, validation_alias=_at("server", "maxHeaderSize"))
+    max_headers: PositiveInteger = Field(128, validation_alias=_at("server", "maxHeaders"))
+    # Telemetry: `metrics.*` and `log.*`.
+    metrics_enabled: Flag = Field(True, validation_alias=_at("metrics", "enabled"))
+    # None: server.host
+    metrics_host: Annotated[str | None, BeforeValidator(lambda v: v or None)] = Field(
+        None, validation_alias=_at("metrics", "host")
+    )
+    # None: `/metrics` on the gateway's port, for admins only
+    metrics_port: Annotated[int | None, BeforeValidator(_metrics_port)] = Field(
+        None, validation_alias=_at("metrics", "port")
+    )
+    log_format: Annotated[Literal["text", "json"], _one_of("text", "json")] = Field(
+        "text", validation_alias=_at("log", "format")
+    )
+    log_level: Annotated[str, BeforeValidator(_log_level)] = Field(
+        "INFO", validation_alias=_at("log", "level")
+    )
+    access_log: Flag = Field(True, validation_alias=_at("log", "access"))
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings, validation_alias=_at("telemetry")
+    )
+    # `access.admin.rules`: who is an administrator (matched by `security.admin`).
+    admin_rules: Annotated[tuple[AdminRuleSetting, ...], BeforeValidator(_rules)] = Field(
+        (), validation_alias=_at("access", "admin", "rules")
+    )
+    # `redis.*`; None: no Redis section. `redis.server` says whether Redis is used.
+    redis: RedisSettings | None = Field(None, validation_alias=_at("redis"))
+
+    _raw: Mapping[str, Any] = PrivateAttr(default_factory=dict)
+    _tracing: TracingSettings | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objects(cls, tree: Any) -> Any:
+        if not isinstance(tree, Mapping):
+            raise ValueError("the settings must be a JSON object")
+        for name in SECTIONS:
+            if tree.get(name) is not None and not isinstance(tree[name], Mapping):
+                raise ValueError(f"{name}: expected an object, got {tree[name]!r}")
+        return tree
+
+    @model_validator(mode="after")
+    def _finish(self, info: ValidationInfo) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("metrics.port: must differ from server.port")
+        context = info.context or {}
+        self._raw = context.get("raw", {})
+        self._tracing = _tracing(self.telemetry, context.get("environ", {}))
+        return self
+
+    @property
+    def raw(self) -> Mapping[str, Any]:
+        """The whole merged settings document, as given."""
+        return self._raw
+
+    @property
+    def tracing(self) -> TracingSettings | None:
+        """OpenTelemetry traces (`telemetry.*`); None: off. See `_tracing`."""
+        return self._tracing
 
 
 def _convert_env_value(text: str) -> Any:
@@ -130,23 +519,23 @@ def _builtin() -> dict[str, Any]:
     return data
 
 
-def _get(tree: Mapping[str, Any], *path: str) -> Any:
-    node: Any = tree
-    for part in path:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part)
-    return node
+def _setting_path(loc: tuple[int | str, ...]) -> str:
+    """`("access", "admin", "rules", 0, "source")` → `access.admin.rules[0].source`."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
 
 
-def _number(tree: Mapping[str, Any], *path: str) -> float:
-    value = _get(tree, *path)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise SettingsError(f"setting {'.'.join(path)}: expected a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise SettingsError(f"setting {'.'.join(path)}: expected a number, got {value!r}") from exc
+def _problem(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    path = _setting_path(tuple(error["loc"]))
+    # A validator of an object may name the field it found wrong: `targets: ...`, `[0]: ...`.
+    head, sep, rest = message.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_.]+|\[\d+\]", head) and not head.startswith("expected"):
+        path = f"{path}{head}" if head.startswith("[") else f"{path}.{head}" if path else head
+        message = rest
+    return f"setting {path}: {message}" if path else f"settings: {message}"
 
 
 def load_settings(
@@ -164,97 +553,11 @@ def load_settings(
     tree = deep_merge(tree, settings_from_env(env), overwrite_arrays=True)
     if overrides:
         tree = deep_merge(tree, dict(overrides), overwrite_arrays=True)
-
-    files = _get(tree, "config", "files")
-    if isinstance(files, str):
-        files = [files]
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise SettingsError(f"setting config.files: expected a list of paths, got {files!r}")
-    port = int(_number(tree, "server", "port"))
-    if not 0 <= port <= 65535:
-        raise SettingsError(f"setting server.port: {port} is not a TCP port")
-    admission = _get(tree, "limits", "admission")
-    if admission not in ("dial", "reserve"):
-        raise SettingsError(
-            f'setting limits.admission: expected "dial" or "reserve", got {admission!r}'
-        )
-    usage_file = _get(tree, "limits", "embedded", "file")
-    if usage_file is not None and not isinstance(usage_file, str):
-        raise SettingsError(f"setting limits.embedded.file: expected a path, got {usage_file!r}")
-    on_store_failure = _get(tree, "limits", "onStoreFailure")
-    if on_store_failure not in ("local", "closed"):
-        raise SettingsError(
-            f'setting limits.onStoreFailure: expected "local" or "closed", got {on_store_failure!r}'
-        )
-    reload_ms = int(_number(tree, "config", "reload"))
-    if reload_ms <= 0:
-        raise SettingsError("setting config.reload: must be a positive number of milliseconds")
-    metrics_port = _get(tree, "metrics", "port")
-    if metrics_port is not None:
-        metrics_port = int(_number(tree, "metrics", "port"))
-        if not 0 < metrics_port <= 65535:
-            raise SettingsError(f"setting metrics.port: {metrics_port} is not a TCP port")
-        if metrics_port == port:
-            raise SettingsError("setting metrics.port: must differ from server.port")
-    from tollgate.security.admin import AdminRules  # here: it imports this module
-
-    AdminRules.from_settings(tree)  # a malformed rule is a settings error
-    log_format = _get(tree, "log", "format")
-    if log_format not in ("text", "json"):
-        raise SettingsError(f'setting log.format: expected "text" or "json", got {log_format!r}')
-    log_level = str(_get(tree, "log", "level")).upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise SettingsError(
-            f"setting log.level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
-        )
-    return Settings(
-        host=str(_get(tree, "server", "host") or "0.0.0.0"),
-        port=port,
-        config_files=tuple(files),
-        reload_ms=reload_ms,
-        overwrite_arrays=bool(_get(tree, "config", "jsonMergeStrategy", "overwriteArrays")),
-        per_request_key_ttl_s=_number(tree, "perRequestApiKey", "ttl"),
-        proxy_count=int(_number(tree, "apiKeyValidation", "proxyCount")),
-        max_body_size=int(_number(tree, "resources", "maxSize")),
-        connect_timeout_s=_number(tree, "upstream", "connectTimeout") / 1000,
-        read_timeout_s=_number(tree, "upstream", "readTimeout") / 1000,
-        admission=admission,
-        default_completion_tokens=int(
-            _number(tree, "limits", "reserve", "defaultCompletionTokens")
-        ),
-        usage_file=usage_file or None,
-        usage_flush_s=_number(tree, "limits", "embedded", "flushInterval") / 1000,
-        on_store_failure=on_store_failure,
-        raw=tree,
-        **_server_limits(tree),
-        metrics_enabled=_get(tree, "metrics", "enabled") is not False,
-        metrics_host=_get(tree, "metrics", "host") or None,
-        metrics_port=metrics_port,
-        log_format=log_format,
-        log_level=log_level,
-        access_log=_get(tree, "log", "access") is not False,
-        tracing=_tracing(tree, env),
-    )
-
-
-def _server_limits(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Connection hygiene (`server.*`): how long a shutdown waits for calls in flight, how long
-    an idle connection or a request body may take, how long a client may take none of a
-    streamed answer, and how large request headers may be."""
-    limits: dict[str, Any] = {}
-    for field, name, scale in (
-        ("shutdown_grace_s", "shutdownGracePeriod", 1000),
-        ("keep_alive_timeout_s", "keepAliveTimeout", 1000),
-        ("body_read_timeout_s", "bodyReadTimeout", 1000),
-        ("write_stall_timeout_s", "writeStallTimeout", 1000),
-        ("max_header_size", "maxHeaderSize", 0),
-        ("max_headers", "maxHeaders", 0),
-    ):
-        value = _number(tree, "server", name)
-        if value <= 0:
-            raise SettingsError(f"setting server.{name}: must be a positive number")
-        limits[field] = value / scale if scale else int(value)
-    return limits
+    try:
+        return Settings.model_validate(tree, context={"raw": tree, "environ": env})
+    except ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors(include_input=False, include_url=False)]
+        raise SettingsError("\n".join(problems)) from None
 
 
 # OpenTelemetry's own variables (its SDK configuration spec), honoured as operators expect.
@@ -263,21 +566,13 @@ OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"  # a base URL: `/v1/traces` is app
 TRACES_PATH = "/v1/traces"
 
 
-def _tracing(tree: Mapping[str, Any], env: Mapping[str, str]) -> TracingSettings | None:
+def _tracing(telemetry: TelemetrySettings, env: Mapping[str, str]) -> TracingSettings | None:
     """Tracing is on when `telemetry.otlp.endpoint` names a collector, or else when one of
     OpenTelemetry's endpoint variables is set (unless `OTEL_TRACES_EXPORTER=none`);
     `OTEL_SDK_DISABLED=true` turns it off in every case, as it does any OpenTelemetry SDK. The
     setting is a base URL, like the variable `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to
     `<endpoint>/v1/traces`."""
-    ratio = _number(tree, "telemetry", "sampleRatio")
-    if not 0 <= ratio <= 1:
-        raise SettingsError("setting telemetry.sampleRatio: must be between 0 and 1")
-    name = _get(tree, "telemetry", "serviceName")
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise SettingsError(f"setting telemetry.serviceName: expected a name, got {name!r}")
-    endpoint = _get(tree, "telemetry", "otlp", "endpoint")
-    if endpoint is not None and not isinstance(endpoint, str):
-        raise SettingsError(f"setting telemetry.otlp.endpoint: expected a URL, got {endpoint!r}")
+    endpoint = telemetry.endpoint
     source = "telemetry.otlp.endpoint"
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
@@ -292,12 +587,13 @@ def _tracing(tree: Mapping[str, Any], env: Mapping[str, str]) -> TracingSettings
             if not endpoint:
                 return None
     if not endpoint.startswith(("http://", "https://")):
-        raise SettingsError(f"setting {source}: expected an http:// or https:// URL")
+        # Not a field's value when it comes from a variable: named as the variable.
+        raise ValueError(f"{source}: expected an http:// or https:// URL")
     if source != OTEL_TRACES_ENDPOINT and not endpoint.rstrip("/").endswith(TRACES_PATH):
         endpoint = endpoint.rstrip("/") + TRACES_PATH
     return TracingSettings(
         endpoint=endpoint,
         source=source,
-        service_name=name or env.get("OTEL_SERVICE_NAME") or "tollgate",
-        sample_ratio=ratio,
+        service_name=telemetry.service_name or env.get("OTEL_SERVICE_NAME") or "tollgate",
+        sample_ratio=telemetry.sample_ratio,
     )

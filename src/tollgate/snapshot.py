@@ -9,6 +9,7 @@ snapshot and swaps one reference.
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from yarl import URL
 
 from tollgate import listings
+from tollgate.config import chunked
 from tollgate.config.schema import Assistant, Config, Deployable, Model
 from tollgate.limits.cost import Prices
 from tollgate.limits.policy import LimitPolicy
@@ -128,20 +130,35 @@ def _deployment(
 
 
 def _key_table(config: Config) -> KeyTable:
-    entries: list[tuple[bytes, ProjectKey]] = []
+    """Digest → key. Keys with the same project, roles or IP ranges share one object of each
+    (a large config has many keys and few distinct role sets): about a third less memory per
+    key with 100,000 keys (bench/RESULTS.md, "Reloads")."""
+    entries: dict[bytes, ProjectKey] = {}
+    projects: dict[str, str] = {}
+    role_sets: dict[tuple[str, ...], tuple[tuple[str, ...], frozenset[str]]] = {}
+    ip_ranges: dict[tuple[str, ...], IpRanges] = {}
     for name, key in config.keys.items():
         digest = digest_of_name(name)
-        roles = key.merged_roles()
+        merged = key.merged_roles()
+        shared = role_sets.get(merged)
+        if shared is None:
+            shared = role_sets[merged] = (merged, frozenset(merged))
+        project = key.project or ""
+        project = projects.setdefault(project, project)
         principal = Principal(
-            project=key.project or "",
-            roles=roles,
-            role_set=frozenset(roles),
+            project=project,
+            roles=shared[0],
+            role_set=shared[1],
             key_fingerprint=fingerprint_of_digest(digest),
             secured=key.secured,
         )
         ranges = key.allowed_ip_address_ranges
-        allowed_ips = None if ranges is None else IpRanges(ranges)
-        entries.append((digest, ProjectKey(principal, allowed_ips)))
+        allowed_ips = None
+        if ranges is not None:
+            allowed_ips = ip_ranges.get(tuple(ranges))
+            if allowed_ips is None:
+                allowed_ips = ip_ranges[tuple(ranges)] = IpRanges(ranges)
+        entries[digest] = ProjectKey(principal, allowed_ips)  # the later of two names wins
     return KeyTable(entries)
 
 
@@ -203,14 +220,79 @@ class Snapshot:
         return self.deployments.get(deployment_id)
 
 
+def take_apart(snapshot: Snapshot) -> None:
+    """Release a snapshot that nobody uses any more in small steps, in a worker thread: its key
+    table and config hold hundreds of thousands of objects, and releasing them at once is one
+    long hold of the GIL (see `config.chunked`)."""
+    snapshot.keys.take_apart()
+    config = snapshot.config
+    # Held by the snapshot, its limit policy and `config` here (getrefcount's argument aside):
+    # if anything else still has the config, it is left whole.
+    if sys.getrefcount(config) - 1 <= 3:
+        chunked.dispose([config.keys, config.models, config.roles], owned=True)
+
+
 def build_snapshot(
     config: Config, digest: str = "", balancers: Balancers | None = None
 ) -> Snapshot:
     """The snapshot of `config`; `balancers` is the registry whose state outlives snapshots.
 
-    Its `sync` is the last step, so a config that fails to build leaves the registry alone.
-    Without one (config checks, tests), the snapshot's balancers start afresh.
+    Without one (config checks, tests), the snapshot's balancers start afresh. A reload does
+    the same in two steps: `prepare_snapshot` in a worker thread, `finish` on the event loop.
     """
+    return prepare_snapshot(config, digest).finish(balancers)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotParts:
+    """Everything of a snapshot but its balancers and route table: what is expensive to build
+    (keys, deployments, listings, limits), made without touching state that calls share."""
+
+    config: Config
+    digest: str
+    keys: KeyTable
+    deployments: Mapping[str, Deployment]
+    models: Listing
+    deployments_listing: Listing
+    applications: Listing
+    assistants: Listing
+    addons: Listing
+    limit_policy: LimitPolicy
+    clock: Clock
+    retriable: frozenset[int]
+    interceptors: Mapping[str, Deployment]
+    # What `Balancers.sync` is given: each deployment's and each route's upstreams.
+    upstream_sets: Mapping[str, UpstreamSet]
+
+    def finish(self, balancers: Balancers | None = None) -> Snapshot:
+        """The snapshot, with balancers taken from the registry `balancers`.
+
+        `Balancers.sync` mutates the registry (and reads the health of the balancers calls are
+        using), so this runs where the calls run, on the event loop, once per snapshot; it is
+        the last step, so a config that fails to build leaves the registry alone.
+        """
+        synced = (Balancers() if balancers is None else balancers).sync(self.upstream_sets)
+        return Snapshot(
+            config=self.config,
+            digest=self.digest,
+            keys=self.keys,
+            deployments=self.deployments,
+            models=self.models,
+            deployments_listing=self.deployments_listing,
+            applications=self.applications,
+            assistants=self.assistants,
+            addons=self.addons,
+            limit_policy=self.limit_policy,
+            clock=self.clock,
+            balancers=synced,
+            retriable=self.retriable,
+            interceptors=self.interceptors,
+            routes=routes.build_table(self.config.routes, synced),
+        )
+
+
+def prepare_snapshot(config: Config, digest: str = "") -> SnapshotParts:
+    """The expensive part of `build_snapshot`: pure, so it may run in a worker thread."""
     section = config.assistant
     assistants: dict[str, Assistant] = dict(section.assistants)
     deployments: dict[str, Deployment] = {}
@@ -234,7 +316,7 @@ def build_snapshot(
             name, Kind.APPLICATION, application, application.endpoint, chain
         )
 
-    return Snapshot(
+    return SnapshotParts(
         config=config,
         digest=digest,
         keys=_key_table(config),
@@ -254,20 +336,15 @@ def build_snapshot(
         addons=_listing((n, a, listings.addon_item(n, a)) for n, a in config.addons.items()),
         limit_policy=LimitPolicy(config),
         clock=Clock(Schedule.of(config.rate_limit_schedule)),
-        balancers=(
-            synced := (Balancers() if balancers is None else balancers).sync(
-                {
-                    **{name: UpstreamSet.of(d) for name, d in deployments.items()},
-                    # Routes have entries of their own, so their upstreams' health survives
-                    # reloads too (compatibility C32).
-                    **routes.upstream_sets(config.routes),
-                }
-            )
-        ),
         retriable=retriable_statuses(config.retriable_error_codes),
         interceptors={
             name: _deployment(name, Kind.INTERCEPTOR, interceptor, interceptor.endpoint)
             for name, interceptor in config.interceptors.items()
         },
-        routes=routes.build_table(config.routes, synced),
+        upstream_sets={
+            **{name: UpstreamSet.of(d) for name, d in deployments.items()},
+            # Routes have entries of their own, so their upstreams' health survives
+            # reloads too (compatibility C32).
+            **routes.upstream_sets(config.routes),
+        },
     )

@@ -15,9 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tollgate.config import chunked
+from tollgate.config.key_names import fingerprint_of_name
 from tollgate.config.merge import deep_merge
 from tollgate.config.schema import Config
-from tollgate.security.keys import fingerprint_of_name
 
 
 class ConfigError(Exception):
@@ -40,16 +41,12 @@ class LoadedConfig:
     digest: str  # of all file contents, to skip rebuilding when nothing changed
 
 
-def read_source(path: str) -> tuple[SourceFile, bytes]:
-    """One config file, parsed; syntax errors name the line and column."""
+def read_source(path: str, *, in_steps: bool = False) -> tuple[SourceFile, bytes]:
+    """One config file, parsed; syntax errors name the line and column. `in_steps`: parsed
+    in small steps (`chunked.loads`), for a worker thread beside a serving event loop."""
+    raw = _read_bytes(path)
     try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError([f"{path}: File not found: {path}"]) from exc
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read file: {exc.strerror}"]) from exc
-    try:
-        tree = json.loads(raw)
+        tree = chunked.loads(raw) if in_steps else json.loads(raw)
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: the file is not UTF-8 text"]) from exc
     except json.JSONDecodeError as exc:
@@ -110,6 +107,8 @@ def _json_loc(error: Any, tree: dict[str, Any]) -> tuple[int | str, ...]:
     loc: list[int | str] = []
     node: Any = tree
     for part in error["loc"]:
+        if part == "[key]":
+            continue  # a dict key's own validation (a `keys` name): the entry is the place
         if isinstance(node, dict) and isinstance(part, str):
             if part in node:
                 loc.append(part)
@@ -126,8 +125,52 @@ def _json_loc(error: Any, tree: dict[str, Any]) -> tuple[int | str, ...]:
     return tuple(loc)
 
 
-def load_config(paths: Sequence[str], *, overwrite_arrays: bool = False) -> LoadedConfig:
-    """Read every file in order, deep-merge them (compatibility C2) and validate the result."""
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{path}: File not found: {path}"]) from exc
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read file: {exc.strerror}"]) from exc
+
+
+def _digest_update(digest: Any, path: str, raw: bytes) -> None:
+    # In three parts: the file is never copied (hashing a large buffer releases the GIL).
+    digest.update(path.encode() + b"\0")
+    digest.update(raw)
+    digest.update(b"\0")
+
+
+def files_digest(paths: Sequence[str]) -> str:
+    """The digest `load_config` gives these files, from their bytes alone (no parsing): what a
+    periodic reload compares before it does anything else."""
+    digest = hashlib.sha256()
+    problems: list[str] = []
+    for path in paths:
+        try:
+            with Path(path).open("rb") as file:
+                digest.update(path.encode() + b"\0")
+                # In 256 KiB reads, each hashed without the GIL: never the whole file at once.
+                while block := file.read(1 << 18):
+                    digest.update(block)
+                digest.update(b"\0")
+        except FileNotFoundError:
+            problems.append(f"{path}: File not found: {path}")
+        except OSError as exc:
+            problems.append(f"{path}: cannot read file: {exc.strerror}")
+    if problems:
+        raise ConfigError(problems)
+    return digest.hexdigest()
+
+
+def load_config(
+    paths: Sequence[str], *, overwrite_arrays: bool = False, in_steps: bool = False
+) -> LoadedConfig:
+    """Read every file in order, deep-merge them (compatibility C2) and validate the result.
+
+    `in_steps`: for a reload in a worker thread, the files are parsed and their trees released
+    in small steps (`config.chunked`), so that the event loop never waits long for the GIL.
+    """
     if not paths:
         raise ConfigError(["no config files: pass --config FILE or set config.files in settings"])
     sources: list[SourceFile] = []
@@ -135,12 +178,13 @@ def load_config(paths: Sequence[str], *, overwrite_arrays: bool = False) -> Load
     problems: list[str] = []
     for path in paths:
         try:
-            source, raw = read_source(path)
+            source, raw = read_source(path, in_steps=in_steps)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
         sources.append(source)
-        digest.update(path.encode() + b"\0" + raw + b"\0")
+        _digest_update(digest, path, raw)
+        del source, raw
     if problems:
         raise ConfigError(problems)
 
@@ -154,4 +198,9 @@ def load_config(paths: Sequence[str], *, overwrite_arrays: bool = False) -> Load
             loc = _json_loc(error, merged)
             problems.append(f"{_origin(sources, loc)}: {_display_path(loc)}: {_message(error)}")
         raise ConfigError(problems) from None
+    if in_steps:
+        # The trees are garbage now; what the config kept of them (`Any` values) stays.
+        trash: list[Any] = [merged, *(source.tree for source in sources)]
+        del merged, sources, source
+        chunked.dispose(trash)
     return LoadedConfig(config=config, digest=digest.hexdigest())

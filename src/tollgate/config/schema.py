@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from tollgate.config.java_regex import JavaRegexError, compile_java
+from tollgate.config.key_names import check_name
 
 UNLIMITED = 9223372036854775807  # Java's Long.MAX_VALUE: DIAL's "no limit" (compatibility C4)
 UNLIMITED_COST = Decimal(UNLIMITED)
@@ -289,6 +290,10 @@ class Key(DialModel):
         return (*self.roles, self.role) if self.role else tuple(self.roles)
 
 
+# A `keys` entry's name: the secret, or `sha256:<64 hex digits>` (any case of the prefix).
+KeyName = Annotated[str, AfterValidator(check_name)]
+
+
 class Limit(DialModel):
     minute: LimitValue = UNLIMITED
     day: LimitValue = UNLIMITED
@@ -357,7 +362,7 @@ class Config(DialModel):
     addons: dict[str, Addon] = Field(default_factory=dict)
     applications: dict[str, Application] = Field(default_factory=dict)
     assistant: AssistantSection = Field(default_factory=AssistantSection)
-    keys: dict[str, Key] = Field(default_factory=dict)
+    keys: dict[KeyName, Key] = Field(default_factory=dict)
     roles: dict[str, Role] = Field(default_factory=dict)
     retriable_error_codes: list[int] = Field(default_factory=list)
     interceptors: dict[str, Interceptor] = Field(default_factory=dict)

@@ -8,6 +8,7 @@ only, and the gateway's port then has no `/metrics`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from decimal import Decimal
@@ -46,17 +47,20 @@ class Ops:
         self.admins = admins
         self.metrics = metrics
 
-    def reload(self, principal: Principal) -> web.Response:
+    async def reload(self, principal: Principal) -> web.Response:
         """Re-read the config files now. 200: the config now serving, without secrets; a file
-        that cannot be used: 500 with its problems, and the previous config keeps serving."""
+        that cannot be used: 500 with its problems, and the previous config keeps serving.
+        Both the reload and the answer (the whole config) are made off the event loop."""
         if not self.admins.allows(principal):
             raise not_admin()
         try:
-            self.store.reload_now()
+            await self.store.reload_now()
         except ConfigError as exc:
             log.warning("Failed to reload config: %s", "; ".join(exc.problems))
             raise GatewayError(500, "; ".join(exc.problems)) from None
-        return json_bytes_response(orjson.dumps(public_config(self.store.current.config)))
+        config = self.store.current.config
+        body = await asyncio.to_thread(lambda: orjson.dumps(public_config(config)))
+        return json_bytes_response(body)
 
     def metrics_for(self, principal: Principal) -> web.Response:
         """`GET /metrics` on the gateway's own port: administrators only."""

@@ -9,78 +9,56 @@ embedded file (`limits.embedded.file`) holding what that fallback still has to r
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from tollgate.limits.ledger import Ledger
 from tollgate.limits.memory import MemoryLedger
 from tollgate.limits.replay import ReplayQueue
 from tollgate.limits.resilient import ResilientLedger
-from tollgate.settings import Settings, SettingsError
-
-DEFAULT_TIMEOUT_MS = 1000  # a limits check must not hold a call for Redisson's 3 s
-DEFAULT_POOL_SIZE = 64  # Redisson's connectionPoolSize default
-
-
-def _address(text: Any, setting: str) -> tuple[str, int, bool]:
-    if not isinstance(text, str):
-        raise SettingsError(f"setting {setting}: expected redis://host:port, got {text!r}")
-    url = urlsplit(text if "://" in text else f"redis://{text}")
-    if url.scheme not in ("redis", "rediss") or not url.hostname:
-        raise SettingsError(f"setting {setting}: expected redis://host:port, got {text!r}")
-    return url.hostname, url.port or 6379, url.scheme == "rediss"
+from tollgate.settings import ClusterServersConfig, Settings
 
 
 def redis_client(settings: Settings) -> Any | None:
-    """A client for the configured server (`PipelinedRedis`) or cluster (redis-py's), or None."""
-    redis_settings = settings.raw.get("redis")
-    if not isinstance(redis_settings, dict):
+    """A client for the configured server (`PipelinedRedis`) or cluster (redis-py's), or None.
+
+    The `redis.*` settings were parsed and checked by `load_settings` (`Settings.redis`).
+    """
+    server = settings.redis.server if settings.redis is not None else None
+    if server is None:
         return None
-    single = redis_settings.get("singleServerConfig") or {}
-    cluster = redis_settings.get("clusterServersConfig") or {}
-    common = single if single.get("address") else cluster
-    timeout_s = float(common.get("timeout", DEFAULT_TIMEOUT_MS)) / 1000
-    connect_s = float(common.get("connectTimeout", DEFAULT_TIMEOUT_MS)) / 1000
-    if single.get("address"):
+    if not isinstance(server, ClusterServersConfig):
         from tollgate.limits.pipelined_redis import PipelinedRedis
 
-        host, port, tls = _address(single["address"], "redis.singleServerConfig.address")
+        assert server.address is not None  # `server` is the one server only when it has one
+        host, port, tls = server.address
         # One pipelined connection instead of a pool: every command in flight shares it, and
         # Redis answers them in order (`connectionPoolSize` has no use here).
         return PipelinedRedis(
             host,
             port,
-            db=int(single.get("database", 0)),
-            username=common.get("username"),
-            password=common.get("password"),
+            db=server.database,
+            username=server.username,
+            password=server.password,
             tls=tls,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_s,
+            timeout_s=server.timeout,
+            connect_timeout_s=server.connect_timeout,
         )
-    nodes = cluster.get("nodeAddresses")
-    if nodes:
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
-        options: dict[str, Any] = {
-            "username": common.get("username"),
-            "password": common.get("password"),
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": connect_s,
-            # One immediate retry (a pooled connection may have died with a Redis restart), no
-            # back-off: a call must not wait seconds for a store that has a fallback.
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if not isinstance(nodes, list):
-            raise SettingsError("setting redis.clusterServersConfig.nodeAddresses: expected a list")
-        addresses = [_address(n, "redis.clusterServersConfig.nodeAddresses") for n in nodes]
-        return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port, _ in addresses],
-            ssl=any(tls for _, _, tls in addresses),
-            max_connections=int(cluster.get("connectionPoolSize", DEFAULT_POOL_SIZE)),
-            **options,
-        )
-    return None
+    nodes = server.node_addresses or []
+    return RedisCluster(
+        startup_nodes=[ClusterNode(node.host, node.port) for node in nodes],
+        ssl=any(node.tls for node in nodes),
+        max_connections=server.connection_pool_size,
+        username=server.username,
+        password=server.password,
+        socket_timeout=server.timeout,
+        socket_connect_timeout=server.connect_timeout,
+        # One immediate retry (a pooled connection may have died with a Redis restart), no
+        # back-off: a call must not wait seconds for a store that has a fallback.
+        retry=Retry(NoBackoff(), 1),
+    )
 
 
 def build_ledger(settings: Settings, client: Any | None) -> Ledger:

@@ -60,8 +60,8 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
+from tollgate.config.key_names import digest_of, fingerprint_of_digest
 from tollgate.config.schema import Model, Upstream
-from tollgate.security.keys import digest_of, fingerprint_of_digest
 
 if TYPE_CHECKING:
     from tollgate.snapshot import Deployment

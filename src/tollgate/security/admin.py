@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tollgate.security.principal import Principal
-from tollgate.settings import SettingsError
+from tollgate.settings import AdminRuleSetting, Settings
 
 Matcher = Callable[[str], bool]
-FUNCTIONS = ("EQUAL", "CONTAIN", "REGEX")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,18 +37,22 @@ class AdminRule:
             return False  # a JWT claim: an API key has none
         return any(match(role) for role in roles for match in self.matchers)
 
+    @classmethod
+    def of(cls, setting: AdminRuleSetting) -> AdminRule:
+        return cls(setting.source, tuple(_matcher(setting.function, t) for t in setting.targets))
+
 
 def _matcher(function: str, target: str) -> Matcher:
     if function == "EQUAL":
         return target.__eq__
     if function == "CONTAIN":
         return lambda value: target in value
-    pattern = re.compile(target)
+    pattern = re.compile(target)  # checked by the settings: it compiles
     return lambda value: pattern.fullmatch(value) is not None
 
 
 class AdminRules:
-    """The parsed rules; `allows(principal)` is the check of every admin endpoint."""
+    """The rules of the settings; `allows(principal)` is the check of every admin endpoint."""
 
     __slots__ = ("rules",)
 
@@ -57,37 +60,22 @@ class AdminRules:
         self.rules = tuple(rules)
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> AdminRules:
-        """From the merged static settings; raises `SettingsError` on a malformed rule."""
-        node: Any = settings.get("access")
-        node = node.get("admin") if isinstance(node, Mapping) else None
-        raw = node.get("rules") if isinstance(node, Mapping) else None
-        if raw is None:
-            return cls(())
-        if not isinstance(raw, list):
-            raise SettingsError("setting access.admin.rules: expected a list of rules")
-        rules = []
-        for index, item in enumerate(raw):
-            where = f"setting access.admin.rules[{index}]"
-            if not isinstance(item, Mapping):
-                raise SettingsError(f"{where}: expected an object")
-            source, function, targets = (
-                item.get("source"),
-                item.get("function"),
-                item.get("targets"),
-            )
-            if not isinstance(source, str) or not source:
-                raise SettingsError(f"{where}.source: expected a claim name such as roles")
-            if not isinstance(function, str) or function.upper() not in FUNCTIONS:
-                raise SettingsError(f"{where}.function: expected EQUAL, CONTAIN or REGEX")
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise SettingsError(f"{where}.targets: expected a list of strings")
+    def from_settings(cls, settings: Settings | Mapping[str, Any]) -> AdminRules:
+        """The rules `load_settings` parsed (`Settings.admin_rules`).
+
+        A mapping is the merged settings tree (`settings.raw`) of a caller written before the
+        settings were one model: it is validated as settings first (raising `SettingsError`).
+        """
+        if not isinstance(settings, Settings):
+            from pydantic import ValidationError
+
+            from tollgate.settings import SettingsError, _problem
+
             try:
-                matchers = tuple(_matcher(function.upper(), target) for target in targets)
-            except re.error as exc:
-                raise SettingsError(f"{where}.targets: invalid regular expression: {exc}") from exc
-            rules.append(AdminRule(source, matchers))
-        return cls(rules)
+                settings = Settings.model_validate(settings)
+            except ValidationError as exc:
+                raise SettingsError("\n".join(_problem(e) for e in exc.errors())) from None
+        return cls(AdminRule.of(rule) for rule in settings.admin_rules)
 
     def allows(self, principal: Principal) -> bool:
         if not self.rules or principal.source_deployment is not None:

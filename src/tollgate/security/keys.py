@@ -8,34 +8,31 @@ comparison tells anything about a secret that was not presented (compatibility C
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from tollgate.config import chunked
+
+# The name and digest helpers live in config (the loader needs them); re-exported here.
+from tollgate.config.key_names import (
+    HASHED_NAME,
+    digest_of,
+    digest_of_name,
+    fingerprint_of_digest,
+    fingerprint_of_name,
+)
 from tollgate.security.ip_ranges import IpRanges
 from tollgate.security.principal import Principal
 
-HASHED_NAME = re.compile(r"sha256:([0-9a-fA-F]{64})")
-
-
-def digest_of(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
-def fingerprint_of_digest(digest: bytes) -> str:
-    """How logs name a key: the first 8 hex digits of its SHA-256."""
-    return digest[:4].hex()
-
-
-def digest_of_name(name: str) -> bytes:
-    """The digest a `keys` entry stands for: given by a `sha256:` name, else hashed."""
-    match = HASHED_NAME.fullmatch(name)
-    return bytes.fromhex(match.group(1)) if match else digest_of(name)
-
-
-def fingerprint_of_name(name: str) -> str:
-    return "sha256:" + fingerprint_of_digest(digest_of_name(name)) + "…"
+__all__ = [
+    "HASHED_NAME",
+    "KeyTable",
+    "ProjectKey",
+    "digest_of",
+    "digest_of_name",
+    "fingerprint_of_digest",
+    "fingerprint_of_name",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +48,22 @@ class KeyTable:
 
     __slots__ = ("_by_digest",)
 
-    def __init__(self, entries: Iterable[tuple[bytes, ProjectKey]]) -> None:
-        self._by_digest: Mapping[bytes, ProjectKey] = dict(entries)
+    def __init__(
+        self, entries: dict[bytes, ProjectKey] | Iterable[tuple[bytes, ProjectKey]]
+    ) -> None:
+        # A dict is kept as it is (the snapshot builds one: no second copy of 100,000 keys).
+        self._by_digest: Mapping[bytes, ProjectKey] = (
+            entries if isinstance(entries, dict) else dict(entries)
+        )
 
     def __len__(self) -> int:
         return len(self._by_digest)
+
+    def take_apart(self) -> None:
+        """Empty the table a key at a time (see `config.chunked`): for a table that nobody
+        uses any more, released in a worker thread without holding the GIL long."""
+        assert isinstance(self._by_digest, dict)
+        chunked.dispose([self._by_digest], owned=True)
 
     def lookup_digest(self, digest: bytes) -> ProjectKey | None:
         # Comparing digests rather than secrets is what keeps this safe from timing attacks:
