@@ -477,7 +477,8 @@ async def test_calls_reserved_in_the_same_millisecond_each_release_locally() -> 
     store.down = False
     await until(lambda: ledger.healthy)
     for a in asks:
-        await ledger.settle(Charge(BUCKET, MODEL, at(T0 + 10), 5, 0, a.now, 40))
+        # As `settle.charge_for` builds it: the ticket says where it was admitted.
+        await ledger.settle(Charge(BUCKET, MODEL, at(T0 + 10), 5, 0, a.now, 40, 0, a.local))
     # Both reservations were local: released there; the store, back, gets the charges alone.
     local = await ledger.local.usage(BUCKET, [MODEL], at(T0 + 20))
     assert local.entities[MODEL].tokens[0] == 10
