@@ -369,3 +369,43 @@ def test_a_plain_route_path_still_goes_through(gateway: Gateway, raw_hostile: Ra
     response = httpx.get(f"{gateway.url}/v1/vector_store/abc/def", headers={"Api-Key": KEY})
     assert response.status_code == 200
     assert raw_hostile.requests[0].startswith(b"GET /v1/vector_store/abc/def ")
+
+
+def test_one_slow_upstream_cannot_take_every_pooled_connection(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    """Calls abandoned on a slow upstream hold at most `upstream.maxConnectionsPerUpstream` of
+    the pool: another caller's call to another upstream still gets a connection."""
+    slow = RawUpstream(lambda data, conn: None)
+    slow.answer = lambda data, conn: slow.release.wait(30)  # type: ignore[method-assign]
+    config = {
+        "models": {
+            "slow-model": {"type": "chat", "endpoint": slow.url()},
+            "chat-model": {"type": "chat", "endpoint": fake_model.endpoint("chat-model")},
+        },
+        "keys": {KEY: {"project": "call-path", "role": "default"}},
+    }
+    settings = {
+        "upstream": {"maxConnections": 8, "maxConnectionsPerUpstream": 4, "connectTimeout": 3000}
+    }
+    gw = start_gateway(work_dir, [config], settings=settings)
+    try:
+        path = "/openai/deployments/slow-model/chat/completions"
+        for _ in range(12):  # each client sends its call and goes away at once
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+                sock.sendall(head(path, len(CHAT_BODY)) + CHAT_BODY)
+        deadline = time.monotonic() + 10
+        while len(slow.requests) < 4:  # the slow upstream holds its share of the pool
+            assert time.monotonic() < deadline, "the abandoned calls never reached upstream"
+            time.sleep(0.05)
+        response = httpx.post(
+            f"{gw.url}/openai/deployments/chat-model/chat/completions",
+            headers={"Api-Key": KEY},
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        assert len(slow.requests) == 4  # never more than its bound at once
+    finally:
+        slow.close()
+        stop(gw.process)

@@ -369,6 +369,14 @@ class Settings(BaseModel):
     max_body_size: Integer = Field(67108864, validation_alias=_at("resources", "maxSize"))
     connect_timeout_s: Seconds = Field(10.0, validation_alias=_at("upstream", "connectTimeout"))
     read_timeout_s: Seconds = Field(300.0, validation_alias=_at("upstream", "readTimeout"))
+    # The upstream connection pool: in all, and to one upstream (host and port), so that calls
+    # flooding one slow upstream cannot take every connection (docs/configuration.md).
+    max_connections: PositiveInteger = Field(
+        1024, validation_alias=_at("upstream", "maxConnections")
+    )
+    max_connections_per_upstream: PositiveInteger = Field(
+        256, validation_alias=_at("upstream", "maxConnectionsPerUpstream")
+    )
     # "dial" or "reserve" (README, "Limits")
     admission: Annotated[Literal["dial", "reserve"], _one_of("dial", "reserve")] = Field(
         "dial", validation_alias=_at("limits", "admission")

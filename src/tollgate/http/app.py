@@ -59,10 +59,6 @@ DEPLOYMENT_CALL = re.compile(
     r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
 )
 OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
-# Connections to one upstream (host and port) at most: a caller that floods one slow upstream
-# must not take the whole pool from every other caller (compatibility C68).
-MAX_CONNECTIONS = 1024
-MAX_CONNECTIONS_PER_UPSTREAM = 256
 
 
 class Gateway:
@@ -161,8 +157,11 @@ class Gateway:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=MAX_CONNECTIONS,
-                limit_per_host=MAX_CONNECTIONS_PER_UPSTREAM,
+                # Bounded per upstream (host and port) too: a caller that floods one slow
+                # upstream must not take the whole pool from every other caller
+                # (compatibility C68).
+                limit=self.settings.max_connections,
+                limit_per_host=self.settings.max_connections_per_upstream,
                 ttl_dns_cache=300,
             ),
             timeout=self.engine.timeouts.default,  # each hop passes its own (hop.Timeouts)
@@ -304,7 +303,7 @@ class Gateway:
             if call is not None:
                 return Call(request, principal, snapshot, call[1], call[2])
             if OPS_RELOAD.fullmatch(path):  # administrators only (compatibility C53)
-                return self.ops.reload(principal)
+                return AsyncAnswer(self.ops.reload(principal), "POST config reload")
         elif method == "GET" and path == "/metrics" and self._metrics_here:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
         for route_method, pattern, feature in FEATURE_ROUTES:

@@ -25,15 +25,6 @@ from tollgate.security.principal import ChainStep, Principal
 log = logging.getLogger("tollgate.keys")
 
 
-class RemoteKeyLookup(Exception):
-    """Raised by the (synchronous) authenticator: this key may live on another instance."""
-
-    def __init__(self, digest: bytes, *, with_authorization: bool) -> None:
-        super().__init__("per-request key not minted here")
-        self.digest = digest
-        self.with_authorization = with_authorization
-
-
 REVOKE_RETRY_FIRST_S = 0.25  # first retry of a DEL that failed; doubled up to the cap
 REVOKE_RETRY_MAX_S = 5.0
 REVOKE_BATCH = 256  # DELs in flight at once when retrying
