@@ -7,7 +7,8 @@ temporary folder, then starts a real `tollgate serve` on it twice, each on 127.0
     reload, by `SIGHUP` (default) or `POST /v1/ops/config/reload` with an admin key
     (`--trigger post`), `--forced` times, each awaited until the gateway logs it;
 (b) periodic reloads of an unchanged file: `aidial.config.reload` = `--period-ms` (200), for
-    `--seconds` (5).
+    `--seconds` (5);
+(c) quiet: the same, with no reload in that time, for the noise floor of the machine.
 
 During each, one client polls `GET /health` back to back on one keep-alive connection and
 records every answer's latency. Printed: max and p99 latency of `/health` per phase, start-up
@@ -131,6 +132,7 @@ class Gateway:
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
         self.startup_s = self._wait_healthy()
+        self.rss_started_mb = self._status_mb("VmRSS:")
 
     def _wait_healthy(self, timeout: float = 120.0) -> float:
         deadline = time.monotonic() + timeout
@@ -152,11 +154,14 @@ class Gateway:
     def reloads_logged(self) -> int:
         return self.log.read_text(errors="replace").count("config reloaded")
 
-    def peak_rss_mb(self) -> float:
+    def _status_mb(self, field: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM:")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -212,6 +217,7 @@ def forced(config: Path, work: Path, times: int, trigger: str) -> dict[str, Any]
             "slowest": slowest(poller, marks),
             "reloads": times,
             "startup_s": round(gateway.startup_s, 2),
+            "rss_started_mb": round(gateway.rss_started_mb, 1),
             "peak_rss_mb": round(gateway.peak_rss_mb(), 1),
         }
     finally:
@@ -229,6 +235,7 @@ def periodic(config: Path, work: Path, period_ms: int, seconds: float) -> dict[s
             **summary(poller.latencies, poller.failures),
             "period_ms": period_ms,
             "startup_s": round(gateway.startup_s, 2),
+            "rss_started_mb": round(gateway.rss_started_mb, 1),
             "peak_rss_mb": round(gateway.peak_rss_mb(), 1),
         }
     finally:
@@ -252,17 +259,20 @@ def main() -> None:
             "config_mb": round(size_mb, 1),
             "forced": forced(config, work, args.forced, args.trigger),
             "periodic": periodic(config, work, args.period_ms, args.seconds),
+            # The same polling with no reload at all: the machine's own noise floor.
+            "quiet": periodic(config, work, 3_600_000, args.seconds),
         }
     if args.json:
         print(json.dumps(results, indent=2))
         return
     print(f"config: {results['config_mb']} MB (100,000 keys, 1,000 models, 50 roles)")
-    for phase in ("forced", "periodic"):
+    for phase in ("forced", "periodic", "quiet"):
         r = results[phase]
         print(
             f"{phase:9} /health max {r['max_ms']} ms, p99 {r['p99_ms']} ms, p50 {r['p50_ms']} "
             f"ms over {r['requests']} requests ({r['failures']} failed); start-up "
-            f"{r['startup_s']} s, peak RSS {r['peak_rss_mb']} MB"
+            f"{r['startup_s']} s, RSS {r['rss_started_mb']} MB once started, peak "
+            f"{r['peak_rss_mb']} MB"
         )
 
 

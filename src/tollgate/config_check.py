@@ -35,8 +35,9 @@ from tollgate.config.load import (
 from tollgate.config.merge import deep_merge
 from tollgate.config.schema import Config, Deployable
 from tollgate.routing.routes import DEFAULT_ORDER as DEFAULT_ROUTE_ORDER
+from tollgate.security.admin import AdminRule
 from tollgate.security.keys import HASHED_NAME, digest_of_name
-from tollgate.settings import Settings, SettingsError, load_settings
+from tollgate.settings import AdminRuleSetting, Settings, SettingsError, load_settings
 from tollgate.snapshot import BASE_ASSISTANT, build_snapshot
 
 Severity = Literal["error", "warning"]
@@ -122,7 +123,11 @@ def check(
         return problems
     if not settings.config_files:
         return [Problem("error", "no config files: pass FILE... or set config.files in settings")]
-    return check_files(settings.config_files, overwrite_arrays=settings.overwrite_arrays)
+    return check_files(
+        settings.config_files,
+        overwrite_arrays=settings.overwrite_arrays,
+        admin_rules=settings.admin_rules,
+    )
 
 
 def check_settings(
@@ -150,8 +155,16 @@ def _settings_problem(exc: SettingsError, settings_file: str | None) -> Problem:
     return Problem("error", message[len(prefix) :], file=settings_file, line=line, column=column)
 
 
-def check_files(paths: Sequence[str], *, overwrite_arrays: bool = False) -> list[Problem]:
+def check_files(
+    paths: Sequence[str],
+    *,
+    overwrite_arrays: bool = False,
+    admin_rules: Sequence[AdminRuleSetting] = (),
+) -> list[Problem]:
     """Read, merge and validate like `load_config`, then look for likely mistakes.
+
+    `admin_rules` are the settings' `access.admin.rules`: a role they make an administrator
+    has an effect even if nothing in the config names it.
 
     Unreadable files stop the check (a merge without them would only add confusing errors).
     Warnings that need a valid config (keys, roles, references) wait until the errors are fixed.
@@ -184,7 +197,7 @@ def check_files(paths: Sequence[str], *, overwrite_arrays: bool = False) -> list
             errors.append(at(_json_loc(error, merged), _message(error), "error"))
     else:
         errors.extend(_snapshot_problems(config))
-        warnings += check_config(config)
+        warnings += check_config(config, admin_rules)
     where = _Locator(sources, raws, merged)
     order = {path: index for index, path in enumerate(paths)}
 
@@ -217,11 +230,13 @@ def _snapshot_problems(config: Config) -> list[Problem]:
     return []
 
 
-def check_config(config: Config) -> list[Problem]:
+def check_config(
+    config: Config, admin_rules: Sequence[AdminRuleSetting] = ()
+) -> list[Problem]:
     """Warnings about a valid config: weak or duplicate keys, dangling roles and names."""
     return [
         *key_problems(config),
-        *role_problems(config),
+        *role_problems(config, admin_rules),
         *reference_problems(config),
         *route_problems(config),
     ]
@@ -324,8 +339,8 @@ def key_problems(config: Config) -> list[Problem]:
                 at(loc, f"the same key as {_display_path(('keys', earlier))}, which it replaces")
             )
         seen[digest] = name
-        if HASHED_NAME.fullmatch(name):
-            continue  # the secret is not here to judge
+        if HASHED_NAME.fullmatch(name) or config.keys[name].demo:
+            continue  # the secret is not here to judge, or is known to be a demonstration
         bits = estimated_bits(name)
         if bits < MIN_KEY_BITS:
             problems.append(
@@ -359,21 +374,28 @@ def _key_roles(config: Config) -> Iterator[tuple[Loc, str]]:
             yield ("keys", name, "role"), key.role
 
 
-def role_problems(config: Config) -> list[Problem]:
+def role_problems(
+    config: Config, admin_rules: Sequence[AdminRuleSetting] = ()
+) -> list[Problem]:
     """Roles that lead nowhere, judged by DIAL's rules (compatibility C9, C12, C15).
 
     A role needs no `roles` entry to grant access through `userRoles` (compatibility C9), so
     only roles that can have no effect are reported: a key's role that no `roles` entry defines
     and no `userRoles` lists (`default` excepted: DIAL's conventional role, needed only for
-    limits), a `userRoles` role that no key holds and no `roles` entry defines (Tollgate's
-    callers are keys: nobody can hold it), and a role limit for a deployment that does not exist.
+    limits; nor a role the admin rules of the settings match, which makes its keys
+    administrators), a `userRoles` role that no key holds and no `roles` entry defines
+    (Tollgate's callers are keys: nobody can hold it), and a role limit for a deployment that
+    does not exist.
     """
+    rules = [AdminRule.of(rule) for rule in admin_rules]
     defined = set(config.roles)
     listed = {role for _, roles in _access_lists(config) for role in roles}
     held = {role for _, role in _key_roles(config)}
     problems: list[Problem] = []
     for loc, role in _key_roles(config):
-        if role not in defined and role not in listed and role != "default":
+        if role in defined or role in listed or role == "default":
+            continue
+        if not any(rule.matches((role,)) for rule in rules):
             problems.append(
                 at(
                     loc,

@@ -260,6 +260,9 @@ class Key(DialModel):
     secured: bool = False
     allowed_ip_address_ranges: list[str] | None = None
     key: str | None = Field(default=None, repr=False)
+    # Tollgate extension: a key for demonstrations and tests, whose strength `tollgate config
+    # check` does not judge (docs/configuration.md). It authenticates like any other.
+    demo: bool = False
 
     @field_validator("allowed_ip_address_ranges", mode="before")
     @classmethod
