@@ -230,9 +230,7 @@ def _snapshot_problems(config: Config) -> list[Problem]:
     return []
 
 
-def check_config(
-    config: Config, admin_rules: Sequence[AdminRuleSetting] = ()
-) -> list[Problem]:
+def check_config(config: Config, admin_rules: Sequence[AdminRuleSetting] = ()) -> list[Problem]:
     """Warnings about a valid config: weak or duplicate keys, dangling roles and names."""
     return [
         *key_problems(config),
@@ -374,9 +372,7 @@ def _key_roles(config: Config) -> Iterator[tuple[Loc, str]]:
             yield ("keys", name, "role"), key.role
 
 
-def role_problems(
-    config: Config, admin_rules: Sequence[AdminRuleSetting] = ()
-) -> list[Problem]:
+def role_problems(config: Config, admin_rules: Sequence[AdminRuleSetting] = ()) -> list[Problem]:
     """Roles that lead nowhere, judged by DIAL's rules (compatibility C9, C12, C15).
 
     A role needs no `roles` entry to grant access through `userRoles` (compatibility C9), so
