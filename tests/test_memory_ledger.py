@@ -124,7 +124,7 @@ def ceil_s(wait_ms: int) -> int:
     return math.ceil(wait_ms / 1000)
 
 
-@pytest_asyncio.fixture(loop_scope="function")
+@pytest_asyncio.fixture
 async def ledger() -> AsyncIterator[MemoryLedger]:
     store = MemoryLedger(None)
     await store.start()

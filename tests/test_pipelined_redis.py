@@ -31,7 +31,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     stop_redis_server(server)
 
 
-@pytest_asyncio.fixture(loop_scope="function")
+@pytest_asyncio.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[PipelinedRedis]:
     connection = PipelinedRedis("127.0.0.1", redis_server.port)
     yield connection

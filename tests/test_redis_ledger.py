@@ -83,7 +83,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     stop_redis_server(server)
 
 
-@pytest_asyncio.fixture(loop_scope="function")  # the loop each test runs on
+@pytest_asyncio.fixture  # on the loop the tests run on (the session's)
 async def client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     connection = redis.asyncio.Redis(port=redis_server.port)
     yield connection
@@ -100,7 +100,7 @@ def make_client(kind: str, port: int) -> Any:
     return redis.asyncio.Redis(port=port)
 
 
-@pytest_asyncio.fixture(loop_scope="function", params=CLIENTS)
+@pytest_asyncio.fixture(params=CLIENTS)
 async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Any]:
     """The client a ledger runs on (each test once per client kind)."""
     connection = make_client(request.param, redis_server.port)
