@@ -55,7 +55,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     stop_redis_server(server)
 
 
-@pytest_asyncio.fixture(params=["embedded", "redis"], loop_scope="function")
+@pytest_asyncio.fixture(params=["embedded", "redis"])
 async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
     if request.param == "embedded":
         memory = MemoryLedger(None)

@@ -57,3 +57,15 @@ def unknown_application(deployment_id: str) -> GatewayError:
 def no_route() -> GatewayError:
     # An unknown URL is 404; DIAL answers 502 (compatibility C50).
     return GatewayError(404, "No route")
+
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a shared store's failure looks like: socket errors, and redis-py's own errors."""
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return STORE_ERRORS
+    return (*STORE_ERRORS, redis.exceptions.RedisError)

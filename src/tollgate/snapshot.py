@@ -342,7 +342,7 @@ def prepare_snapshot(config: Config, digest: str = "") -> SnapshotParts:
             for name, interceptor in config.interceptors.items()
         },
         upstream_sets={
-            **{name: UpstreamSet.of(d) for name, d in deployments.items()},
+            **{name: UpstreamSet.of(d.spec, d.endpoint) for name, d in deployments.items()},
             # Routes have entries of their own, so their upstreams' health survives
             # reloads too (compatibility C32).
             **routes.upstream_sets(config.routes),

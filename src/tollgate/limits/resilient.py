@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Literal
 
-from tollgate.errors import GatewayError
+from tollgate.errors import GatewayError, store_errors
 from tollgate.limits.ledger import Ask, BucketUsage, Charge, Ledger, Refusal
 from tollgate.limits.replay import NO_LIMITS, REPLAY_BATCH, Entry, ReplayQueue
 from tollgate.limits.windows import HOUR, Instant
@@ -34,16 +34,6 @@ log = logging.getLogger("tollgate.limits")
 
 PROBE_EVERY_S = 1.0
 SHUTDOWN_REPLAY_S = 5.0  # with a replay file, what is left after this waits for the next start
-STORE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
-
-
-def store_errors() -> tuple[type[BaseException], ...]:
-    """What a store failure looks like: socket errors, and redis-py's own errors."""
-    try:
-        import redis.exceptions
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return STORE_ERRORS
-    return (*STORE_ERRORS, redis.exceptions.RedisError)
 
 
 def _wall_clock_ms() -> int:

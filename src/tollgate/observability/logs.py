@@ -111,7 +111,8 @@ def _text_value(value: object) -> str:
 
 
 _QUOTED: dict[str, str] = {}
-# The fields of a JSON access line that are left out when they are None.
+
+
 def plain_usd(nano: int) -> str:
     """Nano-dollars as a plain decimal (`0.00000315`, never `3.15e-06`), trailing zeros cut."""
     whole, fraction = divmod(nano, 1_000_000_000)
@@ -119,6 +120,7 @@ def plain_usd(nano: int) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
+# The fields of a JSON access line that are left out when they are None.
 _OPTIONAL: Final = ("project", "key", "via", "cost_usd", "upstream", "duration_ms", "trace_id")
 
 

@@ -10,7 +10,7 @@ The API, as the forward step uses it::
     balancers = Balancers()                          # once per process; clock=time.monotonic
     retriable = retriable_statuses(config.retriable_error_codes)  # once per snapshot
     by_name = balancers.sync(                        # at every (re)load, beside the snapshot
-        {name: UpstreamSet.of(d) for name, d in snapshot.deployments.items()}
+        {name: UpstreamSet.of(d.spec, d.endpoint) for name, d in snapshot.deployments.items()}
     )
     plan = by_name[deployment.name].plan(max_attempts=MAX_ATTEMPTS, retriable=retriable)
     for upstream in plan:                            # UpstreamState, best first
@@ -25,7 +25,7 @@ The API, as the forward step uses it::
     else:
         exhausted = plan.exhaustion()                # 503 + Retry-After if rate_limited, else 502
 
-- `UpstreamSet` is one deployment's upstream list as configured (`UpstreamSet.of(deployment)`); an
+- `UpstreamSet` is one deployment's upstream list as configured (`UpstreamSet.of`); an
   upstream-less deployment gets one synthetic upstream used for bookkeeping only: it sends no
   `X-UPSTREAM-*` headers.
 - `Balancers` is the registry that outlives config snapshots. `sync` returns a fresh
@@ -56,15 +56,12 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import orjson
 
 from tollgate.config.key_names import digest_of, fingerprint_of_digest
-from tollgate.config.schema import Model, Upstream
-
-if TYPE_CHECKING:
-    from tollgate.snapshot import Deployment
+from tollgate.config.schema import Deployable, Model, Upstream
 
 Monotonic = Callable[[], float]
 """A clock returning monotonic seconds (`time.monotonic`, or a test's fake)."""
@@ -159,12 +156,11 @@ class UpstreamSet:
     forwarded: bool = True
 
     @classmethod
-    def of(cls, deployment: Deployment) -> UpstreamSet:
-        """A model's `upstreams`, or the synthetic upstream of anything else."""
-        spec = deployment.spec
+    def of(cls, spec: Deployable, endpoint: str | None) -> UpstreamSet:
+        """A model's `upstreams`, or the synthetic upstream of anything else (at `endpoint`)."""
         if isinstance(spec, Model) and spec.upstreams:
             return cls(tuple(spec.upstreams))
-        return cls.synthetic(deployment.endpoint)
+        return cls.synthetic(endpoint)
 
     @classmethod
     def synthetic(cls, endpoint: str | None) -> UpstreamSet:

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from tollgate.limits.resilient import store_errors
+from tollgate.errors import store_errors
 from tollgate.security.principal import ChainStep, Principal
 
 log = logging.getLogger("tollgate.keys")
