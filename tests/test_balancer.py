@@ -529,7 +529,7 @@ def test_upstream_set_of_a_snapshot() -> None:
         }
     )
     snapshot = build_snapshot(config)
-    sets = {name: UpstreamSet.of(d) for name, d in snapshot.deployments.items()}
+    sets = {name: UpstreamSet.of(d.spec, d.endpoint) for name, d in snapshot.deployments.items()}
     assert [u.endpoint for u in sets["gpt"].upstreams] == ["http://u1", "http://u2"]
     assert sets["gpt"].forwarded
     for name, endpoint in (
