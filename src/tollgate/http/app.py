@@ -273,6 +273,8 @@ class Gateway:
         length = request.content_length
         if length is not None and length > self.settings.max_body_size:
             raise GatewayError(413, "Request body is too large")
+        if "Transfer-Encoding" in headers:
+            _check_transfer_coding(headers.getall("Transfer-Encoding"))
         if "Content-Encoding" in headers:  # compressed bodies are refused (compatibility C62)
             _check_content_encoding(headers.getall("Content-Encoding"))
         if "Expect" in headers and headers["Expect"].lower() != "100-continue":
@@ -347,6 +349,16 @@ def _check_content_encoding(values: list[str]) -> None:
         for coding in value.split(","):
             if coding.strip().lower() not in ("", "identity"):
                 raise GatewayError(415, f"Unsupported Content-Encoding: {coding.strip()[:32]}")
+
+
+def _check_transfer_coding(values: list[str]) -> None:
+    """`chunked` is the only transfer coding Tollgate reads. Any other (`gzip, chunked`) would
+    leave the body framed one way and labelled another, and RFC 9112 6.1 answers it with 501
+    (compatibility C69)."""
+    for value in values:
+        for coding in value.split(","):
+            if coding.strip().lower() != "chunked":
+                raise GatewayError(501, f"Unsupported Transfer-Encoding: {coding.strip()[:32]}")
 
 
 def _preflight(request: web.Request) -> web.Response:

@@ -7,8 +7,10 @@ key: a project key from the config or a live per-request key.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any, Protocol
+
+from multidict import CIMultiDictProxy
 
 from tollgate.errors import (
     GatewayError,
@@ -56,14 +58,14 @@ class Authenticator:
         self._shared = shared  # per-request keys may have been minted by another instance
 
     def authenticate(
-        self, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot
+        self, headers: CIMultiDictProxy[str], peer: Peer, snapshot: Snapshot
     ) -> Principal | RemoteLookup:
-        api_key = headers.get("Api-Key")
-        authorization = headers.get("Authorization")
+        api_key = _one(headers, "Api-Key")
+        authorization = _one(headers, "Authorization")
         if authorization is None:
             if api_key is None:
                 # Anthropic-SDK style, only when neither DIAL header is present (newer DIAL).
-                api_key = headers.get("x-api-key")
+                api_key = _one(headers, "x-api-key")
                 if api_key is None:
                     raise unauthorized_missing()
             return self._by_key(api_key, headers, peer, snapshot)
@@ -93,7 +95,7 @@ class Authenticator:
         raise unknown_api_key()
 
     def _by_key(
-        self, secret: str, headers: Mapping[str, str], peer: Peer, snapshot: Snapshot
+        self, secret: str, headers: CIMultiDictProxy[str], peer: Peer, snapshot: Snapshot
     ) -> Principal | RemoteLookup:
         digest = digest_of(secret)
         key = snapshot.keys.lookup_digest(digest)
@@ -109,6 +111,18 @@ class Authenticator:
                 return _remote(self._shared, digest)
             raise unknown_api_key()
         return principal
+
+
+def _one(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    """The value of a credential header, which must not disagree with itself: two lines of one
+    header with different credentials would let a proxy in front and Tollgate each pick a
+    different caller (compatibility C69)."""
+    values = headers.getall(name, ())
+    if not values:
+        return None
+    if len(values) > 1 and any(other != values[0] for other in values):
+        raise GatewayError(400, f"Header {name} is given more than once with different values")
+    return values[0]
 
 
 async def _remote(shared: SharedKeys, digest: bytes) -> Principal:
