@@ -1,12 +1,17 @@
 """Feature endpoints end to end: rate, tokenize, truncate_prompt, configuration (spec proxy 3,
-14, 16.8 and 16.15), against the fake model and against a real `aidial-sdk` application."""
+14, 16.8 and 16.15), against the fake model and against a real `aidial-sdk` application.
+
+Against the fake model the gateway runs in process (`inprocess.py`); the `aidial-sdk`
+application is a process of its own, and so is the gateway it calls back (its sync
+`aidial-client` call and the instances sharing Redis need one).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ from aidial_client import Dial
 
 from harness import FakeModel, Gateway, free_port, start_gateway, stop
 from harness_apps import App, start_app
+from inprocess import InProcessFake, InProcessGateway, start_inprocess_gateway
 from redis_server import RedisServer, start_redis_server, stop_redis_server
 
 KEY = "features-key-default-0123456789"
@@ -36,7 +42,7 @@ def feature_urls(base: str, name: str, *which: str) -> dict[str, str]:
     return {fields[w]: f"{base}/openai/deployments/{name}/{w}" for w in which or fields}
 
 
-def features_config(fake: FakeModel, app_url: str) -> dict[str, Any]:
+def features_config(fake: FakeModel | InProcessFake, app_url: str) -> dict[str, Any]:
     chat = fake.endpoint
     return {
         "models": {
@@ -119,7 +125,28 @@ def app_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gateway(work_dir: Path, fake_model: FakeModel, app_port: int) -> Iterator[Gateway]:
+async def agateway(
+    work_dir: Path, inprocess_fake: InProcessFake, app_port: int
+) -> AsyncIterator[InProcessGateway]:
+    """This module's gateway, in process, on the session's in-process fake model."""
+    config = features_config(inprocess_fake, f"http://127.0.0.1:{app_port}")
+    gw = await start_inprocess_gateway(work_dir, [config])
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def aclient(agateway: InProcessGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=agateway.url, timeout=30) as http:
+        yield http
+
+
+# `afake` is conftest's: the session's in-process fake, its records and faults cleared.
+# The aidial-sdk application calls back a gateway process: the one its tests talk to.
+
+
+@pytest.fixture(scope="module")
+def process_gateway(work_dir: Path, fake_model: FakeModel, app_port: int) -> Iterator[Gateway]:
     config = features_config(fake_model, f"http://127.0.0.1:{app_port}")
     gw = start_gateway(work_dir, [config])
     yield gw
@@ -127,24 +154,16 @@ def gateway(work_dir: Path, fake_model: FakeModel, app_port: int) -> Iterator[Ga
 
 
 @pytest.fixture(scope="module")
-def sdk_app(work_dir: Path, gateway: Gateway, app_port: int) -> Iterator[App]:
-    app = start_app(work_dir, "feature_app", port=app_port, dial_url=gateway.url)
+def sdk_app(work_dir: Path, process_gateway: Gateway, app_port: int) -> Iterator[App]:
+    app = start_app(work_dir, "feature_app", port=app_port, dial_url=process_gateway.url)
     yield app
     stop(app.process)
 
 
 @pytest.fixture
-def client(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+def process_client(process_gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=process_gateway.url, timeout=30) as http:
         yield http
-
-
-@pytest.fixture
-def fake(fake_model: FakeModel) -> Iterator[FakeModel]:
-    fake_model.clear()
-    httpx.delete(f"{fake_model.url}/_fake/faults")
-    yield fake_model
-    httpx.delete(f"{fake_model.url}/_fake/faults")
 
 
 def headers(key: str = KEY, **extra: str) -> dict[str, str]:
@@ -160,41 +179,47 @@ def error_of(response: httpx.Response) -> tuple[int, str]:
     return response.status_code, response.json()["error"]["message"]
 
 
-def is_dead(client: httpx.Client, key: str) -> bool:
+async def is_dead(client: httpx.AsyncClient, key: str) -> bool:
     """Whether Tollgate refuses `key` now (a per-request key after its hop)."""
+    response = await client.get("/v1/user/info", headers={"Api-Key": key})
+    return error_of(response) == (401, "Unknown api key")
+
+
+def is_dead_in(client: httpx.Client, key: str) -> bool:
+    """`is_dead`, asked of a gateway process."""
     response = client.get("/v1/user/info", headers={"Api-Key": key})
     return error_of(response) == (401, "Unknown api key")
 
 
-@contextlib.contextmanager
-def live_hop_key(client: httpx.Client, fake: FakeModel) -> Iterator[str]:
+@contextlib.asynccontextmanager
+async def live_hop_key(client: httpx.AsyncClient, fake: InProcessFake) -> AsyncIterator[str]:
     """The per-request key of a chat call held open (a slow stream), for calls made with it."""
     slow = headers(**{"X-Fake-Chunks": "3", "X-Fake-Chunk-Delay-Ms": "150"})
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     url = "/openai/deployments/plain-model/chat/completions"
-    with client.stream("POST", url, headers=slow, json=body) as stream:
-        chunks = stream.iter_raw()
-        next(chunks)
+    async with client.stream("POST", url, headers=slow, json=body) as stream:
+        chunks = stream.aiter_raw()
+        await anext(chunks)
         yield seen_headers(fake.last())["api-key"]
-        for _ in chunks:
+        async for _ in chunks:
             pass
 
 
 class TestForwarding:
-    def test_rate_reaches_the_model_rate_endpoint(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_rate_reaches_the_model_rate_endpoint(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         raw = b'{ "responseId" : "chatcmpl-1",  "rate": true }'
         sent = headers(
             **{"X-Conversation-Id": "conv-9", "Authorization": f"Bearer {KEY}"},
             **{"X-UPSTREAM-KEY": "injected"},
         )
-        response = client.post(
+        response = await aclient.post(
             "/v1/feat-model/rate?api-version=2024-02-01", headers=sent, content=raw
         )
         assert response.status_code == 200
         assert response.text == "PONG"
-        record = fake.last()
+        record = afake.last()
         assert record["method"] == "POST"
         # The configured URL exactly: the client's query is not appended (spec proxy 14).
         assert record["raw_path"] == "/openai/deployments/feat-model/rate"
@@ -209,14 +234,16 @@ class TestForwarding:
         assert "x-upstream-extra-data" not in seen
         assert seen["x-conversation-id"] == "conv-9"
         assert KEY not in json.dumps(record)
-        assert is_dead(client, seen["api-key"])
+        assert await is_dead(aclient, seen["api-key"])
 
-    def test_tokenize_and_truncate_prompt_are_relayed(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_tokenize_and_truncate_prompt_are_relayed(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         chat = {"messages": [{"role": "user", "content": "one two three"}]}
         body = {"inputs": [{"type": "request", "value": chat}, {"type": "string", "value": "a b"}]}
-        response = client.post("/v1/deployments/feat-model/tokenize", headers=headers(), json=body)
+        response = await aclient.post(
+            "/v1/deployments/feat-model/tokenize", headers=headers(), json=body
+        )
         assert response.status_code == 200
         assert response.json() == {
             "outputs": [
@@ -224,8 +251,8 @@ class TestForwarding:
                 {"status": "success", "token_count": 2},
             ]
         }
-        assert fake.last()["path"] == "/openai/deployments/feat-model/tokenize"
-        assert json.loads(fake.last()["body"]) == body
+        assert afake.last()["path"] == "/openai/deployments/feat-model/tokenize"
+        assert json.loads(afake.last()["body"]) == body
 
         messages = [
             {"role": "system", "content": "be brief"},
@@ -235,50 +262,50 @@ class TestForwarding:
         ]
         truncate = {"inputs": [{"messages": messages, "max_prompt_tokens": 7}]}  # 11 words
         url = "/v1/deployments/feat-model/truncate_prompt"
-        response = client.post(url, headers=headers(), json=truncate)
+        response = await aclient.post(url, headers=headers(), json=truncate)
         assert response.status_code == 200
         assert response.json() == {"outputs": [{"status": "success", "discarded_messages": [1]}]}
-        assert fake.last()["path"] == "/openai/deployments/feat-model/truncate_prompt"
+        assert afake.last()["path"] == "/openai/deployments/feat-model/truncate_prompt"
 
-    def test_configuration_is_a_get_and_wins_over_the_deployment_route(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_configuration_is_a_get_and_wins_over_the_deployment_route(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
-        response = client.get("/v1/deployments/feat-model/configuration", headers=headers())
+        response = await aclient.get("/v1/deployments/feat-model/configuration", headers=headers())
         assert response.status_code == 200
         # The upstream's JSON schema, not `GET /v1/deployments/{id}` of `.../configuration`.
         assert response.json()["properties"]["temperature"]["type"] == "number"
         assert response.headers["content-type"].startswith("application/json")
-        record = fake.last()
+        record = afake.last()
         assert record["method"] == "GET" and record["body"] == ""
         assert record["path"] == "/openai/deployments/feat-model/configuration"
         assert seen_headers(record)["x-upstream-key"] == "provider-key-a"
 
-    def test_applications_send_no_upstream_headers(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_applications_send_no_upstream_headers(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         sent = headers(**{"X-UPSTREAM-ENDPOINT": "https://evil.example"})
-        response = client.post("/v1/feat-app/rate", headers=sent, json={"rate": False})
+        response = await aclient.post("/v1/feat-app/rate", headers=sent, json={"rate": False})
         assert response.status_code == 200 and response.text == "PONG"
-        seen = seen_headers(fake.last())
-        assert fake.last()["path"] == "/app/rate"
+        seen = seen_headers(afake.last())
+        assert afake.last()["path"] == "/app/rate"
         assert "x-upstream-endpoint" not in seen and "x-upstream-key" not in seen
         assert len(seen["api-key"]) == 32
 
-    def test_configured_query_is_kept_and_the_clients_is_not_appended(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_configured_query_is_kept_and_the_clients_is_not_appended(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         url = "/v1/deployments/feat-app/tokenize?api-version=client&x=1"
         body = {"inputs": [{"type": "string", "value": "a b c"}]}
-        response = client.post(url, headers=headers(), json=body)
+        response = await aclient.post(url, headers=headers(), json=body)
         assert response.status_code == 200
         assert response.json()["outputs"][0]["token_count"] == 3
-        assert fake.last()["raw_path"] == "/app/tokenize?api-version=fixed"
+        assert afake.last()["raw_path"] == "/app/tokenize?api-version=fixed"
 
-    def test_upstream_status_headers_and_body_are_relayed(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_upstream_status_headers_and_body_are_relayed(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         body = {"inputs": [{"type": "string", "value": "a"}]}
-        response = client.post(
+        response = await aclient.post(
             "/v1/deployments/feat-model/tokenize",
             headers=headers(**{"X-Fake-Status": "418"}),
             json=body,
@@ -287,56 +314,62 @@ class TestForwarding:
         assert response.json() == {"error": {"message": "fake failure", "code": "418"}}
         assert "X-UPSTREAM-ATTEMPTS" not in response.headers  # no attempts: no retries here
         # A body the upstream refuses comes back as it answered (no retry, no rewrite).
-        response = client.post(
+        response = await aclient.post(
             "/v1/deployments/feat-model/tokenize", headers=headers(), content=b"not json"
         )
         assert response.status_code == 400
         assert response.json()["error"]["message"] == "fake model: body is not valid JSON"
-        assert len(fake.requests()) == 2
+        assert len(afake.requests()) == 2
 
-    def test_first_available_upstream_is_named(self, client: httpx.Client, fake: FakeModel) -> None:
+    async def test_first_available_upstream_is_named(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
+    ) -> None:
         # A 429 from the tier-0 provider parks it (spec proxy 6.3) ...
         fault = {"upstream": PROVIDER_A, "status": 429, "retryAfter": 60, "times": 1}
-        httpx.post(f"{fake.url}/_fake/faults", json=fault)
+        afake.add_fault(fault)
         chat = {"messages": [{"role": "user", "content": "hi"}]}
         url = "/openai/deployments/parked-model/chat/completions"
-        assert client.post(url, headers=headers(), json=chat).status_code == 200
-        assert [seen_headers(r)["x-upstream-endpoint"] for r in fake.requests()] == [
+        assert (await aclient.post(url, headers=headers(), json=chat)).status_code == 200
+        assert [seen_headers(r)["x-upstream-endpoint"] for r in afake.requests()] == [
             PROVIDER_A,
             PROVIDER_B,
         ]
         # ... so the feature call names the next one instead.
-        assert client.post("/v1/parked-model/rate", headers=headers(), json={}).text == "PONG"
-        assert seen_headers(fake.last())["x-upstream-endpoint"] == PROVIDER_B
-        assert seen_headers(fake.last())["x-upstream-key"] == "provider-key-b"
+        assert (
+            await aclient.post("/v1/parked-model/rate", headers=headers(), json={})
+        ).text == "PONG"
+        assert seen_headers(afake.last())["x-upstream-endpoint"] == PROVIDER_B
+        assert seen_headers(afake.last())["x-upstream-key"] == "provider-key-b"
 
 
 class TestAuthorization:
-    def test_forward_auth_token_passes_a_user_token(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_forward_auth_token_passes_a_user_token(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         body = {"inputs": [{"type": "string", "value": "a"}]}
         url = "/v1/deployments/auth-model/tokenize"
-        with live_hop_key(client, fake) as hop_key:
+        async with live_hop_key(aclient, afake) as hop_key:
             with_token = headers(hop_key, Authorization="Bearer user-jwt")
-            assert client.post(url, headers=with_token, json=body).status_code == 200
-            seen = seen_headers(fake.last())
+            assert (await aclient.post(url, headers=with_token, json=body)).status_code == 200
+            seen = seen_headers(afake.last())
             assert seen["authorization"] == "Bearer user-jwt"
             assert seen["api-key"] not in (hop_key, KEY)  # a key of its own
             # Without forwardAuthToken, the same token stays behind.
             other = "/v1/deployments/feat-model/tokenize"
-            assert client.post(other, headers=with_token, json=body).status_code == 200
-            assert "authorization" not in seen_headers(fake.last())
+            assert (await aclient.post(other, headers=with_token, json=body)).status_code == 200
+            assert "authorization" not in seen_headers(afake.last())
 
-    def test_the_callers_own_key_is_never_forwarded(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_the_callers_own_key_is_never_forwarded(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
         body = {"inputs": [{"type": "string", "value": "a"}]}
         sent = headers(Authorization=f"Bearer {KEY}")
-        response = client.post("/v1/deployments/auth-model/tokenize", headers=sent, json=body)
+        response = await aclient.post(
+            "/v1/deployments/auth-model/tokenize", headers=sent, json=body
+        )
         assert response.status_code == 200
-        assert "authorization" not in seen_headers(fake.last())
-        assert KEY not in json.dumps(fake.last())
+        assert "authorization" not in seen_headers(afake.last())
+        assert KEY not in json.dumps(afake.last())
 
 
 class TestRefusals:
@@ -344,98 +377,110 @@ class TestRefusals:
         ("method", "path"),
         [("POST", "/v1/plain-model/rate"), ("GET", "/v1/deployments/plain-model/configuration")],
     )
-    def test_unset_rate_and_configuration_answer_an_empty_200(
-        self, client: httpx.Client, fake: FakeModel, method: str, path: str
+    async def test_unset_rate_and_configuration_answer_an_empty_200(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake, method: str, path: str
     ) -> None:
-        response = client.request(method, path, headers=headers(), json={"x": 1})
+        response = await aclient.request(method, path, headers=headers(), json={"x": 1})
         assert response.status_code == 200
         assert response.content == b""
-        assert fake.requests() == []
+        assert afake.requests() == []
 
     @pytest.mark.parametrize("feature", ["tokenize", "truncate_prompt"])
-    def test_unset_tokenize_and_truncate_prompt_are_forbidden(
-        self, client: httpx.Client, fake: FakeModel, feature: str
+    async def test_unset_tokenize_and_truncate_prompt_are_forbidden(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake, feature: str
     ) -> None:
         url = f"/v1/deployments/plain-model/{feature}"
-        response = client.post(url, headers=headers(), json={"inputs": []})
+        response = await aclient.post(url, headers=headers(), json={"inputs": []})
         assert error_of(response) == (403, "Forbidden deployment")
-        assert fake.requests() == []
+        assert afake.requests() == []
 
-    def test_access_follows_user_roles(self, client: httpx.Client, fake: FakeModel) -> None:
-        response = client.post("/v1/power-model/rate", headers=headers(), json={})
+    async def test_access_follows_user_roles(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
+    ) -> None:
+        response = await aclient.post("/v1/power-model/rate", headers=headers(), json={})
         assert error_of(response) == (403, "Forbidden deployment: power-model")
-        assert fake.requests() == []
-        response = client.post("/v1/power-model/rate", headers=headers(POWER_KEY), json={})
+        assert afake.requests() == []
+        response = await aclient.post("/v1/power-model/rate", headers=headers(POWER_KEY), json={})
         assert response.status_code == 200 and response.text == "PONG"
 
-    def test_unknown_deployment(self, client: httpx.Client) -> None:
-        response = client.post("/v1/deployments/nope/tokenize", headers=headers(), json={})
+    async def test_unknown_deployment(self, aclient: httpx.AsyncClient) -> None:
+        response = await aclient.post("/v1/deployments/nope/tokenize", headers=headers(), json={})
         assert error_of(response) == (404, "Unknown application: nope")
-        response = client.get("/v1/deployments/nope/configuration", headers=headers())
+        response = await aclient.get("/v1/deployments/nope/configuration", headers=headers())
         assert error_of(response) == (404, "Unknown application: nope")
         # DIAL's rate pattern has no `deployments/` segment: this names `deployments/feat-model`.
-        response = client.post("/v1/deployments/feat-model/rate", headers=headers(), json={})
+        response = await aclient.post("/v1/deployments/feat-model/rate", headers=headers(), json={})
         assert error_of(response) == (404, "Unknown application: deployments/feat-model")
 
-    def test_authentication_comes_first(self, client: httpx.Client) -> None:
-        response = client.post("/v1/feat-model/rate", json={})
+    async def test_authentication_comes_first(self, aclient: httpx.AsyncClient) -> None:
+        response = await aclient.post("/v1/feat-model/rate", json={})
         assert response.status_code == 401
-        response = client.post("/v1/feat-model/rate", headers=headers("wrong"), json={})
+        response = await aclient.post("/v1/feat-model/rate", headers=headers("wrong"), json={})
         assert error_of(response) == (401, "Unknown api key")
 
-    def test_upstream_down(self, client: httpx.Client) -> None:
+    async def test_upstream_down(self, aclient: httpx.AsyncClient) -> None:
         body = {"inputs": [{"type": "string", "value": "a"}]}
-        response = client.post("/v1/deployments/dead-model/tokenize", headers=headers(), json=body)
+        response = await aclient.post(
+            "/v1/deployments/dead-model/tokenize", headers=headers(), json=body
+        )
         assert error_of(response) == (502, "connection error to origin")
-        response = client.get("/v1/deployments/dead-model/configuration", headers=headers())
+        response = await aclient.get("/v1/deployments/dead-model/configuration", headers=headers())
         assert error_of(response) == (502, "connection error to origin")
 
-    def test_upstream_drops_the_connection(self, client: httpx.Client, fake: FakeModel) -> None:
-        httpx.post(f"{fake.url}/_fake/faults", json={"disconnect": True, "times": 1})
-        response = client.post("/v1/feat-model/rate", headers=headers(), json={})
+    async def test_upstream_drops_the_connection(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
+    ) -> None:
+        afake.add_fault({"disconnect": True, "times": 1})
+        response = await aclient.post("/v1/feat-model/rate", headers=headers(), json={})
         assert error_of(response) == (502, "deployment responded with error")
         # Not retried: one request reached the upstream.
-        assert len(fake.requests()) == 1
-        hop_key = seen_headers(fake.last())["api-key"]
-        assert is_dead(client, hop_key)  # the failed hop's key died too
+        assert len(afake.requests()) == 1
+        hop_key = seen_headers(afake.last())["api-key"]
+        assert await is_dead(aclient, hop_key)  # the failed hop's key died too
 
-    def test_upstream_timeout(self, client: httpx.Client, fake: FakeModel) -> None:
-        httpx.post(f"{fake.url}/_fake/faults", json={"delayMs": 3000, "times": 1})
+    async def test_upstream_timeout(self, aclient: httpx.AsyncClient, afake: InProcessFake) -> None:
+        afake.add_fault({"delayMs": 3000, "times": 1})
         body = {"inputs": [{"type": "string", "value": "a"}]}
-        response = client.post("/v1/deployments/slow-model/tokenize", headers=headers(), json=body)
+        response = await aclient.post(
+            "/v1/deployments/slow-model/tokenize", headers=headers(), json=body
+        )
         assert error_of(response) == (504, "Upstream timed out")
 
 
 class TestAssistants:
-    def test_assistant_rate_inherits_the_shared_endpoint(
-        self, client: httpx.Client, fake: FakeModel
+    async def test_assistant_rate_inherits_the_shared_endpoint(
+        self, aclient: httpx.AsyncClient, afake: InProcessFake
     ) -> None:
-        assert client.post("/v1/helper/rate", headers=headers(), json={}).text == "PONG"
-        assert fake.last()["path"] == "/assistants/rate"
-        assert client.post("/v1/own-rate/rate", headers=headers(), json={}).text == "PONG"
-        assert fake.last()["path"] == "/own/rate"
+        assert (await aclient.post("/v1/helper/rate", headers=headers(), json={})).text == "PONG"
+        assert afake.last()["path"] == "/assistants/rate"
+        assert (await aclient.post("/v1/own-rate/rate", headers=headers(), json={})).text == "PONG"
+        assert afake.last()["path"] == "/own/rate"
         # The base assistant has the shared features too.
-        assert client.post("/v1/assistant/rate", headers=headers(), json={}).text == "PONG"
-        assert fake.last()["path"] == "/assistants/rate"
+        assert (await aclient.post("/v1/assistant/rate", headers=headers(), json={})).text == "PONG"
+        assert afake.last()["path"] == "/assistants/rate"
 
-    def test_listing_flags_agree(self, client: httpx.Client) -> None:
-        item = client.get("/openai/assistants/helper", headers=headers()).json()
+    async def test_listing_flags_agree(self, aclient: httpx.AsyncClient) -> None:
+        item = (await aclient.get("/openai/assistants/helper", headers=headers())).json()
         assert item["features"]["rate"] is True and item["features"]["tokenize"] is False
-        model = client.get("/openai/models/feat-model", headers=headers()).json()
+        model = (await aclient.get("/openai/models/feat-model", headers=headers())).json()
         assert all(model["features"][f] for f in ("rate", "tokenize", "truncate_prompt"))
         assert model["features"]["configuration"] is True
-        plain = client.get("/openai/models/plain-model", headers=headers()).json()
+        plain = (await aclient.get("/openai/models/plain-model", headers=headers())).json()
         assert not any(plain["features"][f] for f in ("rate", "tokenize", "configuration"))
-        response = client.post("/v1/deployments/helper/tokenize", headers=headers(), json={})
+        response = await aclient.post("/v1/deployments/helper/tokenize", headers=headers(), json={})
         assert error_of(response) == (403, "Forbidden deployment")
 
 
 class TestAidialSdkApplication:
     """A real aidial-sdk application: it refuses feature calls without `Api-Key` (spec 15.3)."""
 
-    def test_tokenize_with_a_live_per_request_key(self, client: httpx.Client, sdk_app: App) -> None:
+    def test_tokenize_with_a_live_per_request_key(
+        self, process_client: httpx.Client, sdk_app: App
+    ) -> None:
         body = {"inputs": [{"type": "string", "value": "a b c d"}]}
-        response = client.post(f"/v1/deployments/{SDK_APP}/tokenize", headers=headers(), json=body)
+        response = process_client.post(
+            f"/v1/deployments/{SDK_APP}/tokenize", headers=headers(), json=body
+        )
         assert response.status_code == 200, response.text
         answer = response.json()
         assert answer["outputs"] == [{"status": "success", "token_count": 4}]
@@ -445,9 +490,9 @@ class TestAidialSdkApplication:
             "body": {"roles": ["default"], "project": "feat-proj"},
         }
         # ... and it dies with the hop.
-        assert is_dead(client, sdk_app.get("/_test/last")["key"])
+        assert is_dead_in(process_client, sdk_app.get("/_test/last")["key"])
 
-    def test_truncate_prompt(self, client: httpx.Client, sdk_app: App) -> None:
+    def test_truncate_prompt(self, process_client: httpx.Client, sdk_app: App) -> None:
         messages = [
             {"role": "user", "content": "w w w w w"},
             {"role": "assistant", "content": "w w"},
@@ -455,18 +500,20 @@ class TestAidialSdkApplication:
         ]
         body = {"inputs": [{"messages": messages, "max_prompt_tokens": 3}]}
         url = f"/v1/deployments/{SDK_APP}/truncate_prompt"
-        response = client.post(url, headers=headers(), json=body)
+        response = process_client.post(url, headers=headers(), json=body)
         assert response.status_code == 200, response.text
         assert response.json() == {"outputs": [{"status": "success", "discarded_messages": [0]}]}
 
-    def test_rate(self, client: httpx.Client, sdk_app: App) -> None:
+    def test_rate(self, process_client: httpx.Client, sdk_app: App) -> None:
         body = {"responseId": "chatcmpl-7", "rate": True}
-        response = client.post(f"/v1/{SDK_APP}/rate", headers=headers(), json=body)
+        response = process_client.post(f"/v1/{SDK_APP}/rate", headers=headers(), json=body)
         assert response.status_code == 200 and response.content == b""
         assert sdk_app.get("/_test/last")["rate"] == {"response_id": "chatcmpl-7", "rate": True}
 
-    def test_configuration_through_aidial_client(self, gateway: Gateway, sdk_app: App) -> None:
-        with Dial(api_key=KEY, base_url=gateway.url) as dial:
+    def test_configuration_through_aidial_client(
+        self, process_gateway: Gateway, sdk_app: App
+    ) -> None:
+        with Dial(api_key=KEY, base_url=process_gateway.url) as dial:
             schema = dial.deployments.get_configuration_schema(SDK_APP)
             assert schema["properties"]["mode"]["enum"] == ["fast", "careful"]
             assert schema["seen"]["api_key_length"] == 32
@@ -511,8 +558,8 @@ def test_feature_keys_are_shared_through_redis(shared_pair: tuple[Gateway, Gatew
         httpx.Client(base_url=first.url) as on_first,
         httpx.Client(base_url=second.url) as on_second,
     ):
-        assert is_dead(on_first, hop_key)
+        assert is_dead_in(on_first, hop_key)
         deadline = time.monotonic() + 10
-        while not is_dead(on_second, hop_key):  # revoked in Redis in the background
+        while not is_dead_in(on_second, hop_key):  # revoked in Redis in the background
             assert time.monotonic() < deadline, "the key still works on the other instance"
             time.sleep(0.1)
