@@ -1,17 +1,18 @@
 """DIAL's `routes` end to end (spec proxy 10, 16.17; auth-limits 2.3, 4.1, 5.1).
 
 Tollgate runs on a config holding DIAL's own test routes (`forbidden`, `plain`,
-`vector_store_query`, `vector_store_mutation`, `route-rate`) plus routes for each behaviour.
-The fake model is every upstream: on paths no model serves it echoes the raw path when asked
-(`X-Fake-Echo-Path`, as the upstream of DIAL's `RouteApiTest` does), fails on command per path,
-and records what it received. Each balancing test has a route of its own: balancer state lives
-as long as the gateway.
+`vector_store_query`, `vector_store_mutation`, `route-rate`) plus routes for each behaviour;
+it and the fake model run in process (`inprocess.py`), and the config-load refusals start
+`tollgate serve` itself. The fake model is every upstream: on paths no model serves it echoes
+the raw path when asked (`X-Fake-Echo-Path`, as the upstream of DIAL's `RouteApiTest` does),
+fails on command per path, and records what it received. Each balancing test has a route of
+its own: balancer state lives as long as the gateway.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,8 @@ import httpx
 import pytest
 
 from gateway_config import chat, error_of
-from harness import (
-    FakeModel,
-    Gateway,
-    free_port,
-    run_gateway_expecting_exit,
-    start_fake_model,
-    start_gateway,
-    stop,
-)
+from harness import free_port, run_gateway_expecting_exit
+from inprocess import InProcessFake, InProcessGateway, start_inprocess_gateway
 from tollgate.config.java_regex import JavaRegexError, compile_java
 from tollgate.config.schema import Config
 from tollgate.config_check import check_files
@@ -41,7 +35,7 @@ ECHO = {"X-Fake-Echo-Path": "1"}
 ATTEMPTS = "X-UPSTREAM-ATTEMPTS"
 
 
-def routes_config(fake: FakeModel, closed: str) -> dict[str, Any]:
+def routes_config(fake: InProcessFake, closed: str) -> dict[str, Any]:
     def up(path: str, **extra: Any) -> dict[str, Any]:
         return {"endpoint": f"{fake.url}{path}", **extra}
 
@@ -134,42 +128,37 @@ def routes_config(fake: FakeModel, closed: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def fake(work_dir: Path) -> Iterator[FakeModel]:
-    """A fake of this module's own: its faults must not leak into other tests."""
-    model = start_fake_model(work_dir)
-    yield model
-    stop(model.process)
-
-
-@pytest.fixture(scope="module")
-def gateway(work_dir: Path, fake: FakeModel) -> Iterator[Gateway]:
+async def agateway(
+    work_dir: Path, inprocess_fake: InProcessFake
+) -> AsyncIterator[InProcessGateway]:
+    """This module's gateway, in process, on the session's in-process fake model (`afake`
+    clears its records and faults around each test)."""
     closed = f"http://127.0.0.1:{free_port()}"
-    gw = start_gateway(work_dir, [routes_config(fake, closed)])
+    gw = await start_inprocess_gateway(work_dir, [routes_config(inprocess_fake, closed)])
     yield gw
-    stop(gw.process)
+    await gw.stop()
 
 
 @pytest.fixture
-def client(gateway: Gateway, fake: FakeModel) -> Iterator[httpx.Client]:
-    fake.clear()
-    httpx.delete(f"{fake.url}/_fake/faults")
-    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+async def aclient(
+    agateway: InProcessGateway, afake: InProcessFake
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=agateway.url, timeout=30) as http:
         yield http
 
 
-def send(
-    client: httpx.Client, method: str, path: str, key: str = USER_KEY, **kwargs: Any
+async def send(
+    client: httpx.AsyncClient, method: str, path: str, key: str = USER_KEY, **kwargs: Any
 ) -> httpx.Response:
     headers = {"Api-Key": key, **ECHO, **kwargs.pop("headers", {})}
-    return client.request(method, path, headers=headers, **kwargs)
+    return await client.request(method, path, headers=headers, **kwargs)
 
 
-def fault(fake: FakeModel, **spec: Any) -> None:
-    response = httpx.post(f"{fake.url}/_fake/faults", json=spec)
-    assert response.status_code == 204, response.text
+def fault(fake: InProcessFake, **spec: Any) -> None:
+    fake.add_fault(spec)
 
 
-def paths_seen(fake: FakeModel) -> list[str]:
+def paths_seen(fake: InProcessFake) -> list[str]:
     return [record["path"] for record in fake.requests()]
 
 
@@ -181,123 +170,138 @@ def header_values(record: dict[str, Any], name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("key", [USER_KEY, ADMIN_KEY])
-def test_plain_route_keeps_the_endpoint_path(client: httpx.Client, key: str) -> None:
-    response = send(client, "GET", "/v1/plain", key)
+async def test_plain_route_keeps_the_endpoint_path(aclient: httpx.AsyncClient, key: str) -> None:
+    response = await send(aclient, "GET", "/v1/plain", key)
     assert response.status_code == 200
     assert response.text == "/"
 
 
 @pytest.mark.parametrize("key", [USER_KEY, ADMIN_KEY])
-def test_rewrite_path_get_and_head(client: httpx.Client, fake: FakeModel, key: str) -> None:
-    response = send(client, "GET", "/v1/vector_store/1", key)
+async def test_rewrite_path_get_and_head(
+    aclient: httpx.AsyncClient, afake: InProcessFake, key: str
+) -> None:
+    response = await send(aclient, "GET", "/v1/vector_store/1", key)
     assert response.status_code == 200
     assert response.text == "/v1/vector_store/1"
-    head = send(client, "HEAD", "/v1/vector_store/1", key)
+    head = await send(aclient, "HEAD", "/v1/vector_store/1", key)
     assert head.status_code == 200
     assert head.content == b""
-    assert [(r["method"], r["path"]) for r in fake.requests()] == [
+    assert [(r["method"], r["path"]) for r in afake.requests()] == [
         ("GET", "/v1/vector_store/1"),
         ("HEAD", "/v1/vector_store/1"),
     ]
 
 
-def test_post_is_forbidden_for_the_user_and_allowed_for_the_admin(
-    client: httpx.Client, fake: FakeModel
+async def test_post_is_forbidden_for_the_user_and_allowed_for_the_admin(
+    aclient: httpx.AsyncClient, afake: InProcessFake
 ) -> None:
-    refused = send(client, "POST", "/v1/vector_store/1", USER_KEY, content=b"user body")
+    refused = await send(aclient, "POST", "/v1/vector_store/1", USER_KEY, content=b"user body")
     assert error_of(refused) == (403, "Forbidden route")
-    assert fake.requests() == []  # refused before anything is sent
-    allowed = send(client, "POST", "/v1/vector_store/1", ADMIN_KEY, content=b"admin body")
+    assert afake.requests() == []  # refused before anything is sent
+    allowed = await send(aclient, "POST", "/v1/vector_store/1", ADMIN_KEY, content=b"admin body")
     assert allowed.status_code == 200
     assert allowed.text == "/v1/vector_store/1"
-    record = fake.last()
+    record = afake.last()
     assert (record["method"], record["body"]) == ("POST", "admin body")
 
 
-def test_empty_user_roles_admit_nobody(client: httpx.Client, fake: FakeModel) -> None:
+async def test_empty_user_roles_admit_nobody(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
     # DIAL's code and tests; the newer docs' "[] admits everyone" is not followed (DECISIONS 3).
     for key in (USER_KEY, ADMIN_KEY):
-        assert error_of(send(client, "GET", "/v1/forbidden", key)) == (403, "Forbidden route")
-    assert fake.requests() == []
+        assert error_of(await send(aclient, "GET", "/v1/forbidden", key)) == (
+            403,
+            "Forbidden route",
+        )
+    assert afake.requests() == []
 
 
 # --- matching ----------------------------------------------------------------------------------
 
 
-def test_methods_filter_and_unmatched_requests(client: httpx.Client) -> None:
+async def test_methods_filter_and_unmatched_requests(aclient: httpx.AsyncClient) -> None:
     # PATCH is in neither vector_store route: no route takes it (DECISIONS 4: 404, not 502).
-    assert error_of(send(client, "PATCH", "/v1/vector_store/1", ADMIN_KEY)) == (404, "No route")
-    assert error_of(send(client, "POST", "/v1/plain")) == (404, "No route")  # GET only
-    assert error_of(send(client, "GET", "/v1/nowhere")) == (404, "No route")
+    assert error_of(await send(aclient, "PATCH", "/v1/vector_store/1", ADMIN_KEY)) == (
+        404,
+        "No route",
+    )
+    assert error_of(await send(aclient, "POST", "/v1/plain")) == (404, "No route")  # GET only
+    assert error_of(await send(aclient, "GET", "/v1/nowhere")) == (404, "No route")
     # A path must match whole: no prefix or suffix match.
-    assert error_of(send(client, "GET", "/v1/plain/more")) == (404, "No route")
-    assert error_of(send(client, "GET", "/prefix/v1/plain")) == (404, "No route")
+    assert error_of(await send(aclient, "GET", "/v1/plain/more")) == (404, "No route")
+    assert error_of(await send(aclient, "GET", "/prefix/v1/plain")) == (404, "No route")
 
 
-def test_the_query_string_is_part_of_the_match(client: httpx.Client) -> None:
-    found = send(client, "GET", "/v1/search?q=abc")
+async def test_the_query_string_is_part_of_the_match(aclient: httpx.AsyncClient) -> None:
+    found = await send(aclient, "GET", "/v1/search?q=abc")
     assert found.status_code == 200 and found.text == "found"
     for uri in ("/v1/search", "/v1/search?q=ABC", "/v1/search?q=abc&page=2"):
-        assert error_of(send(client, "GET", uri)) == (404, "No route"), uri
+        assert error_of(await send(aclient, "GET", uri)) == (404, "No route"), uri
 
 
-def test_the_query_string_is_not_forwarded(client: httpx.Client, fake: FakeModel) -> None:
+async def test_the_query_string_is_not_forwarded(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
     # As DIAL: the upstream URL is the endpoint, its path rewritten or not (spec proxy 10).
-    response = send(client, "GET", "/v1/vector_store/7?limit=3")
+    response = await send(aclient, "GET", "/v1/vector_store/7?limit=3")
     assert response.status_code == 200
     assert response.text == "/v1/vector_store/7"
-    assert fake.last()["query_string"] == ""
+    assert afake.last()["query_string"] == ""
 
 
-def test_java_named_groups_and_back_references(client: httpx.Client) -> None:
-    assert send(client, "GET", "/v1/static/abc/abc").status_code == 201
-    assert error_of(send(client, "GET", "/v1/static/abc/abd")) == (404, "No route")
+async def test_java_named_groups_and_back_references(aclient: httpx.AsyncClient) -> None:
+    assert (await send(aclient, "GET", "/v1/static/abc/abc")).status_code == 201
+    assert error_of(await send(aclient, "GET", "/v1/static/abc/abd")) == (404, "No route")
 
 
-def test_order_puts_a_route_first(client: httpx.Client) -> None:
-    response = send(client, "GET", "/v1/ordered")
+async def test_order_puts_a_route_first(aclient: httpx.AsyncClient) -> None:
+    response = await send(aclient, "GET", "/v1/ordered")
     assert response.status_code == 200 and response.text == "ordered"
 
 
-def test_built_in_endpoints_come_first(client: httpx.Client) -> None:
+async def test_built_in_endpoints_come_first(aclient: httpx.AsyncClient) -> None:
     # `shadow` matches GET /openai/models, but the listing answers (spec proxy 3).
-    response = send(client, "GET", "/openai/models")
+    response = await send(aclient, "GET", "/openai/models")
     assert response.status_code == 200
     assert response.json()["object"] == "list"
 
 
-def test_routes_need_a_known_key(client: httpx.Client) -> None:
-    response = client.get("/v1/plain", headers=ECHO)
+async def test_routes_need_a_known_key(aclient: httpx.AsyncClient) -> None:
+    response = await aclient.get("/v1/plain", headers=ECHO)
     assert error_of(response) == (
         401,
         "At least API-KEY or Authorization header must be provided",
     )
-    assert error_of(send(client, "GET", "/v1/plain", "not-a-key")) == (401, "Unknown api key")
+    assert error_of(await send(aclient, "GET", "/v1/plain", "not-a-key")) == (
+        401,
+        "Unknown api key",
+    )
 
 
 # --- static responses ------------------------------------------------------------------------
 
 
-def test_static_response(client: httpx.Client, fake: FakeModel) -> None:
-    rate = send(client, "POST", "/v1/rate", content=b'{"rate": 1}')
+async def test_static_response(aclient: httpx.AsyncClient, afake: InProcessFake) -> None:
+    rate = await send(aclient, "POST", "/v1/rate", content=b'{"rate": 1}')
     assert rate.status_code == 200
     assert rate.content == b""
     assert "content-type" not in rate.headers  # as DIAL: no body, no type
-    made = send(client, "GET", "/v1/static/x/x")
+    made = await send(aclient, "GET", "/v1/static/x/x")
     assert made.status_code == 201
     assert made.headers["content-type"] == "application/json"
     assert made.json() == {"made": True}
-    assert fake.requests() == []  # nothing proxied
+    assert afake.requests() == []  # nothing proxied
 
 
 # --- proxying: headers and keys --------------------------------------------------------------
 
 
-def test_api_key_is_the_upstreams_and_the_callers_never_leaves(
-    client: httpx.Client, fake: FakeModel
+async def test_api_key_is_the_upstreams_and_the_callers_never_leaves(
+    aclient: httpx.AsyncClient, afake: InProcessFake
 ) -> None:
-    response = send(
-        client,
+    response = await send(
+        aclient,
         "POST",
         "/v1/keyed",
         content=b"payload",
@@ -311,7 +315,7 @@ def test_api_key_is_the_upstreams_and_the_callers_never_leaves(
     )
     assert response.status_code == 200
     assert response.text == "/keyed/upstream"
-    record = fake.last()
+    record = afake.last()
     assert header_values(record, "Api-Key") == ["upstream-secret-key"]
     assert header_values(record, "Authorization") == []
     assert header_values(record, "X-Upstream-Key") == []
@@ -321,9 +325,13 @@ def test_api_key_is_the_upstreams_and_the_callers_never_leaves(
     assert all(USER_KEY not in value for _, value in record["headers"])
 
 
-def test_no_upstream_key_sends_no_api_key(client: httpx.Client, fake: FakeModel) -> None:
-    assert send(client, "GET", "/v1/plain", headers={"X-Api-Key": USER_KEY}).status_code == 200
-    record = fake.last()
+async def test_no_upstream_key_sends_no_api_key(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    assert (
+        await send(aclient, "GET", "/v1/plain", headers={"X-Api-Key": USER_KEY})
+    ).status_code == 200
+    record = afake.last()
     assert header_values(record, "Api-Key") == []
     assert all(USER_KEY not in value for _, value in record["headers"])
 
@@ -331,89 +339,101 @@ def test_no_upstream_key_sends_no_api_key(client: httpx.Client, fake: FakeModel)
 # --- balancing and retries (spec proxy 6, 10; DECISIONS 5) ------------------------------------
 
 
-def test_calls_are_balanced_over_the_upstreams(client: httpx.Client, fake: FakeModel) -> None:
-    answers = [send(client, "GET", "/v1/balanced").text for _ in range(6)]
+async def test_calls_are_balanced_over_the_upstreams(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    answers = [(await send(aclient, "GET", "/v1/balanced")).text for _ in range(6)]
     assert sorted(answers) == ["/bal/a"] * 3 + ["/bal/b"] * 3
 
 
-def test_a_429_moves_on_to_the_next_upstream(client: httpx.Client, fake: FakeModel) -> None:
-    fault(fake, path="/r429/a", status=429, retryAfter="60", times=1)
-    response = send(client, "GET", "/v1/retry-429")
+async def test_a_429_moves_on_to_the_next_upstream(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    fault(afake, path="/r429/a", status=429, retryAfter="60", times=1)
+    response = await send(aclient, "GET", "/v1/retry-429")
     assert response.status_code == 200
     assert response.text == "/r429/b"
     assert response.headers[ATTEMPTS] == "2"
-    first, second = fake.requests()
+    first, second = afake.requests()
     assert (first["path"], header_values(first, "Api-Key")) == ("/r429/a", ["key-a"])
     assert (second["path"], header_values(second, "Api-Key")) == ("/r429/b", ["key-b"])
     # The 429 parked the first upstream: the next call goes straight to the second.
-    again = send(client, "GET", "/v1/retry-429")
+    again = await send(aclient, "GET", "/v1/retry-429")
     assert again.text == "/r429/b" and again.headers[ATTEMPTS] == "1"
 
 
-def test_a_refused_connection_moves_on(client: httpx.Client, fake: FakeModel) -> None:
-    response = send(client, "GET", "/v1/refused")
+async def test_a_refused_connection_moves_on(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    response = await send(aclient, "GET", "/v1/refused")
     assert response.status_code == 200
     assert response.text == "/refused/ok"
     assert response.headers[ATTEMPTS] == "2"
 
 
-def test_exhausted_attempts_are_502_no_route(client: httpx.Client) -> None:
-    response = send(client, "GET", "/v1/dead")
+async def test_exhausted_attempts_are_502_no_route(aclient: httpx.AsyncClient) -> None:
+    response = await send(aclient, "GET", "/v1/dead")
     assert error_of(response) == (502, "No route")
     assert response.headers[ATTEMPTS] == "2"  # maxRetryAttempts
 
 
-def test_max_retry_attempts_stops_retries(client: httpx.Client, fake: FakeModel) -> None:
-    fault(fake, path="/one/a", status=429, retryAfter="60")
-    response = send(client, "GET", "/v1/one-try")
+async def test_max_retry_attempts_stops_retries(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    fault(afake, path="/one/a", status=429, retryAfter="60")
+    response = await send(aclient, "GET", "/v1/one-try")
     assert error_of(response) == (502, "No route")  # the second upstream is still available
     assert response.headers[ATTEMPTS] == "1"
-    assert paths_seen(fake) == ["/one/a"]
+    assert paths_seen(afake) == ["/one/a"]
 
 
-def test_all_upstreams_parked_by_429_is_503(client: httpx.Client, fake: FakeModel) -> None:
-    fault(fake, path="/park/a", status=429, retryAfter="50")
-    fault(fake, path="/park/b", status=429, retryAfter="70")
-    response = send(client, "GET", "/v1/parked")
+async def test_all_upstreams_parked_by_429_is_503(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    fault(afake, path="/park/a", status=429, retryAfter="50")
+    fault(afake, path="/park/b", status=429, retryAfter="70")
+    response = await send(aclient, "GET", "/v1/parked")
     assert error_of(response) == (503, "Service is not available")
     assert response.headers["Retry-After"] in ("49", "50")  # the first one back
     assert response.headers[ATTEMPTS] == "2"
-    assert sorted(paths_seen(fake)) == ["/park/a", "/park/b"]
+    assert sorted(paths_seen(afake)) == ["/park/a", "/park/b"]
 
 
-def test_other_errors_are_relayed_not_retried(client: httpx.Client, fake: FakeModel) -> None:
-    fault(fake, path="/relay/a", status=503)
-    fault(fake, path="/relay/b", status=503)
-    response = send(client, "GET", "/v1/relayed")
+async def test_other_errors_are_relayed_not_retried(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    fault(afake, path="/relay/a", status=503)
+    fault(afake, path="/relay/b", status=503)
+    response = await send(aclient, "GET", "/v1/relayed")
     assert response.status_code == 503  # a route retries 429s only (spec proxy 10)
     assert response.json() == {"error": {"message": "fake fault", "code": "503"}}
     assert response.headers[ATTEMPTS] == "1"
-    assert len(fake.requests()) == 1
+    assert len(afake.requests()) == 1
 
 
-def test_streams_are_relayed(client: httpx.Client, fake: FakeModel) -> None:
+async def test_streams_are_relayed(aclient: httpx.AsyncClient, afake: InProcessFake) -> None:
     body = chat("stream please", stream=True)
-    with client.stream(
+    async with aclient.stream(
         "POST", "/v1/stream", json=body, headers={"Api-Key": USER_KEY, "X-Fake-Chunks": "5"}
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert "content-length" not in response.headers
-        raw = b"".join(response.iter_raw())
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
     events = [line for line in raw.split(b"\n\n") if line]
     assert events[-1] == b"data: [DONE]"
     assert len(events) == 1 + 5 + 1 + 1  # role, five pieces, finish, [DONE]
-    assert fake.last()["path"] == "/openai/deployments/streamer/chat/completions"
+    assert afake.last()["path"] == "/openai/deployments/streamer/chat/completions"
 
 
 # --- limits (spec auth-limits 5.1 [newer]) -----------------------------------------------------
 
 
-def test_route_request_limit(client: httpx.Client) -> None:
+async def test_route_request_limit(aclient: httpx.AsyncClient) -> None:
     for _ in range(2):
-        response = send(client, "GET", "/v1/limited", METERED_KEY)
+        response = await send(aclient, "GET", "/v1/limited", METERED_KEY)
         assert response.status_code == 200 and response.text == "counted"
-    refused = send(client, "GET", "/v1/limited", METERED_KEY)
+    refused = await send(aclient, "GET", "/v1/limited", METERED_KEY)
     assert error_of(refused) == (
         429,
         "Hit request rate limit. Hour limit: 2 / 9223372036854775807 requests. "
@@ -422,12 +442,15 @@ def test_route_request_limit(client: httpx.Client) -> None:
     assert refused.json()["error"]["display_message"] == "You've exceeded your daily request limit"
     assert int(refused.headers["Retry-After"]) > 0
     # Counters are per caller project: another project is not limited by them.
-    assert send(client, "GET", "/v1/limited", USER_KEY).status_code == 200
+    assert (await send(aclient, "GET", "/v1/limited", USER_KEY)).status_code == 200
 
 
-def test_non_positive_route_limit_is_access_denied(client: httpx.Client) -> None:
-    assert error_of(send(client, "GET", "/v1/closed-route", METERED_KEY)) == (403, "Access denied")
-    assert send(client, "GET", "/v1/closed-route", USER_KEY).status_code == 200
+async def test_non_positive_route_limit_is_access_denied(aclient: httpx.AsyncClient) -> None:
+    assert error_of(await send(aclient, "GET", "/v1/closed-route", METERED_KEY)) == (
+        403,
+        "Access denied",
+    )
+    assert (await send(aclient, "GET", "/v1/closed-route", USER_KEY)).status_code == 200
 
 
 # --- config load -------------------------------------------------------------------------------
