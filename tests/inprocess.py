@@ -68,6 +68,23 @@ class Clock:
         self.frozen_ms = None
 
 
+class MonotonicClock:
+    """Monotonic seconds the test moves on: `time.monotonic()` plus an offset (`advance`).
+
+    What a deployment's balancer reads its parking times by (`InProcessGateway.balancer_clock`),
+    so that a test waits out a `Retry-After` without sleeping.
+    """
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset_s
+
+    def advance(self, seconds: float) -> None:
+        self.offset_s += seconds
+
+
 def clock_injectable() -> bool:
     """Whether `Gateway` takes `now_ms=` (the injectable wall clock)."""
     # Imported when first used: a module of the gateway being edited breaks these tests only.
@@ -165,6 +182,13 @@ class InProcessGateway:
     def clock_injected(self) -> bool:
         """Whether the gateway reads `clock` (else it reads the real wall clock)."""
         return clock_injectable()
+
+    def balancer_clock(self, deployment: str) -> MonotonicClock:
+        """A clock of the test's own for `deployment`'s balancer in the current config (its
+        parking and back-off times); the other balancers keep the real one."""
+        clock = MonotonicClock()
+        self.store.current.balancers[deployment].clock = clock
+        return clock
 
     async def stop(self) -> None:
         """What `tollgate serve` does on SIGTERM: stop serving, then stop the gateway."""
