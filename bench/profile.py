@@ -31,6 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--mode", choices=("chat", "stream"), default="chat")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--src", type=Path, default=None, help="another tree's src/ to profile")
     return parser.parse_args()
 
 
@@ -110,6 +111,7 @@ def main() -> int:
             port,
             workdir,
             {"limits.embedded.file": str(workdir / "usage.sqlite")},
+            args.src,
         )
         servers.append(gateway)
         run.wait_healthy(gateway)

@@ -126,8 +126,9 @@ def free_port() -> int:
         return port
 
 
-def child_env(settings: dict[str, str] | None = None) -> dict[str, str]:
-    """The servers' environment; ``settings`` are Tollgate's static settings (``aidial.*``)."""
+def child_env(settings: dict[str, str] | None = None, src: Path | None = None) -> dict[str, str]:
+    """The servers' environment; ``settings`` are Tollgate's static settings (``aidial.*``);
+    ``src`` the tree whose `tollgate` runs (this checkout's `src/` by default)."""
     # Settings left in the caller's shell (a Redis address, a settings file) would silently
     # change what a target measures; each target gets exactly the settings given here.
     env = {
@@ -136,7 +137,8 @@ def child_env(settings: dict[str, str] | None = None) -> dict[str, str]:
         if not k.startswith(("aidial.", "proxy.")) and k != "AIDIAL_SETTINGS"
     }
     # Let the servers import tollgate from this checkout even if it is not installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    tree = str(src or ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.update({f"aidial.{k}": v for k, v in (settings or {}).items()})
     return env
@@ -148,6 +150,7 @@ def start(
     port: int,
     logdir: Path,
     settings: dict[str, str] | None = None,
+    src: Path | None = None,
 ) -> Server:
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
@@ -159,7 +162,7 @@ def start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env=child_env(settings),
+            env=child_env(settings, src),
             start_new_session=True,
         )
     return Server(name, proc, port, log)
