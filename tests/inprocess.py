@@ -5,6 +5,7 @@ the processes of `harness.py` do, but start in milliseconds, share the test's ev
 test can read the gateway's state and the fake model's records directly) and count for coverage.
 Use these for behaviour of `pipeline/` and `http/`; use `harness.py` (real processes) for
 start-up, signals, reload files, hostile sockets, Redis, shutdown and the real client libraries.
+The relay interceptor of `apps/relay_interceptor.py` runs here too (`start_inprocess_relay`).
 
 Tests that use these are `async def` and talk through an async client (`aclient`, or
 `httpx.AsyncClient(base_url=gw.url)`); a blocking call (sync httpx, `socket.recv`) to an
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +95,15 @@ def clock_injectable() -> bool:
     return "now_ms" in inspect.signature(Gateway).parameters
 
 
+def listening_socket() -> socket.socket:
+    """A socket listening on a free port of 127.0.0.1, for a server started later
+    (`start_inprocess_relay(..., sock=)`): a config can name its port first, and no other
+    process can take the port in between."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
 async def _listen(runner: web.BaseRunner) -> int:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -154,6 +165,54 @@ async def start_inprocess_fake(*, record: bool = True) -> InProcessFake:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     port = await _listen(runner)
     return InProcessFake(port, app, runner)
+
+
+@dataclass
+class InProcessRelay:
+    """The relay interceptor service (`apps/relay_interceptor.py`) in the test's event loop.
+
+    The same methods as `harness.Relay`; what each interceptor got is read directly.
+    """
+
+    port: int
+    app: web.Application
+    runner: web.AppRunner
+
+    def endpoint(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}/chat/completions"
+
+    def got(self, name: str) -> list[dict[str, Any]]:
+        from apps.relay_interceptor import RECORDS
+
+        # Through JSON, as `GET /_test/requests/<name>` answers.
+        result: list[dict[str, Any]] = json.loads(json.dumps(self.app[RECORDS].get(name, [])))
+        return result
+
+    def clear(self) -> None:
+        from apps.relay_interceptor import RECORDS
+
+        self.app[RECORDS].clear()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_inprocess_relay(
+    dial_url: str, *, sock: socket.socket | None = None
+) -> InProcessRelay:
+    """The relay service calling Tollgate back at `dial_url`, on `sock` (see
+    `listening_socket`) or a free port."""
+    from apps.relay_interceptor import build_app
+
+    app = build_app(dial_url)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    if sock is None:
+        port = await _listen(runner)
+    else:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+    return InProcessRelay(port, app, runner)
 
 
 @dataclass
