@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from yarl import URL
@@ -196,7 +196,10 @@ def _listing(entries: Iterable[tuple[str, Deployable, dict[str, Any]]]) -> Listi
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
+class SnapshotParts:
+    """Everything of a snapshot but its balancers and route table: what is expensive to build
+    (keys, deployments, listings, limits), made without touching state that calls share."""
+
     config: Config
     digest: str
     keys: KeyTable
@@ -208,11 +211,33 @@ class Snapshot:
     addons: Listing
     limit_policy: LimitPolicy
     clock: Clock  # day/week/month periods of `rateLimitSchedule`
-    # One per deployment, by name; state carried over from the last snapshot (compatibility C32).
-    balancers: Mapping[str, DeploymentBalancer]
     retriable: frozenset[int]  # 429, 502, 503, 504 and `retriableErrorCodes` (compatibility C35)
     # Interceptors by name, reached only through a deployment's chain (compatibility C40).
-    interceptors: Mapping[str, Deployment] = field(default_factory=dict)
+    interceptors: Mapping[str, Deployment]
+    # What `Balancers.sync` is given: each deployment's and each route's upstreams.
+    upstream_sets: Mapping[str, UpstreamSet]
+
+    def finish(self, balancers: Balancers | None = None) -> Snapshot:
+        """The snapshot, with balancers taken from the registry `balancers`.
+
+        `Balancers.sync` mutates the registry (and reads the health of the balancers calls are
+        using), so this runs where the calls run, on the event loop, once per snapshot; it is
+        the last step, so a config that fails to build leaves the registry alone.
+        """
+        synced = (Balancers() if balancers is None else balancers).sync(self.upstream_sets)
+        return Snapshot(
+            **{part.name: getattr(self, part.name) for part in fields(SnapshotParts)},
+            balancers=synced,
+            routes=routes.build_table(self.config.routes, synced),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(SnapshotParts):
+    """The parts, with the balancers and the route table that calls share."""
+
+    # One per deployment, by name; state carried over from the last snapshot (compatibility C32).
+    balancers: Mapping[str, DeploymentBalancer]
     # `routes`, compiled in the order they are tried (compatibility C44); falsy when none.
     routes: RouteTable = EMPTY_ROUTES
 
@@ -241,54 +266,6 @@ def build_snapshot(
     the same in two steps: `prepare_snapshot` in a worker thread, `finish` on the event loop.
     """
     return prepare_snapshot(config, digest).finish(balancers)
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotParts:
-    """Everything of a snapshot but its balancers and route table: what is expensive to build
-    (keys, deployments, listings, limits), made without touching state that calls share."""
-
-    config: Config
-    digest: str
-    keys: KeyTable
-    deployments: Mapping[str, Deployment]
-    models: Listing
-    deployments_listing: Listing
-    applications: Listing
-    assistants: Listing
-    addons: Listing
-    limit_policy: LimitPolicy
-    clock: Clock
-    retriable: frozenset[int]
-    interceptors: Mapping[str, Deployment]
-    # What `Balancers.sync` is given: each deployment's and each route's upstreams.
-    upstream_sets: Mapping[str, UpstreamSet]
-
-    def finish(self, balancers: Balancers | None = None) -> Snapshot:
-        """The snapshot, with balancers taken from the registry `balancers`.
-
-        `Balancers.sync` mutates the registry (and reads the health of the balancers calls are
-        using), so this runs where the calls run, on the event loop, once per snapshot; it is
-        the last step, so a config that fails to build leaves the registry alone.
-        """
-        synced = (Balancers() if balancers is None else balancers).sync(self.upstream_sets)
-        return Snapshot(
-            config=self.config,
-            digest=self.digest,
-            keys=self.keys,
-            deployments=self.deployments,
-            models=self.models,
-            deployments_listing=self.deployments_listing,
-            applications=self.applications,
-            assistants=self.assistants,
-            addons=self.addons,
-            limit_policy=self.limit_policy,
-            clock=self.clock,
-            balancers=synced,
-            retriable=self.retriable,
-            interceptors=self.interceptors,
-            routes=routes.build_table(self.config.routes, synced),
-        )
 
 
 def prepare_snapshot(config: Config, digest: str = "") -> SnapshotParts:
