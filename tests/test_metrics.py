@@ -4,13 +4,16 @@ One gateway serves `/metrics` on a port of its own (`metrics.port`, no authentic
 keeps it on its own port, for administrators only. Upstreams fail on command through the fake
 model's `/_fake/faults`. No label or value may carry a key, a key's digest or an upstream key
 (DECISIONS 11).
+
+Tollgate and the fake model run in process (`inprocess.py`); the reloads on SIGHUP and the
+check of a gateway's output run `tollgate serve`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_config import chat, error_of
-from harness import (
-    FakeModel,
-    Gateway,
-    eventually,
-    free_port,
-    start_fake_model,
-    start_gateway,
-    stop,
-    write_json,
-)
+from harness import FakeModel, Gateway, eventually, free_port, start_gateway, stop, write_json
+from inprocess import Gateways, InProcessFake, InProcessGateway, start_inprocess_gateway
 
 USER_KEY = "metrics-user-key-0123456789"
 ADMIN_KEY = "metrics-admin-key-0123456789"
@@ -41,7 +36,7 @@ def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
-def config(fake: FakeModel) -> dict[str, Any]:
+def config(fake: FakeModel | InProcessFake) -> dict[str, Any]:
     return {
         "models": {
             "priced": {
@@ -75,34 +70,56 @@ def config(fake: FakeModel) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def fake(work_dir: Path) -> Iterator[FakeModel]:
-    """A fake model of this module's own: its faults must not leak into other tests."""
-    model = start_fake_model(work_dir)
-    yield model
-    stop(model.process)
-
-
-@pytest.fixture(scope="module")
-def separate(work_dir: Path, fake: FakeModel) -> Iterator[tuple[Gateway, int, Path]]:
-    """A gateway with `metrics.port`; its config file, for reloads."""
+async def separate(
+    work_dir: Path, inprocess_fake: InProcessFake
+) -> AsyncIterator[tuple[InProcessGateway, int, Path]]:
+    """A gateway with `metrics.port`, in process, on the session's in-process fake model (`afake`
+    clears its records and faults around each test); its config file."""
     port = free_port()
-    path = write_json(work_dir / "metrics-config.json", config(fake))
-    gw = start_gateway(work_dir, [path], settings={"metrics": {"port": port, "host": "127.0.0.1"}})
+    path = write_json(work_dir / "metrics-config.json", config(inprocess_fake))
+    gw = await start_inprocess_gateway(
+        work_dir, [path], settings={"metrics": {"port": port, "host": "127.0.0.1"}}
+    )
     yield gw, port, path
-    stop(gw.process)
+    await gw.stop()
 
 
-def call(gw: Gateway, deployment: str, key: str = USER_KEY, **headers: str) -> httpx.Response:
+async def call(
+    gw: InProcessGateway, deployment: str, key: str = USER_KEY, **headers: str
+) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.post(
+            f"{gw.url}/openai/deployments/{deployment}/chat/completions",
+            headers={"Api-Key": key, **JSON, **headers},
+            json=chat("one two three"),
+        )
+
+
+def call_process(gw: Gateway, deployment: str, key: str = USER_KEY) -> httpx.Response:
+    """`call`, made of a gateway process."""
     return httpx.post(
         f"{gw.url}/openai/deployments/{deployment}/chat/completions",
-        headers={"Api-Key": key, **JSON, **headers},
+        headers={"Api-Key": key, **JSON},
         json=chat("one two three"),
         timeout=30,
     )
 
 
-def scrape(url: str, **headers: str) -> str:
-    response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+async def get(url: str, **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.get(url, headers=headers)
+
+
+async def scrape(url: str, **headers: str) -> str:
+    return checked(await get(f"{url}/metrics", **headers))
+
+
+def scrape_process(url: str, **headers: str) -> str:
+    """`scrape`, of a gateway process."""
+    return checked(httpx.get(f"{url}/metrics", headers=headers, timeout=30))
+
+
+def checked(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return response.text
@@ -131,14 +148,14 @@ def assert_no_secret(text: str) -> None:
         assert hashlib.sha256(secret.encode()).hexdigest() not in text
 
 
-def test_calls_tokens_cost_and_latency(separate: tuple[Gateway, int, Path]) -> None:
+async def test_calls_tokens_cost_and_latency(separate: tuple[InProcessGateway, int, Path]) -> None:
     gw, port, _ = separate
     for _ in range(3):
-        assert call(gw, "priced").status_code == 200
-    assert call(gw, "unknown-deployment").status_code == 404
-    assert call(gw, "priced", key="not-a-key-0123456789").status_code == 401
+        assert (await call(gw, "priced")).status_code == 200
+    assert (await call(gw, "unknown-deployment")).status_code == 404
+    assert (await call(gw, "priced", key="not-a-key-0123456789")).status_code == 401
 
-    text = scrape(f"http://127.0.0.1:{port}")
+    text = await scrape(f"http://127.0.0.1:{port}")
     ok = {"deployment": "priced", "project": "team-metrics", "status": "200"}
     assert value(text, "tollgate_requests_total", **ok) == 3
     # Unknown deployments and unknown callers are labelled "": clients cannot add labels.
@@ -159,27 +176,26 @@ def test_calls_tokens_cost_and_latency(separate: tuple[Gateway, int, Path]) -> N
     assert_no_secret(text)
 
 
-def test_attempts_and_parked_upstreams(
-    separate: tuple[Gateway, int, Path], fake: FakeModel
+async def test_attempts_and_parked_upstreams(
+    separate: tuple[InProcessGateway, int, Path], afake: InProcessFake
 ) -> None:
     gw, port, _ = separate
     first, second = (f"sha256:{fingerprint(k)}" for k in UPSTREAM_KEYS)
-    httpx.post(f"{fake.url}/_fake/faults", json={"upstream": "http://first-upstream",
-                                                 "status": 502, "times": 1})  # fmt: skip
+    afake.add_fault({"upstream": "http://first-upstream", "status": 502, "times": 1})
     try:
-        response = call(gw, "pair")
+        response = await call(gw, "pair")
         assert response.status_code == 200
         assert response.headers["X-UPSTREAM-ATTEMPTS"] == "2"
-        text = scrape(f"http://127.0.0.1:{port}")
+        text = await scrape(f"http://127.0.0.1:{port}")
         attempts = "tollgate_upstream_attempts_total"
         assert value(text, attempts, deployment="pair", upstream=first, outcome="502") == 1
         assert value(text, attempts, deployment="pair", upstream=second, outcome="200") == 1
         assert value(text, "tollgate_upstream_parked", deployment="pair", upstream=second) == 0
 
         # Both answer 429 with a long Retry-After: both parked, the call gets 503.
-        httpx.post(f"{fake.url}/_fake/faults", json={"status": 429, "retryAfter": 120})
-        assert call(gw, "keyless").status_code == 503
-        text = scrape(f"http://127.0.0.1:{port}")
+        afake.add_fault({"status": 429, "retryAfter": 120})
+        assert (await call(gw, "keyless")).status_code == 503
+        text = await scrape(f"http://127.0.0.1:{port}")
         # Upstreams without a key are named by their position.
         for label in ("#0", "#1"):
             assert value(text, attempts, deployment="keyless", upstream=label, outcome="429") == 1
@@ -189,60 +205,74 @@ def test_attempts_and_parked_upstreams(
                      project="team-metrics", status="503") == 1  # fmt: skip
         assert_no_secret(text)
     finally:
-        httpx.delete(f"{fake.url}/_fake/faults")
+        afake.clear_faults()
 
 
-def test_limit_rejections(separate: tuple[Gateway, int, Path]) -> None:
+async def test_limit_rejections(separate: tuple[InProcessGateway, int, Path]) -> None:
     gw, port, _ = separate
-    assert call(gw, "scarce").status_code == 200
-    refused = call(gw, "scarce")
+    assert (await call(gw, "scarce")).status_code == 200
+    refused = await call(gw, "scarce")
     assert refused.status_code == 429
-    text = scrape(f"http://127.0.0.1:{port}")
+    text = await scrape(f"http://127.0.0.1:{port}")
     assert value(text, "tollgate_limit_rejections_total", project="team-metrics",
                  deployment="scarce", kind="request", window="day") == 1  # fmt: skip
     assert value(text, "tollgate_requests_total", deployment="scarce", project="team-metrics",
                  status="429") == 1  # fmt: skip
 
 
-def test_config_reloads_and_failures(separate: tuple[Gateway, int, Path], fake: FakeModel) -> None:
-    gw, port, path = separate
-    url = f"http://127.0.0.1:{port}"
-    before = scrape(url)
-    reloads = value(before, "tollgate_config_reloads_total")
-    failures = value(before, "tollgate_config_reload_failures_total")
+def test_config_reloads_and_failures(work_dir: Path, fake_model: FakeModel) -> None:
+    """A `tollgate serve` process of its own: reloaded by SIGHUP."""
+    fake = fake_model
+    port = free_port()
+    path = write_json(work_dir / "metrics-reload-config.json", config(fake))
+    gw = start_gateway(work_dir, [path], settings={"metrics": {"port": port, "host": "127.0.0.1"}})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        before = scrape_process(url)
+        reloads = value(before, "tollgate_config_reloads_total")
+        failures = value(before, "tollgate_config_reload_failures_total")
 
-    changed = config(fake)
-    changed["models"]["added"] = {"endpoint": fake.endpoint("added")}
-    write_json(path, changed)
-    gw.process.send_signal(signal.SIGHUP)
-    eventually(lambda: value(scrape(url), "tollgate_config_reloads_total") == reloads + 1)
+        changed = config(fake)
+        changed["models"]["added"] = {"endpoint": fake.endpoint("added")}
+        write_json(path, changed)
+        gw.process.send_signal(signal.SIGHUP)
+        eventually(
+            lambda: value(scrape_process(url), "tollgate_config_reloads_total") == reloads + 1
+        )
 
-    path.write_text('{"models": ')
-    gw.process.send_signal(signal.SIGHUP)
-    eventually(lambda: value(scrape(url), "tollgate_config_reload_failures_total") == failures + 1)
-    assert value(scrape(url), "tollgate_config_reloads_total") == reloads + 1
-    write_json(path, changed)  # leave a valid file for the tests after this one
+        path.write_text('{"models": ')
+        gw.process.send_signal(signal.SIGHUP)
+        eventually(
+            lambda: (
+                value(scrape_process(url), "tollgate_config_reload_failures_total") == failures + 1
+            )
+        )
+        assert value(scrape_process(url), "tollgate_config_reloads_total") == reloads + 1
+    finally:
+        stop(gw.process)
 
 
-def test_separate_port_leaves_none_on_the_gateway_port(
-    separate: tuple[Gateway, int, Path],
+async def test_separate_port_leaves_none_on_the_gateway_port(
+    separate: tuple[InProcessGateway, int, Path],
 ) -> None:
     gw, _, _ = separate
-    response = httpx.get(f"{gw.url}/metrics", headers={"Api-Key": ADMIN_KEY})
+    response = await get(f"{gw.url}/metrics", **{"Api-Key": ADMIN_KEY})
     assert error_of(response) == (404, "No route")
 
 
-def test_metrics_on_the_gateway_port_are_for_admins(work_dir: Path, fake: FakeModel) -> None:
+def test_metrics_on_the_gateway_port_are_for_admins(work_dir: Path, fake_model: FakeModel) -> None:
+    """A `tollgate serve` process: its output is checked too."""
+    fake = fake_model
     gw = start_gateway(work_dir, [config(fake)])
     try:
-        assert call(gw, "priced").status_code == 200
+        assert call_process(gw, "priced").status_code == 200
         assert error_of(httpx.get(f"{gw.url}/metrics"))[0] == 401
         assert error_of(httpx.get(f"{gw.url}/metrics", headers={"Api-Key": USER_KEY})) == (
             403,
             "User must be admin",
         )
         # Prometheus sends its credential as a bearer token.
-        text = scrape(gw.url, Authorization=f"Bearer {ADMIN_KEY}")
+        text = scrape_process(gw.url, Authorization=f"Bearer {ADMIN_KEY}")
         assert value(text, "tollgate_requests_total", deployment="priced",
                      project="team-metrics", status="200") == 1  # fmt: skip
         assert_no_secret(text)
@@ -251,14 +281,11 @@ def test_metrics_on_the_gateway_port_are_for_admins(work_dir: Path, fake: FakeMo
         stop(gw.process)
 
 
-def test_metrics_can_be_turned_off(work_dir: Path, fake: FakeModel) -> None:
-    gw = start_gateway(work_dir, [config(fake)], env={"aidial.metrics.enabled": "false"})
-    try:
-        assert call(gw, "priced").status_code == 200
-        response = httpx.get(f"{gw.url}/metrics", headers={"Api-Key": ADMIN_KEY})
-        assert error_of(response) == (404, "No route")
-    finally:
-        stop(gw.process)
+async def test_metrics_can_be_turned_off(gateways: Gateways, afake: InProcessFake) -> None:
+    gw = await gateways.start([config(afake)], env={"aidial.metrics.enabled": "false"})
+    assert (await call(gw, "priced")).status_code == 200
+    response = await get(f"{gw.url}/metrics", **{"Api-Key": ADMIN_KEY})
+    assert error_of(response) == (404, "No route")
 
 
 def test_settings_of_metrics_and_logs() -> None:
@@ -294,15 +321,20 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert histogram.sum == pytest.approx(400.206)
 
 
-def test_feature_endpoints_and_routes_are_counted(separate: tuple[Gateway, int, Path]) -> None:
+async def test_feature_endpoints_and_routes_are_counted(
+    separate: tuple[InProcessGateway, int, Path],
+) -> None:
     gw, port, _ = separate
     headers = {"Api-Key": USER_KEY, **JSON}
-    for _ in range(2):
-        assert httpx.post(f"{gw.url}/v1/priced/rate", headers=headers, json={}).status_code == 200
-    unknown = httpx.post(f"{gw.url}/v1/deployments/made-up-id/tokenize", headers=headers, json={})
-    assert unknown.status_code == 404
-    assert httpx.get(f"{gw.url}/v1/static", headers=headers).text == "fine"
-    text = scrape(f"http://127.0.0.1:{port}")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        for _ in range(2):
+            assert (
+                await client.post("/v1/priced/rate", headers=headers, json={})
+            ).status_code == 200
+        unknown = await client.post("/v1/deployments/made-up-id/tokenize", headers=headers, json={})
+        assert unknown.status_code == 404
+        assert (await client.get("/v1/static", headers=headers)).text == "fine"
+    text = await scrape(f"http://127.0.0.1:{port}")
     name = "tollgate_endpoint_requests_total"
     common = {"project": "team-metrics"}
     assert value(text, name, endpoint="rate", target="priced", status="200", **common) == 2
