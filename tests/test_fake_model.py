@@ -358,7 +358,8 @@ def test_recording_keeps_last_200(client: httpx.Client) -> None:
 
 
 def test_openai_client_compat(base_url: str) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     oa = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
     completion = oa.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "one two"}]
@@ -767,7 +768,8 @@ def test_anthropic_count_tokens(client: httpx.Client) -> None:
 
 
 def test_openai_sdk_responses(base_url: str) -> None:
-    openai = pytest.importorskip("openai")
+    import openai
+
     oa = openai.OpenAI(base_url=base_url + "/openai/v1", api_key="sk-test", max_retries=0)
     response = oa.responses.create(model="gpt-r", input="one two three")
     assert response.output_text == "Hello from the fake model."
@@ -788,7 +790,8 @@ def test_openai_sdk_responses(base_url: str) -> None:
 
 
 def test_anthropic_sdk_messages(base_url: str, client: httpx.Client) -> None:
-    anthropic = pytest.importorskip("anthropic")
+    import anthropic
+
     client.delete("/_fake/requests")
     an = anthropic.Anthropic(base_url=base_url + "/anthropic", api_key="ak-test", max_retries=0)
     message = an.messages.create(
