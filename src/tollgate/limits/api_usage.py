@@ -1,0 +1,429 @@
+"""Token usage of the OpenAI Responses API and the Anthropic Messages API, and the text a stream
+produced so far.
+
+Pure functions and small classes over bytes, shaped like `limits.usage`: a whole body gives an
+`ApiUsage`; a stream tracker takes the relayed chunks (`feed`) and gives the final `Usage`
+(`finish`), so it fits wherever a `usage.StreamUsage` does. Both map their vendor's counts to
+the OpenAI-style `Usage` as DIAL does:
+
+- Responses: `input_tokens` is the prompt (its `input_tokens_details.cached_tokens` a part of
+  it), `output_tokens` the completion, `total_tokens` as reported.
+- Anthropic: its `input_tokens` excludes the cache counters, so the prompt is
+  `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`, the cached part is
+  the cache reads, the total is prompt + completion.
+
+`Usage` has no field for tokens written to a prompt cache, so `ApiUsage` carries that count
+beside it (Anthropic's `cache_creation_input_tokens`, the Responses `cache_write_tokens`); it
+is included in the prompt count, as the cached reads are.
+
+An Anthropic `count_tokens` answer (`{"input_tokens": N}`) is no usage: that endpoint is neither
+limited nor charged, so `anthropic_body_usage` finds none in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import orjson
+
+from tollgate.limits.usage import (
+    MAX_CARRY,
+    USAGE,
+    USAGE_HEAD,
+    WHOLE_PARSE_LIMIT,
+    Usage,
+    _object_at,
+    clamp,
+)
+
+
+class ApiUsage(NamedTuple):
+    """A call's `Usage`, plus the prompt tokens written to a cache (a part of `prompt_tokens`)."""
+
+    usage: Usage
+    cache_write_tokens: int = 0
+
+
+def _tokens(value: Any) -> int:
+    """A token count, clamped as `limits.usage` clamps; anything but a whole number, and a
+    negative one (no upstream can credit a caller), counts as zero."""
+    if type(value) is int:
+        return clamp(value) if value > 0 else 0
+    if type(value) is float and value.is_integer():
+        return clamp(int(value)) if value > 0 else 0
+    return 0
+
+
+def _detail(usage: dict[str, Any], details: str, name: str) -> int:
+    found = usage.get(details)
+    return _tokens(found.get(name)) if type(found) is dict else 0
+
+
+# --- OpenAI Responses ------------------------------------------------------------------------
+
+
+def responses_usage(usage: dict[str, Any]) -> ApiUsage:
+    """A Responses `usage` object as an `ApiUsage` (missing counts are 0)."""
+    prompt = _tokens(usage.get("input_tokens"))
+    completion = _tokens(usage.get("output_tokens"))
+    total = usage.get("total_tokens")
+    return ApiUsage(
+        Usage(
+            prompt,
+            completion,
+            clamp(prompt + completion) if total is None else _tokens(total),
+            _detail(usage, "input_tokens_details", "cached_tokens"),
+            _detail(usage, "output_tokens_details", "reasoning_tokens"),
+        ),
+        _detail(usage, "input_tokens_details", "cache_write_tokens"),
+    )
+
+
+def responses_body_usage(body: bytes) -> ApiUsage | None:
+    """Usage of a whole (non-streamed) Responses body: its top-level `usage`, else the last
+    `usage` object in it (a large or broken body is scanned from the end)."""
+    found = _body_usage_object(body)
+    return None if found is None else responses_usage(found)
+
+
+def _terminal_usage_object(event: object) -> dict[str, Any] | None:
+    """`response.usage` of a Responses event (`response.completed`, `.incomplete`, `.failed`),
+    or a top-level `usage`."""
+    if type(event) is not dict:
+        return None
+    response = event.get("response")
+    usage = response.get("usage") if type(response) is dict else event.get("usage")
+    return usage if type(usage) is dict else None
+
+
+class ResponsesStreamUsage:
+    """Follows a Responses SSE stream and keeps the usage of its last event that has one.
+
+    The terminal event (`response.completed`, `response.incomplete` or `response.failed`)
+    carries the whole response, its `usage` included; `response.created` and
+    `response.in_progress` carry `"usage": null`, which is skipped. Per chunk only a
+    `"usage": {` is looked for (in C), on complete lines; the line holding the last one is
+    parsed once, by `finish`.
+    """
+
+    __slots__ = ("_block", "_carry", "api_usage")
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._block = b""
+        self.api_usage: ApiUsage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._carry + chunk if self._carry else chunk
+        cut = _line_cut(data)
+        self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
+        if cut and USAGE in data:
+            block = data[:cut] if cut < len(data) else data
+            if USAGE_HEAD.search(block) is not None:
+                self._block = block
+
+    def finish(self) -> Usage | None:
+        """The last usage seen (also kept, with the cache-write count, in `api_usage`)."""
+        if self._carry and USAGE_HEAD.search(self._carry) is not None:
+            self._block = self._carry
+        self._carry = b""
+        found = _last_event_usage(self._block, _terminal_usage_object) if self._block else None
+        self.api_usage = None if found is None else responses_usage(found)
+        return None if self.api_usage is None else self.api_usage.usage
+
+
+# --- Anthropic Messages ----------------------------------------------------------------------
+
+ANTHROPIC_COUNTERS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+THINKING = "thinking_tokens"
+
+
+def anthropic_usage(usage: dict[str, Any]) -> ApiUsage:
+    """An Anthropic `usage` object (or merged counters) as an `ApiUsage`.
+
+    Anthropic's `input_tokens` excludes the cache counters; the prompt is all three.
+    """
+    read = _tokens(usage.get("cache_read_input_tokens"))
+    write = _tokens(usage.get("cache_creation_input_tokens"))
+    prompt = clamp(_tokens(usage.get("input_tokens")) + read + write)
+    completion = _tokens(usage.get("output_tokens"))
+    thinking = _detail(usage, "output_tokens_details", THINKING)
+    return ApiUsage(Usage(prompt, completion, clamp(prompt + completion), read, thinking), write)
+
+
+def anthropic_body_usage(body: bytes) -> ApiUsage | None:
+    """Usage of a whole (non-streamed) Messages body: its top-level `usage`."""
+    found = _body_usage_object(body)
+    return None if found is None else anthropic_usage(found)
+
+
+def _event_usage_object(event: object) -> dict[str, Any] | None:
+    """`usage` of `message_delta` (top level) or `message_start` (`message.usage`)."""
+    if type(event) is not dict:
+        return None
+    usage = event.get("usage")
+    if usage is None:
+        message = event.get("message")
+        usage = message.get("usage") if type(message) is dict else None
+    return usage if type(usage) is dict else None
+
+
+class AnthropicStreamUsage:
+    """Follows a Messages SSE stream and merges the usage of its events.
+
+    `message_start` carries the input and cache counts (and the output so far); each
+    `message_delta` carries the cumulative `output_tokens` and may repeat the others. A count
+    an event leaves out keeps its last value; a count it has replaces the last, never adds.
+    Only the few events with a `"usage": {` are parsed, as they pass.
+    """
+
+    __slots__ = ("_carry", "_counters", "api_usage")
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._counters: dict[str, Any] | None = None
+        self.api_usage: ApiUsage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._carry + chunk if self._carry else chunk
+        cut = _line_cut(data)
+        self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
+        if cut and USAGE in data:
+            self._read(data[:cut] if cut < len(data) else data)
+
+    def _read(self, block: bytes) -> None:
+        for line in block.splitlines():
+            if USAGE not in line or USAGE_HEAD.search(line) is None:
+                continue
+            usage = _event_usage_object(_data_payload(line))
+            if usage is not None:
+                self._merge(usage)
+
+    def _merge(self, usage: dict[str, Any]) -> None:
+        counters = self._counters
+        if counters is None:
+            counters = self._counters = {}
+        for name in ANTHROPIC_COUNTERS:
+            value = usage.get(name)
+            if value is not None:
+                counters[name] = _tokens(value)
+        details = usage.get("output_tokens_details")
+        if type(details) is dict and details.get(THINKING) is not None:
+            counters["output_tokens_details"] = {THINKING: _tokens(details[THINKING])}
+
+    def finish(self) -> Usage | None:
+        """The merged usage (also kept, with the cache-creation count, in `api_usage`)."""
+        if self._carry:
+            self._read(self._carry)
+            self._carry = b""
+        counters = self._counters
+        self.api_usage = None if counters is None else anthropic_usage(counters)
+        return None if self.api_usage is None else self.api_usage.usage
+
+
+# --- Shared helpers --------------------------------------------------------------------------
+
+
+def _line_cut(data: bytes) -> int:
+    """Where the complete lines of `data` end (after its last CR or LF)."""
+    if data.endswith(b"\n"):
+        return len(data)
+    return max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+
+
+def _data_payload(line: bytes) -> object:
+    """The parsed JSON of an SSE `data:` line, or None."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    try:
+        return orjson.loads(line[5:])
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _last_usage_object(data: bytes) -> dict[str, Any] | None:
+    """The last `"usage": {...}` object in `data`, unparsed fields and all."""
+    position = len(data)
+    while True:
+        position = data.rfind(USAGE, 0, position)
+        if position < 0:
+            return None
+        head = USAGE_HEAD.match(data, position)
+        if head is not None:
+            found = _object_at(data, head.end() - 1)
+            if found is not None:
+                return found
+
+
+def _body_usage_object(body: bytes) -> dict[str, Any] | None:
+    if len(body) <= WHOLE_PARSE_LIMIT:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            document = None
+        if type(document) is dict:
+            usage = document.get("usage")
+            if type(usage) is dict:
+                return usage
+    return _last_usage_object(body)
+
+
+def _last_event_usage(
+    block: bytes, pick: Callable[[object], dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """The usage of the last event in `block` that has a `"usage": {`: its `data:` line is
+    parsed whole and `pick` reads the usage from it; a line that does not parse is scanned."""
+    position = len(block)
+    while True:
+        position = block.rfind(USAGE, 0, position)
+        if position < 0:
+            return None
+        if USAGE_HEAD.match(block, position) is None:
+            continue
+        start = max(block.rfind(b"\n", 0, position), block.rfind(b"\r", 0, position)) + 1
+        end = _line_end(block, position)
+        line = block[start:end]
+        found = pick(_data_payload(line))
+        return found if found is not None else _last_usage_object(line)
+
+
+def _line_end(data: bytes, position: int) -> int:
+    """The index of the first CR or LF at or after `position`, or `len(data)`."""
+    lf = data.find(b"\n", position)
+    cr = data.find(b"\r", position, len(data) if lf < 0 else lf)
+    if cr >= 0:
+        return cr
+    return len(data) if lf < 0 else lf
+
+
+# --- Text produced so far --------------------------------------------------------------------
+
+# Responses events whose `delta` string is produced text (audio deltas are not).
+RESPONSES_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.mcp_call_arguments.delta",
+        "response.code_interpreter_call_code.delta",
+    }
+)
+# Anthropic delta types and the member holding their text (`signature_delta` is no output).
+ANTHROPIC_TEXT_DELTAS = {
+    "text_delta": "text",
+    "thinking_delta": "thinking",
+    "input_json_delta": "partial_json",
+}
+
+
+def chat_text(event: object) -> str:
+    """Text of a chat or legacy completions stream event: for each choice, `delta.content`,
+    `delta.refusal`, `delta.reasoning_content`, tool calls' `function.arguments`, or `text`."""
+    if type(event) is not dict:
+        return ""
+    choices = event.get("choices")
+    if type(choices) is not list:
+        return ""
+    parts: list[str] = []
+    for choice in choices:
+        if type(choice) is not dict:
+            continue
+        text = choice.get("text")
+        if type(text) is str:
+            parts.append(text)
+        delta = choice.get("delta")
+        if type(delta) is not dict:
+            continue
+        for name in ("content", "refusal", "reasoning_content"):
+            text = delta.get(name)
+            if type(text) is str:
+                parts.append(text)
+        calls = delta.get("tool_calls")
+        if type(calls) is list:
+            for call in calls:
+                function = call.get("function") if type(call) is dict else None
+                arguments = function.get("arguments") if type(function) is dict else None
+                if type(arguments) is str:
+                    parts.append(arguments)
+    return "".join(parts)
+
+
+def responses_text(event: object) -> str:
+    """Text of a Responses stream event: the `delta` of the text-producing `*.delta` events."""
+    if type(event) is not dict or event.get("type") not in RESPONSES_TEXT_DELTAS:
+        return ""
+    delta = event.get("delta")
+    return delta if type(delta) is str else ""
+
+
+def anthropic_text(event: object) -> str:
+    """Text of an Anthropic stream event: a `content_block_delta`'s text, thinking or partial
+    JSON of a tool's input."""
+    if type(event) is not dict or event.get("type") != "content_block_delta":
+        return ""
+    delta = event.get("delta")
+    if type(delta) is not dict:
+        return ""
+    kind = delta.get("type")
+    member = ANTHROPIC_TEXT_DELTAS.get(kind) if type(kind) is str else None
+    text = delta.get(member) if member is not None else None
+    return text if type(text) is str else ""
+
+
+class ProducedText:
+    """The text a relayed stream produced, chunk by chunk (for a running token count).
+
+    `feed` returns the text of the events completed in the chunk; a partial last line waits
+    for the next chunk. A line is parsed only when it holds the API's marker (`"choices"`,
+    `.delta"`, `content_block_delta`), so `ping`, `event:` and bookkeeping lines cost one
+    substring search.
+    """
+
+    __slots__ = ("_carry", "_extract", "_marker")
+
+    def __init__(self, marker: bytes, extract: Callable[[object], str]) -> None:
+        self._marker = marker
+        self._extract = extract
+        self._carry = b""
+
+    @classmethod
+    def chat(cls) -> ProducedText:
+        """For chat/completions and legacy completions streams."""
+        return cls(b'"choices"', chat_text)
+
+    @classmethod
+    def responses(cls) -> ProducedText:
+        return cls(b'.delta"', responses_text)
+
+    @classmethod
+    def anthropic(cls) -> ProducedText:
+        return cls(b"content_block_delta", anthropic_text)
+
+    def feed(self, chunk: bytes) -> str:
+        data = self._carry + chunk if self._carry else chunk
+        cut = _line_cut(data)
+        self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
+        if not cut or self._marker not in data:
+            return ""
+        return self._read(data[:cut] if cut < len(data) else data)
+
+    def end(self) -> str:
+        """The text of a last line that had no line end."""
+        carry, self._carry = self._carry, b""
+        return self._read(carry) if carry and self._marker in carry else ""
+
+    def _read(self, block: bytes) -> str:
+        marker = self._marker
+        extract = self._extract
+        parts = [extract(_data_payload(line)) for line in block.splitlines() if marker in line]
+        return "".join(parts)
