@@ -469,3 +469,14 @@ def test_event_text_functions_ignore_odd_shapes() -> None:
         == ""
     )
     assert anthropic_text({"type": "content_block_delta", "delta": {"type": 3}}) == ""
+
+
+def test_cr_framed_streams() -> None:
+    """SSE also allows a lone CR as the line end."""
+    responses = responses_stream().replace(b"\n", b"\r")
+    anthropic = anthropic_stream().replace(b"\n", b"\r")
+    for cut in range(0, len(responses) + 1, 5):
+        assert feed_split(ResponsesStreamUsage, responses, cut)[0] == RESPONSES_EXPECTED, cut
+    for cut in range(len(anthropic) + 1):
+        assert feed_split(AnthropicStreamUsage, anthropic, cut)[0] == ANTHROPIC_EXPECTED, cut
+    assert produced(ProducedText.anthropic, anthropic, 100) == 'Hello"usage": {}'
