@@ -190,6 +190,7 @@ class Gateway:
         await self.store.stop()
         if self._session is not None:
             await self._session.close()
+        self.engine.stalls.stop()
         await self.settler.drain()  # calls that finished before the stop are charged
         await self.ledger.close()
         if self.access_log is not None:

@@ -30,7 +30,14 @@ import aiohttp
 from yarl import URL
 
 from tollgate.errors import GatewayError
-from tollgate.pipeline.relay import Relayed, relay_stream, relay_whole, response_headers, streams
+from tollgate.pipeline.relay import (
+    Relayed,
+    StallWatch,
+    relay_stream,
+    relay_whole,
+    response_headers,
+    streams,
+)
 from tollgate.routing.balancer import AttemptPlan, UpstreamState
 
 if TYPE_CHECKING:
@@ -214,10 +221,11 @@ class Timeouts:
 class HopEngine:
     """Sends hops on the gateway's one HTTP client."""
 
-    __slots__ = ("_session", "timeouts")
+    __slots__ = ("_session", "stalls", "timeouts")
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
+        self.stalls = StallWatch(timeouts.write_stall_s)  # every stream this engine relays
         self._session: aiohttp.ClientSession | None = None
 
     def start(self, session: aiohttp.ClientSession) -> None:
@@ -288,7 +296,7 @@ class HopEngine:
                                 answer,
                                 headers_out,
                                 with_usage=policy.usage,
-                                stall_s=self.timeouts.write_stall_s,
+                                stalls=self.stalls,
                                 keep=hop.keep,
                                 on_client_gone=hop.on_client_gone,
                             )

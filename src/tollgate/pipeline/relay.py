@@ -140,7 +140,7 @@ async def relay_stream(
     headers: CIMultiDict[str],
     *,
     with_usage: bool,
-    stall_s: float,
+    stalls: StallWatch,
     keep: bool = False,
     on_client_gone: Callable[[], None] | None = None,
 ) -> Relayed:
@@ -148,8 +148,8 @@ async def relay_stream(
 
     With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters.
     `on_client_gone` runs as soon as the client is found gone, before the upstream is drained.
-    `stall_s`: a client that takes none of the answer for that long while some waits for it is
-    disconnected (see `_StallWatch`), and counted as gone.
+    `stalls`: a client that takes none of the answer for its interval while some waits for it is
+    disconnected (see `StallWatch`), and counted as gone.
     """
     # Sent before the handler returns, so the edge cannot add it later (compatibility C21).
     headers["Access-Control-Allow-Origin"] = "*"
@@ -160,7 +160,7 @@ async def relay_stream(
         tracker = StreamUsage() if event_stream else TailUsage()
     kept = bytearray() if keep else None
     content = upstream.content
-    watch = _StallWatch(request.transport, stall_s)
+    watch = stalls.watch(request.transport)
     try:
         await response.prepare(request)
         async for chunk in content.iter_any():
@@ -168,7 +168,8 @@ async def relay_stream(
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
             await response.write(chunk)
-            watch.written += 1
+            if watch is not None:
+                watch.written += 1
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
@@ -183,51 +184,78 @@ async def relay_stream(
         if request.transport is not None:
             request.transport.abort()
     finally:
-        watch.stop()
+        stalls.forget(watch)
     usage = tracker.finish()
     body = bytes(kept) if kept else b""
     return Relayed(response, usage, body, True)
 
 
-class _StallWatch:
-    """Disconnects a client that stopped reading a stream.
+class Watched:
+    """One stream under a `StallWatch`: its connection and how many chunks were written."""
+
+    __slots__ = ("seen", "transport", "written")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.written = 0
+        self.seen = -1  # not looked at yet: the first look only notes where the stream is
+
+
+class StallWatch:
+    """Disconnects clients that stopped reading a stream.
 
     Without it, a client that reads nothing holds its call, its upstream connection and the
     chunks waiting in memory for as long as it stays connected (aiohttp's writes have no
-    timeout). Every `stall_s` the watch looks: no chunk was written since the last look while
-    bytes wait in the connection's buffer → the connection is aborted; the blocked write then
-    fails as a disconnect does (the upstream is drained for usage, the call charged). One timer
-    per stream, not one per chunk.
+    timeout). Every `stall_s` one timer looks at every stream being relayed: one that had no
+    chunk written since the last look while bytes wait in its connection's buffer is aborted;
+    its blocked write then fails as a disconnect does (the upstream is drained for usage, the
+    call charged). So a stalled client is cut after between one and two intervals. One timer
+    for all streams rather than one per stream: a stream costs a set insertion, not a timer.
     """
 
-    __slots__ = ("_seen", "_stall_s", "_timer", "_transport", "written")
+    __slots__ = ("_streams", "_timer", "stall_s")
 
-    def __init__(self, transport: asyncio.Transport | None, stall_s: float) -> None:
-        self._transport = transport
-        self._stall_s = stall_s
-        self.written = 0
-        self._seen = 0
-        self._timer = (
-            None
-            if transport is None
-            else asyncio.get_running_loop().call_later(stall_s, self._look)
-        )
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._streams: set[Watched] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, transport: asyncio.Transport | None) -> Watched | None:
+        if transport is None:  # the client is already gone
+            return None
+        watched = Watched(transport)
+        self._streams.add(watched)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.stall_s, self._look)
+        return watched
+
+    def forget(self, watched: Watched | None) -> None:
+        if watched is not None:
+            self._streams.discard(watched)
 
     def _look(self) -> None:
-        transport = self._transport
-        assert transport is not None
-        if self.written == self._seen and transport.get_write_buffer_size() > 0:
+        stalled = [
+            watched
+            for watched in self._streams
+            if watched.written == watched.seen and watched.transport.get_write_buffer_size() > 0
+        ]
+        for watched in self._streams:
+            watched.seen = watched.written
+        for watched in stalled:
             log.warning(
                 "client took none of a stream for %.0f s: disconnected (server.writeStallTimeout)",
-                self._stall_s,
+                self.stall_s,
             )
-            self._timer = None
-            transport.abort()
-            return
-        self._seen = self.written
-        self._timer = asyncio.get_running_loop().call_later(self._stall_s, self._look)
+            self._streams.discard(watched)
+            watched.transport.abort()
+        self._timer = (
+            asyncio.get_running_loop().call_later(self.stall_s, self._look)
+            if self._streams
+            else None
+        )
 
     def stop(self) -> None:
+        """At shutdown: no look after the loop closes."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
