@@ -84,6 +84,9 @@ class Deployment:
     # `globalInterceptors` then the deployment's `interceptors`: the chain a call runs through
     # first (compatibility C40). Empty for nearly every deployment: the request path tests it once.
     interceptors: tuple[str, ...] = ()
+    # A model whose streamed calls ask the upstream for usage (`includeStreamUsage`,
+    # compatibility C70).
+    asks_stream_usage: bool = False
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
@@ -126,6 +129,12 @@ def _deployment(
         spec=spec,
         prices=Prices.of(model.pricing) if model else None,
         interceptors=(*global_interceptors, *spec.interceptors),
+        asks_stream_usage=(
+            model is not None
+            and kind is Kind.MODEL
+            and model.include_stream_usage
+            and model.type != "embedding"
+        ),
     )
 
 

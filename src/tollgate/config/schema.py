@@ -164,6 +164,10 @@ class Model(Deployable):
     limits: TokenLimits | None = None
     pricing: Pricing | None = None
     lifecycle_status: str | None = None
+    # Tollgate extension: a streamed chat or completion call asks the upstream for usage
+    # (`stream_options.include_usage`) and hides it from a client that did not ask
+    # (compatibility C70). `false` for an upstream that refuses the option.
+    include_stream_usage: bool = True
 
     @field_validator("type", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from tollgate.pipeline.forward import (
 )
 from tollgate.pipeline.hop import DEPLOYMENT, HopEngine, Outbound
 from tollgate.pipeline.hop_keys import HopKeys
+from tollgate.pipeline.include_usage import ask_for_usage
 from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
 from tollgate.pipeline.resolve import resolve
 from tollgate.pipeline.settle import Settler
@@ -109,7 +110,17 @@ class DeploymentCalls:
             ticket = call.ticket = (
                 admission.admit_now(call) if admission.synchronous else await admission.admit(call)
             )
-            body = enhance(body, parsed, deployment)
+            enhanced = enhance(body, parsed, deployment)
+            hide_usage = False
+            if deployment.asks_stream_usage and call.api != "embeddings":
+                # A stream must not go uncharged because the client did not ask the upstream
+                # for usage (compatibility C70).
+                asked = ask_for_usage(
+                    enhanced, parsed if enhanced is body else parse_body(enhanced)
+                )
+                if asked is not None:
+                    enhanced, hide_usage = asked, True
+            body = enhanced
             headers = client_headers(request, forward_authorization=deployment.forward_auth_token)
             if deployment.kind is Kind.ASSISTANT:  # prompt, addons, model (compatibility C42)
                 assistant = assistant_request(parsed, call.snapshot, call.principal, deployment)
@@ -133,6 +144,7 @@ class DeploymentCalls:
                     ),
                     _with_upstream_headers,
                     deployment.name,
+                    hide_usage=hide_usage,
                     keep=ticket is not None
                     and ticket.prices is not None
                     and ticket.prices.unit == "char_without_whitespace",

@@ -179,6 +179,9 @@ class Outbound:
     per_upstream: Callable[[UpstreamState, list[tuple[str, str]]], URL | str | None] | None = None
     target: str = ""  # what the hop goes to, for logs
     keep: bool = False  # keep a streamed body (pricing by characters)
+    # Tollgate asked the upstream for stream usage the client did not ask for: hide it
+    # (compatibility C70).
+    hide_usage: bool = False
     on_client_gone: Callable[[], None] | None = None
     note: CallNote | None = None
 
@@ -298,6 +301,7 @@ class HopEngine:
                                 with_usage=policy.usage,
                                 stalls=self.stalls,
                                 keep=hop.keep,
+                                hide_usage=hop.hide_usage,
                                 on_client_gone=hop.on_client_gone,
                             )
                         return await relay_whole(answer, headers_out, policy.usage)

@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tollgate.limits.usage import StreamUsage, Usage, body_usage, last_usage
+from tollgate.pipeline.include_usage import HideUsage
 
 log = logging.getLogger("tollgate.relay")
 
@@ -142,11 +143,15 @@ async def relay_stream(
     with_usage: bool,
     stalls: StallWatch,
     keep: bool = False,
+    hide_usage: bool = False,
     on_client_gone: Callable[[], None] | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
-    With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters.
+    With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters. With
+    `hide_usage`, what Tollgate's `stream_options.include_usage` added to an event stream is
+    taken out of what the client gets (`HideUsage`); usage is still read from the upstream's
+    bytes (compatibility C70).
     `on_client_gone` runs as soon as the client is found gone, before the upstream is drained.
     `stalls`: a client that takes none of the answer for its interval while some waits for it is
     disconnected (see `StallWatch`), and counted as gone.
@@ -155,9 +160,13 @@ async def relay_stream(
     headers["Access-Control-Allow-Origin"] = "*"
     response = web.StreamResponse(status=upstream.status, headers=headers)
     tracker: UsageTracker = NO_USAGE
-    if with_usage and upstream.status == 200:
+    hide: HideUsage | None = None
+    if upstream.status == 200 and (with_usage or hide_usage):
         event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
-        tracker = StreamUsage() if event_stream else TailUsage()
+        if with_usage:
+            tracker = StreamUsage() if event_stream else TailUsage()
+        if hide_usage and event_stream:
+            hide = HideUsage()
     kept = bytearray() if keep else None
     content = upstream.content
     watch = stalls.watch(request.transport)
@@ -167,9 +176,15 @@ async def relay_stream(
             tracker.feed(chunk)
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
+            if hide is not None:
+                chunk = hide.filter(chunk)
+                if not chunk:  # a partial event, held until its end
+                    continue
             await response.write(chunk)
             if watch is not None:
                 watch.written += 1
+        if hide is not None and (rest := hide.end()):
+            await response.write(rest)
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
