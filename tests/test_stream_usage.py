@@ -37,6 +37,10 @@ async def agateway(
                 "type": "completion",
                 "endpoint": inprocess_fake.endpoint("completion", "completions"),
             },
+            "with-defaults": {
+                "endpoint": inprocess_fake.endpoint("with-defaults"),
+                "defaults": {"temperature": 0.5},
+            },
             "opted-out": {
                 "endpoint": inprocess_fake.endpoint("opted-out"),
                 "includeStreamUsage": False,
@@ -191,4 +195,15 @@ async def test_a_model_that_opts_out_gets_the_request_as_it_came(
     answer = await stream(aclient, "opted-out")
     assert answer.status_code == 200
     assert "stream_options" not in orjson.loads(afake.last()["body"])
+    assert "usage" not in answer.text
+
+
+async def test_defaults_and_the_usage_option_both_reach_the_upstream(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    answer = await stream(aclient, "with-defaults")
+    assert answer.status_code == 200
+    sent = orjson.loads(afake.last()["body"])
+    assert sent["temperature"] == 0.5
+    assert sent["stream_options"] == {"include_usage": True}
     assert "usage" not in answer.text
