@@ -2,6 +2,13 @@
 
     git worktree add /tmp/base <commit>
     .venv/bin/python bench/ab.py /tmp/base [--rounds 5] [--duration 5]
+    .venv/bin/python bench/ab.py --stream-usage [--rounds 5]
+
+With `--stream-usage` both gateways are this checkout's, each on its own fake model: `base`
+on one that puts usage into every stream unasked (the fake's default) with
+`includeStreamUsage: false`, `this` on one that reports stream usage only when asked (as
+OpenAI does), so that it asks and hides the usage from the client. Both count the same usage;
+the difference is what asking and hiding cost (compatibility C70).
 
 Both gateways run the `tollgate-limits` target of `run.py` (embedded limits on every call,
 metrics and the access log on) against one fake model, each from its own `src/`. Each round
@@ -28,7 +35,10 @@ SCENARIOS = [(mode, conc) for mode in run.MODES for conc in (64, 1)]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", type=Path, help="the other tree (its src/ is run)")
+    parser.add_argument("base", type=Path, nargs="?", help="the other tree (its src/ is run)")
+    parser.add_argument(
+        "--stream-usage", action="store_true", help="this tree with and without asking for usage"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--warmup", type=float, default=2)
@@ -37,7 +47,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    trees = {"base": args.base.resolve() / "src", "this": run.ROOT / "src"}
+    if (args.base is None) == (not args.stream_usage):
+        print("give a tree to compare with, or --stream-usage", file=sys.stderr)
+        return 2
+    base_src = run.ROOT / "src" if args.stream_usage else args.base.resolve() / "src"
+    trees = {"base": base_src, "this": run.ROOT / "src"}
     py = sys.executable
     servers: dict[str, run.Server] = {}
     runs: dict[tuple[str, str, int], list[run.Run]] = {}
@@ -46,12 +60,23 @@ def main() -> int:
         try:
             port = run.free_port()
             fake = [py, "-m", "tollgate.fake_model", "--no-record", "--port", str(port)]
+            if args.stream_usage:
+                fake += ["--usage", "on-request"]
             servers["fake"] = run.start("fake", fake, port, tmpdir)
             run.wait_healthy(servers["fake"])
-            fake_url = servers["fake"].url
+            fake_urls = {name: servers["fake"].url for name in trees}
+            if args.stream_usage:  # base: a fake that reports usage unasked
+                port = run.free_port()
+                fake = [py, "-m", "tollgate.fake_model", "--no-record", "--port", str(port)]
+                servers["fake-base"] = run.start("fake-base", fake, port, tmpdir)
+                run.wait_healthy(servers["fake-base"])
+                fake_urls["base"] = servers["fake-base"].url
             for name, src in trees.items():
                 config = tmpdir / f"{name}.json"
-                config.write_text(json.dumps(run.tollgate_config(fake_url, True)))
+                tollgate_config = run.tollgate_config(fake_urls[name], True)
+                if args.stream_usage and name == "base":
+                    tollgate_config["models"][run.MODEL]["includeStreamUsage"] = False
+                config.write_text(json.dumps(tollgate_config))
                 settings = {"limits.embedded.file": str(tmpdir / f"{name}.sqlite")}
                 port = run.free_port()
                 argv = [py, "-m", "tollgate", "serve", "--config", str(config)]
@@ -82,7 +107,8 @@ def main() -> int:
         finally:
             for server in reversed(servers.values()):
                 run.stop(server)
-    print(f"\nmedians over {args.rounds} rounds; base = {args.base}")
+    what = "includeStreamUsage: false" if args.stream_usage else args.base
+    print(f"\nmedians over {args.rounds} rounds; base = {what}")
     print("| scenario | base req/s | this req/s | this/base | base CPU µs/req | this CPU µs/req |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, conc in SCENARIOS:

@@ -291,3 +291,30 @@ def test_pass_through_is_cheap() -> None:
     event = openai_stream(False).split(b"\n\n")[1] + b"\n\n"
     per_call = min(timeit.repeat(lambda: hider.filter(event), number=2000, repeat=3)) / 2000
     assert per_call < 50e-6
+
+
+USAGE_ONLY = (
+    b'data: {"id":"x","usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7},'
+    b'"choices":[]}'
+)
+NULL_USAGE = b'data: {"id":"x","choices":[{"delta":{"content":"a"}}],"usage":null}'
+WITHOUT = b'data: {"id":"x","choices":[{"delta":{"content":"a"}}]}'
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (
+            NULL_USAGE + b"\n\n" + USAGE_ONLY + b"\n\ndata: [DONE]\n\n",
+            WITHOUT + b"\n\ndata: [DONE]\n\n",
+        ),
+        (NULL_USAGE + b"\n\n" + USAGE_ONLY, WITHOUT + b"\n\n"),
+        (USAGE_ONLY, b""),
+        (NULL_USAGE + b"\n\n\n" + USAGE_ONLY + b"\n\n", WITHOUT + b"\n\n\n"),
+    ],
+    ids=["whole-stream", "last-event-without-blank-line", "usage-event-alone", "extra-newline"],
+)
+def test_a_whole_stream_in_one_read_is_cut_event_by_event(block: bytes, expected: bytes) -> None:
+    hide = HideUsage()
+    assert hide.filter(block) + hide.end() == expected
+    assert hide.usage is not None and hide.usage.total_tokens == 7

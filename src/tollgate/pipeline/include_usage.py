@@ -150,6 +150,8 @@ class HideUsage:
         stripped = _without_null_tails(block)
         if stripped is not None:
             return stripped
+        if b"\r" not in block:
+            return self._lf_events(block)
         parts: list[bytes] = []
         kept = 0  # block[kept:] is still to be copied
         hit = block.find(USAGE)
@@ -158,7 +160,12 @@ class HideUsage:
             end = _blank_line_end(block, hit)
             if end < 0:
                 end = len(block)
-            rewritten = self._rewrite_event(block[start:end])
+            event = block[start:end]
+            # Each event by the quick cut first: one event of a different kind (the usage-only
+            # one) must not send every other event of the block through a parse.
+            rewritten = _without_null_tails(event)
+            if rewritten is None:
+                rewritten = self._rewrite_event(event)
             if rewritten is not None:
                 parts.append(block[kept:start])
                 parts.append(rewritten)
@@ -168,6 +175,32 @@ class HideUsage:
             return block
         parts.append(block[kept:])
         return b"".join(parts)
+
+    def _lf_events(self, block: bytes) -> bytes:
+        """`_events` for a block framed by LF alone (as OpenAI's are): split into events once,
+        each event with `"usage"` cut on its own, so that the usage-only event does not send
+        the events around it through the general path."""
+        events = block.split(b"\n\n")
+        kept: list[bytes] = []
+        changed = False
+        last = len(events) - 1
+        lines = b""  # empty lines in front of a dropped event: they stay
+        for index, event in enumerate(events):
+            if USAGE in event:
+                rewritten = _without_null_tails(event)
+                if rewritten is None:
+                    rewritten = self._rewrite_event(event)
+                if rewritten is not None:
+                    changed = True
+                    if rewritten == DROP:
+                        lines += event[: len(event) - len(event.lstrip(b"\n"))]
+                        if index == last:  # an event without its blank line (at `end`)
+                            kept.append(lines)  # the blank line before it stays
+                        continue
+                    event = rewritten
+            kept.append(lines + event if lines else event)
+            lines = b""
+        return b"\n\n".join(kept) if changed else block
 
     def _rewrite_event(self, event: bytes) -> bytes | None:
         """An event with `"usage"` in it: None to keep it, DROP, or its new bytes."""
