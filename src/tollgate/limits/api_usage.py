@@ -32,9 +32,11 @@ from tollgate.limits.usage import (
     USAGE,
     USAGE_HEAD,
     WHOLE_PARSE_LIMIT,
+    StreamUsage,
     Usage,
     _object_at,
     clamp,
+    line_cut,
 )
 
 
@@ -97,38 +99,28 @@ def _terminal_usage_object(event: object) -> dict[str, Any] | None:
     return usage if type(usage) is dict else None
 
 
-class ResponsesStreamUsage:
+class ResponsesStreamUsage(StreamUsage):
     """Follows a Responses SSE stream and keeps the usage of its last event that has one.
 
     The terminal event (`response.completed`, `response.incomplete` or `response.failed`)
     carries the whole response, its `usage` included; `response.created` and
-    `response.in_progress` carry `"usage": null`, which is skipped. Per chunk only a
-    `"usage": {` is looked for (in C), on complete lines; the line holding the last one is
-    parsed once, by `finish`.
+    `response.in_progress` carry `"usage": null`, which is skipped. Lines are handled as in
+    `StreamUsage`; the block holding the last usage is parsed once, by `finish`.
     """
 
-    __slots__ = ("_block", "_carry", "api_usage")
+    __slots__ = ("api_usage",)
 
     def __init__(self) -> None:
-        self._carry = b""
-        self._block = b""
+        super().__init__()
         self.api_usage: ApiUsage | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        data = self._carry + chunk if self._carry else chunk
-        cut = _line_cut(data)
-        self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
-        if cut and USAGE in data:
-            block = data[:cut] if cut < len(data) else data
-            if USAGE_HEAD.search(block) is not None:
-                self._block = block
 
     def finish(self) -> Usage | None:
         """The last usage seen (also kept, with the cache-write count, in `api_usage`)."""
         if self._carry and USAGE_HEAD.search(self._carry) is not None:
-            self._block = self._carry
+            self._usage_block = self._carry
         self._carry = b""
-        found = _last_event_usage(self._block, _terminal_usage_object) if self._block else None
+        block = self._usage_block
+        found = _last_event_usage(block, _terminal_usage_object) if block else None
         self.api_usage = None if found is None else responses_usage(found)
         return None if self.api_usage is None else self.api_usage.usage
 
@@ -174,7 +166,7 @@ def _event_usage_object(event: object) -> dict[str, Any] | None:
     return usage if type(usage) is dict else None
 
 
-class AnthropicStreamUsage:
+class AnthropicStreamUsage(StreamUsage):
     """Follows a Messages SSE stream and merges the usage of its events.
 
     `message_start` carries the input and cache counts (and the output so far); each
@@ -183,21 +175,14 @@ class AnthropicStreamUsage:
     Only the few events with a `"usage": {` are parsed, as they pass.
     """
 
-    __slots__ = ("_carry", "_counters", "api_usage")
+    __slots__ = ("_counters", "api_usage")
 
     def __init__(self) -> None:
-        self._carry = b""
+        super().__init__()
         self._counters: dict[str, Any] | None = None
         self.api_usage: ApiUsage | None = None
 
-    def feed(self, chunk: bytes) -> None:
-        data = self._carry + chunk if self._carry else chunk
-        cut = _line_cut(data)
-        self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
-        if cut and USAGE in data:
-            self._read(data[:cut] if cut < len(data) else data)
-
-    def _read(self, block: bytes) -> None:
+    def _lines(self, block: bytes) -> None:
         for line in block.splitlines():
             if USAGE not in line or USAGE_HEAD.search(line) is None:
                 continue
@@ -220,7 +205,7 @@ class AnthropicStreamUsage:
     def finish(self) -> Usage | None:
         """The merged usage (also kept, with the cache-creation count, in `api_usage`)."""
         if self._carry:
-            self._read(self._carry)
+            self._lines(self._carry)
             self._carry = b""
         counters = self._counters
         self.api_usage = None if counters is None else anthropic_usage(counters)
@@ -228,13 +213,6 @@ class AnthropicStreamUsage:
 
 
 # --- Shared helpers --------------------------------------------------------------------------
-
-
-def _line_cut(data: bytes) -> int:
-    """Where the complete lines of `data` end (after its last CR or LF)."""
-    if data.endswith(b"\n"):
-        return len(data)
-    return max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
 
 
 def _data_payload(line: bytes) -> object:
@@ -411,7 +389,7 @@ class ProducedText:
 
     def feed(self, chunk: bytes) -> str:
         data = self._carry + chunk if self._carry else chunk
-        cut = _line_cut(data)
+        cut = line_cut(data)
         self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
         if not cut or self._marker not in data:
             return ""

@@ -147,12 +147,22 @@ def _event_usage(block: bytes) -> Usage | None:
         return found if found is not None else last_usage(block)
 
 
+def line_cut(data: bytes) -> int:
+    """Where the complete lines of `data` end (after its last LF or CR)."""
+    if data.endswith(b"\n"):
+        return len(data)
+    return max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+
+
 class StreamUsage:
     """Follows an SSE stream chunk by chunk and keeps its last usage.
 
     Per chunk it only looks for a `"usage": {` (in C); the event carrying the last one is parsed
     once, when the stream ends. Only complete lines are kept, so a `usage` object split across
     network chunks is read whole; the partial last line is carried to the next chunk.
+
+    Other APIs' trackers (`api_usage`) share the line handling and override `_lines`, what
+    is done with complete lines that hold a `"usage"`, and `finish`.
     """
 
     __slots__ = ("_carry", "_usage_block")
@@ -163,12 +173,16 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> None:
         data = self._carry + chunk if self._carry else chunk
-        cut = data.rfind(b"\n") + 1
+        cut = line_cut(data)
         self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
         if cut and USAGE in data:
-            block = data[:cut] if cut < len(data) else data
-            if USAGE_HEAD.search(block) is not None:
-                self._usage_block = block
+            self._lines(data[:cut] if cut < len(data) else data)
+
+    def _lines(self, block: bytes) -> None:
+        """Complete lines with a `"usage"` in them: the last block holding a usage object is
+        kept, to be parsed once by `finish`."""
+        if USAGE_HEAD.search(block) is not None:
+            self._usage_block = block
 
     def finish(self) -> Usage | None:
         """The last usage seen; call once, when the stream has ended."""
