@@ -35,6 +35,7 @@ from tollgate.limits.usage import (
     StreamUsage,
     Usage,
     _object_at,
+    body_usage,
     clamp,
     line_cut,
 )
@@ -405,3 +406,31 @@ class ProducedText:
         extract = self._extract
         parts = [extract(_data_payload(line)) for line in block.splitlines() if marker in line]
         return "".join(parts)
+
+
+# --- The usage format of each API family -----------------------------------------------------
+
+
+def _responses_body(body: bytes) -> Usage | None:
+    found = responses_body_usage(body)
+    return None if found is None else found.usage
+
+
+def _anthropic_body(body: bytes) -> Usage | None:
+    found = anthropic_body_usage(body)
+    return None if found is None else found.usage
+
+
+class UsageFormat(NamedTuple):
+    """How one API family reports usage: what reads a whole answer, what follows a stream,
+    and what collects the text a stream produced."""
+
+    name: str
+    body: Callable[[bytes], Usage | None]  # a whole answer, or the tail of a long one
+    stream: Callable[[], StreamUsage]  # an event stream
+    produced: Callable[[], ProducedText]
+
+
+OPENAI = UsageFormat("openai", body_usage, StreamUsage, ProducedText.chat)
+RESPONSES = UsageFormat("responses", _responses_body, ResponsesStreamUsage, ProducedText.responses)
+ANTHROPIC = UsageFormat("anthropic", _anthropic_body, AnthropicStreamUsage, ProducedText.anthropic)

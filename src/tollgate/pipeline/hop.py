@@ -30,6 +30,7 @@ import aiohttp
 from yarl import URL
 
 from tollgate.errors import GatewayError
+from tollgate.limits.api_usage import OPENAI, UsageFormat
 from tollgate.pipeline.relay import (
     Relayed,
     StallWatch,
@@ -179,6 +180,8 @@ class Outbound:
     per_upstream: Callable[[UpstreamState, list[tuple[str, str]]], URL | str | None] | None = None
     target: str = ""  # what the hop goes to, for logs
     keep: bool = False  # keep a streamed body (pricing by characters)
+    # How the answer reports usage (its API family), when the policy reads usage.
+    usage_format: UsageFormat = OPENAI
     # Tollgate asked the upstream for stream usage the client did not ask for: hide it
     # (compatibility C70).
     hide_usage: bool = False
@@ -247,6 +250,7 @@ class HopEngine:
         headers = hop.headers
         common = len(headers)
         url = hop.url
+        usage_format = hop.usage_format if policy.usage else None
         failure: Failure | None = None
         while (upstream := plan.next()) is not None:
             if hop.per_upstream is not None:
@@ -298,13 +302,13 @@ class HopEngine:
                                 request,
                                 answer,
                                 headers_out,
-                                with_usage=policy.usage,
+                                usage_format=usage_format,
                                 stalls=self.stalls,
                                 keep=hop.keep,
                                 hide_usage=hop.hide_usage,
                                 on_client_gone=hop.on_client_gone,
                             )
-                        return await relay_whole(answer, headers_out, policy.usage)
+                        return await relay_whole(answer, headers_out, usage_format)
                     except TimeoutError:
                         raise GatewayError(*TIMED_OUT) from None
                     except aiohttp.ClientError as exc:

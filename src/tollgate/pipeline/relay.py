@@ -17,7 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tollgate.limits.usage import StreamUsage, Usage, body_usage, last_usage
+from tollgate.limits.api_usage import UsageFormat
+from tollgate.limits.usage import Usage
 from tollgate.pipeline.include_usage import HideUsage
 
 log = logging.getLogger("tollgate.relay")
@@ -90,12 +91,16 @@ def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) ->
 
 
 async def relay_whole(
-    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], with_usage: bool
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    usage_format: UsageFormat | None,
 ) -> Relayed:
-    """The whole answer at once; its length is known and within the hop's bound (`streams`)."""
+    """The whole answer at once; its length is known and within the hop's bound (`streams`).
+
+    `usage_format`: how the answer reports usage, or None when the hop reads none."""
     body = await upstream.read()
     response = web.Response(status=upstream.status, body=body, headers=headers)
-    usage = body_usage(body) if with_usage and upstream.status == 200 else None
+    usage = usage_format.body(body) if usage_format is not None and upstream.status == 200 else None
     return Relayed(response, usage, body, False)
 
 
@@ -107,11 +112,12 @@ class UsageTracker(Protocol):
 
 class TailUsage:
     """Usage of a streamed body that is not an event stream: the last `usage` object in its
-    last `TAIL_BYTES` (where OpenAI-style bodies put it), in bounded memory."""
+    last `TAIL_BYTES` (where the APIs put it in a whole answer), in bounded memory."""
 
-    __slots__ = ("_tail",)
+    __slots__ = ("_read", "_tail")
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[bytes], Usage | None]) -> None:
+        self._read = read
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -119,7 +125,7 @@ class TailUsage:
         self._tail = tail[-TAIL_BYTES:] if len(tail) > TAIL_BYTES else tail
 
     def finish(self) -> Usage | None:
-        return last_usage(self._tail)
+        return self._read(self._tail)
 
 
 class _NoUsage:
@@ -140,7 +146,7 @@ async def relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     *,
-    with_usage: bool,
+    usage_format: UsageFormat | None,
     stalls: StallWatch,
     keep: bool = False,
     hide_usage: bool = False,
@@ -148,6 +154,8 @@ async def relay_stream(
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
+    `usage_format`: how the answer reports usage (its API family), or None when the hop reads
+    none.
     With `keep`, the stream is also kept (up to 16 MiB) for pricing by characters. With
     `hide_usage`, what Tollgate's `stream_options.include_usage` added to an event stream is
     taken out of what the client gets (`HideUsage`); usage is still read from the upstream's
@@ -161,10 +169,10 @@ async def relay_stream(
     response = web.StreamResponse(status=upstream.status, headers=headers)
     tracker: UsageTracker = NO_USAGE
     hide: HideUsage | None = None
-    if upstream.status == 200 and (with_usage or hide_usage):
+    if upstream.status == 200 and (usage_format is not None or hide_usage):
         event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
-        if with_usage:
-            tracker = StreamUsage() if event_stream else TailUsage()
+        if usage_format is not None:
+            tracker = usage_format.stream() if event_stream else TailUsage(usage_format.body)
         if hide_usage and event_stream:
             hide = HideUsage()
     kept = bytearray() if keep else None
