@@ -20,6 +20,7 @@ from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.assistants import addon_headers, assistant_request
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.call import Call
+from tollgate.pipeline.estimate import counted_usage
 from tollgate.pipeline.forward import (
     client_headers,
     enhance,
@@ -154,8 +155,9 @@ class DeploymentCalls:
                     note=note,
                 ),
             )
+            usage = counted_usage(call)  # estimated when the upstream reported none
             if note is not None:
-                note.usage = relayed.usage
+                note.usage = usage
             return relayed.response
         finally:
             publishing = hop_key.publishing
