@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from decimal import Decimal
 
 import pytest
 
+from tollgate.config.schema import Pricing
 from tollgate.limits.api_usage import (
     AnthropicStreamUsage,
-    ApiUsage,
     ProducedText,
     ResponsesStreamUsage,
     anthropic_body_usage,
@@ -19,6 +20,7 @@ from tollgate.limits.api_usage import (
     responses_body_usage,
     responses_text,
 )
+from tollgate.limits.cost import Prices, token_cost
 from tollgate.limits.usage import USAGE_MAX, Usage
 
 
@@ -115,7 +117,7 @@ def responses_stream(terminal: str = "response.completed", crlf: bool = False) -
 
 def test_responses_body_usage_maps_the_details() -> None:
     body = json.dumps(response("completed", RESPONSES_USAGE)).encode()
-    assert responses_body_usage(body) == ApiUsage(RESPONSES_EXPECTED, 0)
+    assert responses_body_usage(body) == RESPONSES_EXPECTED
 
 
 def test_responses_body_without_total_sums_and_reads_cache_writes() -> None:
@@ -125,12 +127,12 @@ def test_responses_body_without_total_sums_and_reads_cache_writes() -> None:
         "input_tokens_details": {"cache_write_tokens": 4},
     }
     body = json.dumps(response("completed", usage)).encode()
-    assert responses_body_usage(body) == ApiUsage(Usage(10, 5, 15), 4)
+    assert responses_body_usage(body) == Usage(10, 5, 15, cache_write_tokens=4)
 
 
 def test_responses_large_body_is_scanned_from_the_end() -> None:
     body = json.dumps(response("completed", RESPONSES_USAGE, text="x" * 100_000)).encode()
-    assert responses_body_usage(body) == ApiUsage(RESPONSES_EXPECTED, 0)
+    assert responses_body_usage(body) == RESPONSES_EXPECTED
 
 
 @pytest.mark.parametrize(
@@ -149,17 +151,17 @@ def test_huge_and_odd_counts_are_clamped_or_zero() -> None:
         "input_tokens_details": {"cached_tokens": "3"},
     }
     found = responses_body_usage(json.dumps({"usage": usage}).encode())
-    assert found == ApiUsage(Usage(USAGE_MAX, 0, USAGE_MAX, 0, 0), 0)
+    assert found == Usage(USAGE_MAX, 0, USAGE_MAX, 0, 0, 0)
 
 
 def feed_split(
     tracker_type: Callable[[], ResponsesStreamUsage | AnthropicStreamUsage], data: bytes, *cuts: int
-) -> tuple[Usage | None, ApiUsage | None]:
+) -> Usage | None:
     tracker = tracker_type()
     bounds = [0, *cuts, len(data)]
     for start, end in itertools.pairwise(bounds):
         tracker.feed(data[start:end])
-    return tracker.finish(), tracker.api_usage
+    return tracker.finish()
 
 
 @pytest.mark.parametrize(
@@ -168,7 +170,7 @@ def feed_split(
 @pytest.mark.parametrize("crlf", [False, True])
 def test_responses_stream_split_at_every_byte(terminal: str, crlf: bool) -> None:
     data = responses_stream(terminal, crlf)
-    expected = (RESPONSES_EXPECTED, ApiUsage(RESPONSES_EXPECTED, 0))
+    expected = RESPONSES_EXPECTED
     assert feed_split(ResponsesStreamUsage, data) == expected
     for cut in range(len(data) + 1):
         assert feed_split(ResponsesStreamUsage, data, cut) == expected, cut
@@ -176,24 +178,21 @@ def test_responses_stream_split_at_every_byte(terminal: str, crlf: bool) -> None
 
 def test_responses_stream_fed_byte_by_byte() -> None:
     data = responses_stream()
-    assert feed_split(ResponsesStreamUsage, data, *range(1, len(data))) == (
-        RESPONSES_EXPECTED,
-        ApiUsage(RESPONSES_EXPECTED, 0),
-    )
+    assert feed_split(ResponsesStreamUsage, data, *range(1, len(data))) == RESPONSES_EXPECTED
 
 
 def test_responses_stream_truncated_before_the_end_has_no_usage() -> None:
     data = responses_stream()
     cut = data.index(b"event: response.completed")
-    assert feed_split(ResponsesStreamUsage, data[:cut]) == (None, None)
+    assert feed_split(ResponsesStreamUsage, data[:cut]) is None
     # cut inside the terminal event's usage object: no usage rather than a wrong one
     inside = data.index(b'"total_tokens"')
-    assert feed_split(ResponsesStreamUsage, data[:inside]) == (None, None)
+    assert feed_split(ResponsesStreamUsage, data[:inside]) is None
 
 
 def test_responses_stream_without_final_newline() -> None:
     data = responses_stream().rstrip(b"\n")
-    assert feed_split(ResponsesStreamUsage, data)[0] == RESPONSES_EXPECTED
+    assert feed_split(ResponsesStreamUsage, data) == RESPONSES_EXPECTED
 
 
 @pytest.mark.parametrize(
@@ -216,16 +215,21 @@ def test_responses_error_event_after_usage_keeps_the_usage() -> None:
     data = responses_stream() + stream(
         event("error", {"type": "error", "code": "x", "message": "m"})
     )
-    assert feed_split(ResponsesStreamUsage, data)[0] == RESPONSES_EXPECTED
+    assert feed_split(ResponsesStreamUsage, data) == RESPONSES_EXPECTED
 
 
 # --- Anthropic -------------------------------------------------------------------------------
 
 
-def anthropic_stream(*, delta_usage: dict[str, object] | None = None, crlf: bool = False) -> bytes:
+def anthropic_stream(
+    *,
+    delta_usage: dict[str, object] | None = None,
+    crlf: bool = False,
+    cache_creation: int = 0,
+) -> bytes:
     start_usage = {
         "input_tokens": 25,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": cache_creation,
         "cache_read_input_tokens": 2048,
         "output_tokens": 1,
     }
@@ -286,14 +290,14 @@ ANTHROPIC_EXPECTED = Usage(2073, 15, 2088, cached_prompt_tokens=2048)
 @pytest.mark.parametrize("crlf", [False, True])
 def test_anthropic_stream_split_at_every_byte(crlf: bool) -> None:
     data = anthropic_stream(crlf=crlf)
-    expected = (ANTHROPIC_EXPECTED, ApiUsage(ANTHROPIC_EXPECTED, 0))
+    expected = ANTHROPIC_EXPECTED
     for cut in range(len(data) + 1):
         assert feed_split(AnthropicStreamUsage, data, cut) == expected, cut
 
 
 def test_anthropic_stream_fed_byte_by_byte() -> None:
     data = anthropic_stream()
-    assert feed_split(AnthropicStreamUsage, data, *range(1, len(data)))[0] == ANTHROPIC_EXPECTED
+    assert feed_split(AnthropicStreamUsage, data, *range(1, len(data))) == ANTHROPIC_EXPECTED
 
 
 def test_anthropic_message_delta_overwrites_the_counts_it_repeats() -> None:
@@ -308,8 +312,45 @@ def test_anthropic_message_delta_overwrites_the_counts_it_repeats() -> None:
         }
     )
     prompt = 30 + 2048 + 100  # the cache read count was null: it keeps message_start's value
-    usage = Usage(prompt, 40, prompt + 40, cached_prompt_tokens=2048, reasoning_tokens=12)
-    assert feed_split(AnthropicStreamUsage, data) == (usage, ApiUsage(usage, 100))
+    usage = Usage(
+        prompt,
+        40,
+        prompt + 40,
+        cached_prompt_tokens=2048,
+        reasoning_tokens=12,
+        cache_write_tokens=100,
+    )
+    assert feed_split(AnthropicStreamUsage, data) == usage
+
+
+def test_anthropic_stream_with_cache_reads_and_writes_is_priced_by_dial_rule() -> None:
+    """prompt = input + cache reads + cache creation, total = prompt + output, and the cost
+    (prompt - read - written) * prompt + output * completion + read * cacheRead
+    + written * cacheWrite (compatibility C72)."""
+    data = anthropic_stream(cache_creation=300)
+    usage = feed_split(AnthropicStreamUsage, data, len(data) // 2)
+    assert usage == Usage(
+        25 + 2048 + 300, 15, 25 + 2048 + 300 + 15, cached_prompt_tokens=2048, cache_write_tokens=300
+    )
+    rates = Prices.of(
+        Pricing.model_validate(
+            {"unit": "token", "prompt": "0.000003", "completion": "0.000015",
+             "cacheRead": "0.0000003", "cacheWrite": "0.00000375"}
+        )
+    )  # fmt: skip
+    assert rates is not None
+    assert usage is not None
+    expected = (
+        25 * Decimal("0.000003")
+        + 15 * Decimal("0.000015")
+        + 2048 * Decimal("0.0000003")
+        + 300 * Decimal("0.00000375")
+    )
+    assert token_cost(rates, usage) == expected == Decimal("0.0020394")
+    # Without cache rates every prompt token costs the prompt rate.
+    plain = Prices.of(Pricing(unit="token", prompt="0.000003", completion="0.000015"))
+    assert plain is not None
+    assert token_cost(plain, usage) == 2373 * Decimal("0.000003") + 15 * Decimal("0.000015")
 
 
 def test_anthropic_several_message_deltas_are_cumulative_not_added() -> None:
@@ -318,13 +359,13 @@ def test_anthropic_several_message_deltas_are_cumulative_not_added() -> None:
             "message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 20}}
         )
     )
-    assert feed_split(AnthropicStreamUsage, data)[0] == Usage(2073, 20, 2093, 2048)
+    assert feed_split(AnthropicStreamUsage, data) == Usage(2073, 20, 2093, 2048)
 
 
 def test_anthropic_stream_cut_after_message_start_counts_what_it_had() -> None:
     data = anthropic_stream()
     cut = data.index(b"event: content_block_start")
-    assert feed_split(AnthropicStreamUsage, data[:cut])[0] == Usage(2073, 1, 2074, 2048)
+    assert feed_split(AnthropicStreamUsage, data[:cut]) == Usage(2073, 1, 2074, 2048)
 
 
 def test_anthropic_stream_without_usage_and_garbage() -> None:
@@ -338,7 +379,6 @@ def test_anthropic_stream_without_usage_and_garbage() -> None:
     ):
         tracker.feed(chunk)
     assert tracker.finish() is None
-    assert tracker.api_usage is None
 
 
 def test_anthropic_body_usage_is_converted_to_openai_semantics() -> None:
@@ -363,17 +403,15 @@ def test_anthropic_body_usage_is_converted_to_openai_semantics() -> None:
             },
         }
     ).encode()
-    usage = Usage(2373, 15, 2388, cached_prompt_tokens=2048)
-    assert anthropic_body_usage(body) == ApiUsage(usage, 300)
+    usage = Usage(2373, 15, 2388, cached_prompt_tokens=2048, cache_write_tokens=300)
+    assert anthropic_body_usage(body) == usage
 
 
 def test_anthropic_huge_counts_are_clamped() -> None:
     body = json.dumps(
         {"usage": {"input_tokens": 2**70, "cache_read_input_tokens": 2**70, "output_tokens": 2**70}}
     )
-    assert anthropic_body_usage(body.encode()) == ApiUsage(
-        Usage(USAGE_MAX, USAGE_MAX, USAGE_MAX, USAGE_MAX), 0
-    )
+    assert anthropic_body_usage(body.encode()) == Usage(USAGE_MAX, USAGE_MAX, USAGE_MAX, USAGE_MAX)
 
 
 def test_count_tokens_answer_is_not_usage() -> None:
@@ -476,7 +514,7 @@ def test_cr_framed_streams() -> None:
     responses = responses_stream().replace(b"\n", b"\r")
     anthropic = anthropic_stream().replace(b"\n", b"\r")
     for cut in range(0, len(responses) + 1, 5):
-        assert feed_split(ResponsesStreamUsage, responses, cut)[0] == RESPONSES_EXPECTED, cut
+        assert feed_split(ResponsesStreamUsage, responses, cut) == RESPONSES_EXPECTED, cut
     for cut in range(len(anthropic) + 1):
-        assert feed_split(AnthropicStreamUsage, anthropic, cut)[0] == ANTHROPIC_EXPECTED, cut
+        assert feed_split(AnthropicStreamUsage, anthropic, cut) == ANTHROPIC_EXPECTED, cut
     assert produced(ProducedText.anthropic, anthropic, 100) == 'Hello"usage": {}'

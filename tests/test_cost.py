@@ -198,6 +198,45 @@ def test_explicit_zero_cache_read_rate() -> None:
     assert cost == D("5.6")
 
 
+def test_cache_write_defaults_to_the_prompt_rate() -> None:
+    """Without cache rates, written and read cache tokens cost what other prompt tokens do."""
+    usage = Usage(10, 10, 20, cached_prompt_tokens=4, cache_write_tokens=3)
+    assert token_cost(prices(), usage) == D("6.0")
+
+
+def test_cache_write_rate() -> None:
+    """DIAL's rule: (10 - 4 - 3) * 0.1 + 10 * 0.5 + 4 * 0.01 + 3 * 0.125."""
+    usage = Usage(10, 10, 20, cached_prompt_tokens=4, cache_write_tokens=3)
+    cost = token_cost(prices(cache_read="0.01", cache_write="0.125"), usage)
+    assert cost == D("0.3") + D("5.0") + D("0.04") + D("0.375")
+    assert cost == D("5.715")
+
+
+def test_cache_write_rate_without_a_read_rate() -> None:
+    """cacheRead missing: the reads at the prompt rate, the writes at their own."""
+    usage = Usage(10, 0, 10, cached_prompt_tokens=4, cache_write_tokens=3)
+    assert token_cost(prices(cache_write="1"), usage) == D("0.3") + D("0.4") + D("3")
+
+
+def test_cache_rates_priced_from_the_config() -> None:
+    """`cacheRead` and `cacheWrite` as a model's `pricing` spells them."""
+    pricing = Pricing.model_validate(
+        {"unit": "token", "prompt": "0.000003", "completion": "0.000015",
+         "cacheRead": "0.0000003", "cacheWrite": "0.00000375"}
+    )  # fmt: skip
+    rates = Prices.of(pricing)
+    assert rates is not None
+    # Anthropic's example: 25 uncached + 2048 read + 100 written, 15 out.
+    usage = Usage(2173, 15, 2188, cached_prompt_tokens=2048, cache_write_tokens=100)
+    expected = (
+        D(25) * D("0.000003")
+        + D(15) * D("0.000015")
+        + D(2048) * D("0.0000003")
+        + D(100) * D("0.00000375")
+    )
+    assert token_cost(rates, usage) == expected
+
+
 def test_a_term_without_a_rate_is_zero() -> None:
     assert token_cost(prices(prompt=None), Usage(10, 10, 20)) == D("5.0")
     assert token_cost(prices(completion=None), Usage(10, 10, 20)) == D("1.0")
@@ -217,16 +256,25 @@ RATES = st.decimals(
 COUNTS = st.integers(min_value=0, max_value=10**12)
 
 
-@given(RATES, RATES, RATES, COUNTS, COUNTS, COUNTS, COUNTS, COUNTS)
+@given(RATES, RATES, RATES, RATES, COUNTS, COUNTS, COUNTS, COUNTS, COUNTS)
 def test_token_cost_is_linear_in_the_counts(
-    prompt: str, completion: str, cache: str, p1: int, c1: int, p2: int, c2: int, k: int
+    prompt: str,
+    completion: str,
+    cache: str,
+    write: str,
+    p1: int,
+    c1: int,
+    p2: int,
+    c2: int,
+    k: int,
 ) -> None:
-    rates = prices(prompt=prompt, completion=completion, cache_read=cache)
+    rates = prices(prompt=prompt, completion=completion, cache_read=cache, cache_write=write)
     cached1, cached2 = p1 // 3, p2 // 5
-    one = Usage(p1, c1, p1 + c1, cached1)
-    two = Usage(p2, c2, p2 + c2, cached2)
-    both = Usage(p1 + p2, c1 + c2, 0, cached1 + cached2)
-    scaled = Usage(p1 * k, c1 * k, 0, cached1 * k)
+    written1, written2 = p1 // 4, p2 // 7
+    one = Usage(p1, c1, p1 + c1, cached1, 0, written1)
+    two = Usage(p2, c2, p2 + c2, cached2, 0, written2)
+    both = Usage(p1 + p2, c1 + c2, 0, cached1 + cached2, 0, written1 + written2)
+    scaled = Usage(p1 * k, c1 * k, 0, cached1 * k, 0, written1 * k)
     with localcontext(prec=100):  # the test's own sums and products must be exact too
         assert token_cost(rates, both) == token_cost(rates, one) + token_cost(rates, two)
         assert token_cost(rates, scaled) == token_cost(rates, one) * k
@@ -238,6 +286,22 @@ def test_token_cost_formula(prompt: str, completion: str, p: int, c: int) -> Non
     cost = token_cost(prices(prompt=prompt, completion=completion), Usage(p, c, p + c, cached))
     with localcontext(prec=100):
         assert cost == D(p) * D(prompt) + D(c) * D(completion)
+
+
+@given(RATES, RATES, RATES, RATES, COUNTS, COUNTS)
+def test_token_cost_with_cache_rates(
+    prompt: str, completion: str, read: str, write: str, p: int, c: int
+) -> None:
+    cached, written = p // 2, p // 3
+    rates = prices(prompt=prompt, completion=completion, cache_read=read, cache_write=write)
+    cost = token_cost(rates, Usage(p, c, p + c, cached, 0, written))
+    with localcontext(prec=100):
+        assert cost == (
+            D(p - cached - written) * D(prompt)
+            + D(c) * D(completion)
+            + D(cached) * D(read)
+            + D(written) * D(write)
+        )
 
 
 # --- char_cost -------------------------------------------------------------------------------

@@ -56,6 +56,19 @@ def test_nested_token_details_count() -> None:
     assert last_usage(body) == Usage(100, 50, 150, cached_prompt_tokens=40, reasoning_tokens=12)
 
 
+def test_chat_cache_write_tokens_are_read() -> None:
+    """`prompt_tokens_details.cache_write_tokens` of an OpenAI-style usage, when present, is
+    the part of the prompt written to a cache (compatibility C72)."""
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 40, "cache_write_tokens": 30},
+    }
+    found = body_usage(json.dumps({"usage": usage}).encode())
+    assert found == Usage(100, 5, 105, cached_prompt_tokens=40, cache_write_tokens=30)
+    assert Usage.from_object({"prompt_tokens": 3}).cache_write_tokens == 0
+
+
 def test_last_usage_wins_and_nulls_and_statistics_are_skipped() -> None:
     assert last_usage(STREAM) == Usage(20, 10, 30)
 

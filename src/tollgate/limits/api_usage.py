@@ -1,8 +1,8 @@
 """Token usage of the OpenAI Responses API and the Anthropic Messages API, and the text a stream
 produced so far.
 
-Pure functions and small classes over bytes, shaped like `limits.usage`: a whole body gives an
-`ApiUsage`; a stream tracker takes the relayed chunks (`feed`) and gives the final `Usage`
+Pure functions and small classes over bytes, shaped like `limits.usage`: a whole body gives a
+`Usage`; a stream tracker takes the relayed chunks (`feed`) and gives the final `Usage`
 (`finish`), so it fits wherever a `usage.StreamUsage` does. Both map their vendor's counts to
 the OpenAI-style `Usage` as DIAL does:
 
@@ -12,9 +12,9 @@ the OpenAI-style `Usage` as DIAL does:
   `input_tokens + cache_read_input_tokens + cache_creation_input_tokens`, the cached part is
   the cache reads, the total is prompt + completion.
 
-`Usage` has no field for tokens written to a prompt cache, so `ApiUsage` carries that count
-beside it (Anthropic's `cache_creation_input_tokens`, the Responses `cache_write_tokens`); it
-is included in the prompt count, as the cached reads are.
+The tokens written to a prompt cache (Anthropic's `cache_creation_input_tokens`, the Responses
+`input_tokens_details.cache_write_tokens`) are `Usage.cache_write_tokens`, a part of the prompt
+count as the cached reads are; `limits.cost` prices both (compatibility C72).
 
 An Anthropic `count_tokens` answer (`{"input_tokens": N}`) is no usage: that endpoint is neither
 limited nor charged, so `anthropic_body_usage` finds none in it.
@@ -41,13 +41,6 @@ from tollgate.limits.usage import (
 )
 
 
-class ApiUsage(NamedTuple):
-    """A call's `Usage`, plus the prompt tokens written to a cache (a part of `prompt_tokens`)."""
-
-    usage: Usage
-    cache_write_tokens: int = 0
-
-
 def _tokens(value: Any) -> int:
     """A token count, clamped as `limits.usage` clamps; anything but a whole number, and a
     negative one (no upstream can credit a caller), counts as zero."""
@@ -66,24 +59,22 @@ def _detail(usage: dict[str, Any], details: str, name: str) -> int:
 # --- OpenAI Responses ------------------------------------------------------------------------
 
 
-def responses_usage(usage: dict[str, Any]) -> ApiUsage:
-    """A Responses `usage` object as an `ApiUsage` (missing counts are 0)."""
+def responses_usage(usage: dict[str, Any]) -> Usage:
+    """A Responses `usage` object as a `Usage` (missing counts are 0)."""
     prompt = _tokens(usage.get("input_tokens"))
     completion = _tokens(usage.get("output_tokens"))
     total = usage.get("total_tokens")
-    return ApiUsage(
-        Usage(
-            prompt,
-            completion,
-            clamp(prompt + completion) if total is None else _tokens(total),
-            _detail(usage, "input_tokens_details", "cached_tokens"),
-            _detail(usage, "output_tokens_details", "reasoning_tokens"),
-        ),
+    return Usage(
+        prompt,
+        completion,
+        clamp(prompt + completion) if total is None else _tokens(total),
+        _detail(usage, "input_tokens_details", "cached_tokens"),
+        _detail(usage, "output_tokens_details", "reasoning_tokens"),
         _detail(usage, "input_tokens_details", "cache_write_tokens"),
     )
 
 
-def responses_body_usage(body: bytes) -> ApiUsage | None:
+def responses_body_usage(body: bytes) -> Usage | None:
     """Usage of a whole (non-streamed) Responses body: its top-level `usage`, else the last
     `usage` object in it (a large or broken body is scanned from the end)."""
     found = _body_usage_object(body)
@@ -109,21 +100,16 @@ class ResponsesStreamUsage(StreamUsage):
     `StreamUsage`; the block holding the last usage is parsed once, by `finish`.
     """
 
-    __slots__ = ("api_usage",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.api_usage: ApiUsage | None = None
+    __slots__ = ()
 
     def finish(self) -> Usage | None:
-        """The last usage seen (also kept, with the cache-write count, in `api_usage`)."""
+        """The last usage seen."""
         if self._carry and USAGE_HEAD.search(self._carry) is not None:
             self._usage_block = self._carry
         self._carry = b""
         block = self._usage_block
         found = _last_event_usage(block, _terminal_usage_object) if block else None
-        self.api_usage = None if found is None else responses_usage(found)
-        return None if self.api_usage is None else self.api_usage.usage
+        return None if found is None else responses_usage(found)
 
 
 # --- Anthropic Messages ----------------------------------------------------------------------
@@ -137,8 +123,8 @@ ANTHROPIC_COUNTERS = (
 THINKING = "thinking_tokens"
 
 
-def anthropic_usage(usage: dict[str, Any]) -> ApiUsage:
-    """An Anthropic `usage` object (or merged counters) as an `ApiUsage`.
+def anthropic_usage(usage: dict[str, Any]) -> Usage:
+    """An Anthropic `usage` object (or merged counters) as a `Usage`.
 
     Anthropic's `input_tokens` excludes the cache counters; the prompt is all three.
     """
@@ -147,10 +133,10 @@ def anthropic_usage(usage: dict[str, Any]) -> ApiUsage:
     prompt = clamp(_tokens(usage.get("input_tokens")) + read + write)
     completion = _tokens(usage.get("output_tokens"))
     thinking = _detail(usage, "output_tokens_details", THINKING)
-    return ApiUsage(Usage(prompt, completion, clamp(prompt + completion), read, thinking), write)
+    return Usage(prompt, completion, clamp(prompt + completion), read, thinking, write)
 
 
-def anthropic_body_usage(body: bytes) -> ApiUsage | None:
+def anthropic_body_usage(body: bytes) -> Usage | None:
     """Usage of a whole (non-streamed) Messages body: its top-level `usage`."""
     found = _body_usage_object(body)
     return None if found is None else anthropic_usage(found)
@@ -176,12 +162,11 @@ class AnthropicStreamUsage(StreamUsage):
     Only the few events with a `"usage": {` are parsed, as they pass.
     """
 
-    __slots__ = ("_counters", "api_usage")
+    __slots__ = ("_counters",)
 
     def __init__(self) -> None:
         super().__init__()
         self._counters: dict[str, Any] | None = None
-        self.api_usage: ApiUsage | None = None
 
     def _lines(self, block: bytes) -> None:
         for line in block.splitlines():
@@ -204,13 +189,12 @@ class AnthropicStreamUsage(StreamUsage):
             counters["output_tokens_details"] = {THINKING: _tokens(details[THINKING])}
 
     def finish(self) -> Usage | None:
-        """The merged usage (also kept, with the cache-creation count, in `api_usage`)."""
+        """The merged usage."""
         if self._carry:
             self._lines(self._carry)
             self._carry = b""
         counters = self._counters
-        self.api_usage = None if counters is None else anthropic_usage(counters)
-        return None if self.api_usage is None else self.api_usage.usage
+        return None if counters is None else anthropic_usage(counters)
 
 
 # --- Shared helpers --------------------------------------------------------------------------
@@ -411,16 +395,6 @@ class ProducedText:
 # --- The usage format of each API family -----------------------------------------------------
 
 
-def _responses_body(body: bytes) -> Usage | None:
-    found = responses_body_usage(body)
-    return None if found is None else found.usage
-
-
-def _anthropic_body(body: bytes) -> Usage | None:
-    found = anthropic_body_usage(body)
-    return None if found is None else found.usage
-
-
 class UsageFormat(NamedTuple):
     """How one API family reports usage: what reads a whole answer, what follows a stream,
     and what collects the text a stream produced."""
@@ -432,5 +406,9 @@ class UsageFormat(NamedTuple):
 
 
 OPENAI = UsageFormat("openai", body_usage, StreamUsage, ProducedText.chat)
-RESPONSES = UsageFormat("responses", _responses_body, ResponsesStreamUsage, ProducedText.responses)
-ANTHROPIC = UsageFormat("anthropic", _anthropic_body, AnthropicStreamUsage, ProducedText.anthropic)
+RESPONSES = UsageFormat(
+    "responses", responses_body_usage, ResponsesStreamUsage, ProducedText.responses
+)
+ANTHROPIC = UsageFormat(
+    "anthropic", anthropic_body_usage, AnthropicStreamUsage, ProducedText.anthropic
+)

@@ -87,19 +87,29 @@ def _times(count: int, rate: Decimal | None) -> Decimal:
 
 
 def token_cost(prices: Prices, usage: Usage) -> Decimal:
-    """(prompt - cached) * prompt + cached * cache_read + completion * completion.
+    """DIAL's rule (compatibility C72): (prompt - cached - written) * prompt
+    + completion * completion + cached * cacheRead + written * cacheWrite.
 
-    A term whose rate is not set is 0. The cache-read rate defaults to the prompt rate, as in
-    newer DIAL (compatibility C20), so without cache pricing this is DIAL 2024's
-    prompt * prompt + completion * completion. `Usage` carries no cache-write count, so the
-    cache-write rate is never applied; such tokens are billed at the prompt rate.
-    Like DIAL, the uncached count is not clamped at 0 (it is negative only when an upstream
-    reports more cached tokens than prompt tokens).
+    `cached` are the prompt tokens read from a cache, `written` those written to one; both
+    are parts of the prompt count, whatever the API (Anthropic's are converted so by
+    `limits.api_usage`). A term whose rate is not set is 0. `cacheRead` and `cacheWrite`
+    default to the prompt rate, as in newer DIAL (compatibility C20), so without cache pricing
+    this is DIAL 2024's prompt * prompt + completion * completion. Like DIAL, the uncached
+    count is not clamped at 0 (it is negative only when an upstream reports more cache tokens
+    than prompt tokens).
     """
     cached = usage.cached_prompt_tokens
-    cache_read = prices.prompt if prices.cache_read is None else prices.cache_read
-    cost = _times(usage.prompt_tokens - cached, prices.prompt)
-    cost = EXACT.add(cost, _times(cached, cache_read))
+    written = usage.cache_write_tokens
+    prompt = prices.prompt
+    cost = _times(usage.prompt_tokens - cached - written, prompt)
+    if cached:
+        cost = EXACT.add(
+            cost, _times(cached, prompt if prices.cache_read is None else prices.cache_read)
+        )
+    if written:
+        cost = EXACT.add(
+            cost, _times(written, prompt if prices.cache_write is None else prices.cache_write)
+        )
     return EXACT.add(cost, _times(usage.completion_tokens, prices.completion))
 
 

@@ -28,13 +28,20 @@ def clamp(count: int) -> int:
 
 
 class Usage(NamedTuple):
-    """Token counts of one response (a named tuple: one is built per call)."""
+    """Token counts of one response (a named tuple: one is built per call).
+
+    As in OpenAI's usage (and DIAL's, whatever the API), `prompt_tokens` counts every token
+    the model read: the cached reads (`cached_prompt_tokens`) and the tokens written to a
+    prompt cache (`cache_write_tokens`) are parts of it; `reasoning_tokens` is a part of
+    `completion_tokens`.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cached_prompt_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @classmethod
     def from_object(cls, usage: dict[str, Any]) -> Usage:
@@ -44,16 +51,19 @@ class Usage(NamedTuple):
         total = get("total_tokens")
         prompt_details = get("prompt_tokens_details")
         completion_details = get("completion_tokens_details")
+        if type(prompt_details) is not dict:
+            prompt_details = None
         return cls(
             prompt,
             completion,
             clamp(prompt + completion) if total is None else _count(total),
-            _count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+            0 if prompt_details is None else _count(prompt_details.get("cached_tokens")),
             (
                 _count(completion_details.get("reasoning_tokens"))
                 if type(completion_details) is dict
                 else 0
             ),
+            0 if prompt_details is None else _count(prompt_details.get("cache_write_tokens")),
         )
 
 
