@@ -23,21 +23,21 @@ def deployment(**model: Any) -> Deployment:
 def test_defaults_fill_only_missing_top_level_keys() -> None:
     d = deployment(endpoint="http://u/x", defaults={"a": 1, "b": {"deep": True}, "c": None})
     body = b'{"b": {"mine": 1}, "c": 5}'
-    sent = orjson.loads(enhance(body, parse_body(body), d))
+    sent = orjson.loads(enhance(body, parse_body(body), d.defaults, d.override_name))
     assert sent == {"b": {"mine": 1}, "c": 5, "a": 1}
 
 
 def test_unchanged_body_keeps_its_bytes() -> None:
     d = deployment(endpoint="http://u/x")
     body = b'{ "z" : 1 ,"a":2 }'
-    assert enhance(body, parse_body(body), d) is body
+    assert enhance(body, parse_body(body), d.defaults, d.override_name) is body
 
 
 def test_override_name_only_when_different() -> None:
     d = deployment(endpoint="http://u/x", overrideName="real")
     body = b'{"model": "real"}'
-    assert enhance(body, parse_body(body), d) is body
-    assert orjson.loads(enhance(b"{}", {}, d)) == {"model": "real"}
+    assert enhance(body, parse_body(body), d.defaults, d.override_name) is body
+    assert orjson.loads(enhance(b"{}", {}, d.defaults, d.override_name)) == {"model": "real"}
 
 
 @pytest.mark.parametrize("body", [b"", b"nul", b"[]", b'"text"', b"{'a': 1}"])

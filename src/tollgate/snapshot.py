@@ -22,7 +22,7 @@ from tollgate.config.schema import Assistant, Config, Deployable, Model
 from tollgate.limits.cost import Prices
 from tollgate.limits.policy import LimitPolicy
 from tollgate.limits.windows import Clock, Schedule
-from tollgate.routing import routes
+from tollgate.routing import interfaces, routes
 from tollgate.routing.balancer import (
     MAX_ATTEMPTS,
     Balancers,
@@ -30,6 +30,7 @@ from tollgate.routing.balancer import (
     UpstreamSet,
     retriable_statuses,
 )
+from tollgate.routing.interfaces import Target
 from tollgate.routing.routes import EMPTY as EMPTY_ROUTES
 from tollgate.routing.routes import RouteTable
 from tollgate.security.ip_ranges import IpRanges
@@ -87,6 +88,11 @@ class Deployment:
     # A model whose streamed calls ask the upstream for usage (`includeStreamUsage`,
     # compatibility C70).
     asks_stream_usage: bool = False
+    # The API families served through `interfaces` or `responsesEndpoint`, by interface
+    # (compatibility C75); the deployments family on the legacy `endpoint` is not in it.
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    # `defaultHeaders`: added to the upstream request when the client did not send them.
+    default_headers: tuple[tuple[str, str], ...] = ()
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
@@ -135,6 +141,8 @@ def _deployment(
             and model.include_stream_usage
             and model.type != "embedding"
         ),
+        targets=interfaces.targets(spec),
+        default_headers=tuple(spec.default_headers.items()),
     )
 
 

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from tollgate.config.java_regex import JavaRegexError, compile_java
 from tollgate.config.key_names import check_name
@@ -83,12 +83,43 @@ def _decimal_text(value: Any) -> Any:
 PriceRate = Annotated[str | dict[str, Any] | None, BeforeValidator(_decimal_text)]
 
 
+# Newest DIAL's typed interfaces (compatibility C75): the API families a deployment serves.
+CHAT_COMPLETIONS = "openaiChatCompletions"  # chat/completions and completions
+EMBEDDINGS = "openaiEmbeddings"
+RESPONSES = "openaiResponses"
+ANTHROPIC_MESSAGES = "anthropicMessages"
+INTERFACE_TYPES = (CHAT_COMPLETIONS, EMBEDDINGS, RESPONSES, ANTHROPIC_MESSAGES)
+# DIAL's enum also binds the snake-case names.
+INTERFACE_ALIASES = {to_snake(name): name for name in INTERFACE_TYPES}
+
+
+def _interface_names(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {INTERFACE_ALIASES.get(name, name): entry for name, entry in value.items()}
+    return value
+
+
+class UpstreamInterface(DialModel):
+    """One upstream's override for one interface (compatibility C75)."""
+
+    endpoint: str | None = None
+    key: str | None = Field(default=None, repr=False)
+    extra_data: Any = None
+    secret_extra_data: Any = Field(default=None, repr=False)
+
+
 class Upstream(DialModel):
     endpoint: str | None = None
     key: str | None = Field(default=None, repr=False)
     extra_data: Any = None
     weight: int = 1
     tier: int = 0
+    id: str | None = None
+    base_url: str | None = None
+    responses_endpoint: str | None = None
+    interfaces: Annotated[dict[str, UpstreamInterface], BeforeValidator(_interface_names)] = Field(
+        default_factory=dict
+    )
 
 
 class Features(DialModel):
@@ -123,6 +154,31 @@ class Pricing(DialModel):
     cache_write: PriceRate = None
 
 
+def _absolute(value: str | None, field: str) -> str | None:
+    # DIAL would only fail at call time; a gateway should say so when the file is loaded.
+    if value is not None and not re.match(r"https?://[^/?#]+", value, re.IGNORECASE):
+        raise ValueError(f"{field} must be an absolute http(s) URL: {value}")
+    return value
+
+
+class Interface(DialModel):
+    """How a deployment serves one API family (`interfaces.<type>`, compatibility C75)."""
+
+    base_url: str | None = None
+    mode: str = "passthrough"
+    translator: Any = None
+    default_headers: dict[str, str] = Field(default_factory=dict)
+    defaults: dict[str, Any] | None = None
+    features: Features | None = None
+    override_paths: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _absolute_base(cls, value: str | None) -> str | None:
+        checked = _absolute(value, "base_url")
+        return None if checked is None else checked.rstrip("/")
+
+
 class Deployable(DialModel):
     """Fields shared by models, applications, assistants, addons and interceptors."""
 
@@ -146,14 +202,30 @@ class Deployable(DialModel):
     # `upstream.readTimeout` of the static settings.
     connect_timeout: int | None = Field(default=None, gt=0)
     read_timeout: int | None = Field(default=None, gt=0)
+    # Newest DIAL (compatibility C75): headers added to every upstream request the client did
+    # not send, the API families served (`interfaces`) and their legacy fields.
+    default_headers: dict[str, str] = Field(default_factory=dict)
+    base_url: str | None = None
+    responses_endpoint: str | None = None
+    interfaces: Annotated[dict[str, Interface], BeforeValidator(_interface_names)] = Field(
+        default_factory=dict
+    )
 
     @field_validator("endpoint")
     @classmethod
     def _absolute_url(cls, value: str | None) -> str | None:
-        # DIAL would only fail at call time; a gateway should say so when the file is loaded.
-        if value is not None and not re.match(r"https?://[^/?#]+", value, re.IGNORECASE):
-            raise ValueError(f"endpoint must be an absolute http(s) URL: {value}")
-        return value
+        return _absolute(value, "endpoint")
+
+    @field_validator("responses_endpoint")
+    @classmethod
+    def _absolute_responses(cls, value: str | None) -> str | None:
+        return _absolute(value, "responsesEndpoint")
+
+    @field_validator("base_url")
+    @classmethod
+    def _absolute_base(cls, value: str | None) -> str | None:
+        checked = _absolute(value, "baseUrl")
+        return None if checked is None else checked.rstrip("/")
 
 
 class Model(Deployable):

@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 from tollgate import __version__
 from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError, no_route
-from tollgate.http import catalog, protocol_errors
+from tollgate.http import anthropic, catalog, protocol_errors
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.openapi import openapi_response
 from tollgate.http.ops import Ops, metrics_app
@@ -59,6 +59,13 @@ DEPLOYMENT_CALL = re.compile(
     r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
 )
 OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
+# Calls that name their deployment in the body's `model` (compatibility C76), by API.
+TYPED_CALL = re.compile(r"/+(openai/v1/responses|anthropic/v1/messages(?:/count_tokens)?)")
+TYPED_APIS = {
+    "openai/v1/responses": "responses",
+    "anthropic/v1/messages": "anthropic/messages",
+    "anthropic/v1/messages/count_tokens": "anthropic/messages/count_tokens",
+}
 
 
 class Gateway:
@@ -232,7 +239,11 @@ class Gateway:
                 assert isinstance(routed, web.StreamResponse)
                 response = routed
         except GatewayError as error:
-            response = error_response(error)
+            response = (
+                anthropic.error_response(error)
+                if anthropic.is_anthropic_path(request.raw_path)
+                else error_response(error)
+            )
             if isinstance(routed, AsyncAnswer) and routed.counted and self.metrics is not None:
                 self.metrics.endpoint(*routed.counted, error.status)
             if routed is None and self.observer is not None:
@@ -305,6 +316,9 @@ class Gateway:
             call = DEPLOYMENT_CALL.fullmatch(path)
             if call is not None:
                 return Call(request, principal, snapshot, call[1], call[2])
+            typed = TYPED_CALL.fullmatch(path)
+            if typed is not None:
+                return Call(request, principal, snapshot, "", TYPED_APIS[typed[1]])
             if OPS_RELOAD.fullmatch(path):  # administrators only (compatibility C53)
                 return AsyncAnswer(self.ops.reload(principal), "POST config reload")
         elif method == "GET" and path == "/metrics" and self._metrics_here:
@@ -442,6 +456,8 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
     _get(r"/+v1/deployments", lambda r, p, s, m: catalog.all_deployments(s, p)),
     _get(r"/+v1/deployments/(.+?)", lambda r, p, s, m: catalog.one_deployment(s, p, m[1])),
     _get(r"/+v1/user/info", lambda r, p, s, m: catalog.user_info(p)),
+    _get(r"/+anthropic/v1/models", lambda r, p, s, m: anthropic.models(s, p, r.query)),
+    _get(r"/+anthropic/v1/models/(.+?)", lambda r, p, s, m: anthropic.model(s, p, decode_id(m[1]))),
 )
 
 

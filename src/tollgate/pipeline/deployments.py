@@ -10,11 +10,16 @@ orders them.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
+from yarl import URL
 
-from tollgate.errors import GatewayError
+from tollgate.config.schema import Model
+from tollgate.errors import GatewayError, unknown_application
+from tollgate.limits.api_usage import ANTHROPIC, OPENAI, RESPONSES
 from tollgate.observability.calls import Observer
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.assistants import addon_headers, assistant_request
@@ -27,6 +32,7 @@ from tollgate.pipeline.forward import (
     parse_body,
     read_body,
     upstream_url,
+    with_default_headers,
     with_hop_key,
 )
 from tollgate.pipeline.hop import DEPLOYMENT, HopEngine, Outbound
@@ -35,7 +41,8 @@ from tollgate.pipeline.include_usage import ask_for_usage
 from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
 from tollgate.pipeline.resolve import resolve
 from tollgate.pipeline.settle import Settler
-from tollgate.snapshot import Kind
+from tollgate.routing.interfaces import INTERFACE_OF, Target
+from tollgate.snapshot import Deployment, Kind
 
 if TYPE_CHECKING:
     from tollgate.routing.balancer import UpstreamState
@@ -44,6 +51,32 @@ if TYPE_CHECKING:
 def _with_upstream_headers(upstream: UpstreamState, headers: list[tuple[str, str]]) -> None:
     """Each attempt of a deployment call carries its upstream's `X-UPSTREAM-*` headers."""
     headers.extend(upstream.headers)
+
+
+def _interface_headers(
+    interface: str,
+) -> Callable[[UpstreamState, list[tuple[str, str]]], None]:
+    """The same, for a call to one interface: the upstream's headers for it (compatibility
+    C75)."""
+
+    def add(upstream: UpstreamState, headers: list[tuple[str, str]]) -> None:
+        headers.extend(upstream.headers_of(interface))
+
+    return add
+
+
+# Called with the model in the body (compatibility C76).
+TYPED_APIS: Final = frozenset(
+    {"responses", "anthropic/messages", "anthropic/messages/count_tokens"}
+)
+NOT_SERVED: Final = {
+    "responses": "OpenAI responses not supported for this deployment type",
+    "anthropic/messages": "Anthropic messages not supported for this deployment type",
+    "anthropic/messages/count_tokens": "Anthropic messages not supported for this deployment type",
+}
+USAGE_FORMATS: Final = {"responses": RESPONSES, "anthropic/messages": ANTHROPIC}
+# A hop that is neither limited nor charged (Anthropic's `count_tokens`): no usage is read.
+UNCHARGED: Final = replace(DEPLOYMENT, usage=False)
 
 
 class DeploymentCalls:
@@ -90,6 +123,8 @@ class DeploymentCalls:
         request = call.request
         if "application/json" not in request.headers.get("Content-Type", "").lower():
             raise GatewayError(415, "Only application/json is supported")
+        if call.api in TYPED_APIS:  # the model is named in the body (compatibility C76)
+            return await self._typed(call)
         if call.raw_id == INTERCEPTOR_ID:  # an interceptor's callback (compatibility C40)
             return await self.interceptors.next(call)
         deployment = call.deployment = resolve(call.snapshot, call.raw_id)
@@ -97,23 +132,78 @@ class DeploymentCalls:
         if note is not None:
             note.deployment = deployment.name
         authorize(call.principal, deployment)
-        if deployment.endpoint_url is None:
+        target = deployment.targets.get(INTERFACE_OF[call.api]) if deployment.targets else None
+        if target is None and deployment.endpoint_url is None:
             raise GatewayError(503, f"Deployment has no endpoint: {deployment.name}")
         if deployment.interceptors and not call.chained:
             return await self.interceptors.enter(call)
         body = call.body = await read_body(request, self._body_timeout_s)
+        call.parsed = parse_body(body)
+        return await self._forward(call, deployment, target)
+
+    async def _typed(self, call: Call) -> web.StreamResponse:
+        """A Responses or Anthropic Messages call: the deployment is the body's `model`, and it
+        must serve the call's API family (compatibility C76)."""
+        api = call.api
+        body = call.body = await read_body(call.request, self._body_timeout_s)
         parsed = call.parsed = parse_body(body)
+        model = parsed.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "Field model is required")
+        call.raw_id = model
+        deployment = call.deployment = call.snapshot.resolve(model)
+        if deployment is None:
+            raise unknown_application(model)
+        if call.note is not None:
+            call.note.deployment = deployment.name
+        authorize(call.principal, deployment)
+        target = deployment.targets.get(INTERFACE_OF[api]) if deployment.targets else None
+        if target is None:
+            raise GatewayError(503, NOT_SERVED[api])
+        if deployment.interceptors:
+            # A chain speaks the chat completions protocol: the call must not bypass it.
+            raise GatewayError(503, f"{NOT_SERVED[api]} with interceptors")
+        if api == "responses":
+            for field in ("previous_response_id", "conversation"):
+                if parsed.get(field) is not None:
+                    raise GatewayError(400, f"{field} is not supported")
+            spec = deployment.spec
+            if isinstance(spec, Model) and any(u.id is None for u in spec.upstreams):
+                # Follow-up calls go to the upstream that made the response: it needs an id.
+                raise GatewayError(503, "Upstream is missing required id")
+        return await self._forward(call, deployment, target)
+
+    async def _forward(
+        self, call: Call, deployment: Deployment, target: Target | None
+    ) -> web.StreamResponse:
+        """The steps from the hop's key to the settle, once the deployment is known and allowed.
+
+        `target`: the interface the call is served by, or None for the legacy `endpoint`.
+        """
+        request = call.request
+        body = call.body
+        parsed = call.parsed
+        note = call.note
+        api = call.api
+        # `count_tokens` is neither limited nor charged (compatibility C76).
+        charged = api != "anthropic/messages/count_tokens"
         keys = self._keys
         hop_key = keys.open(call.principal.via(deployment.name))
         ticket = None
         try:
-            admission = self._admission
-            ticket = call.ticket = (
-                admission.admit_now(call) if admission.synchronous else await admission.admit(call)
-            )
-            enhanced = enhance(body, parsed, deployment)
+            if charged:
+                admission = self._admission
+                ticket = call.ticket = (
+                    admission.admit_now(call)
+                    if admission.synchronous
+                    else await admission.admit(call)
+                )
+            defaults = deployment.defaults
+            if target is not None and target.defaults is not None:
+                defaults = target.defaults  # an interface's defaults replace the model's
+            enhanced = enhance(body, parsed, defaults, deployment.override_name)
             hide_usage = False
-            if deployment.asks_stream_usage and call.api != "embeddings":
+            if deployment.asks_stream_usage and api in ("chat/completions", "completions"):
                 # A stream must not go uncharged because the client did not ask the upstream
                 # for usage (compatibility C70).
                 asked = ask_for_usage(
@@ -127,37 +217,65 @@ class DeploymentCalls:
                 assistant = assistant_request(parsed, call.snapshot, call.principal, deployment)
                 body = assistant.body
                 headers = addon_headers(headers, assistant.headers)
+            default_headers = (
+                deployment.default_headers if target is None else target.default_headers
+            )
+            if default_headers:
+                with_default_headers(headers, request.headers, default_headers)
+            if api.startswith("anthropic/"):
+                # The body's `model` is now the upstream's name; the adapter learns the
+                # deployment the client asked for from this header (compatibility C76).
+                headers.append(("X-DIAL-DEPLOYMENT-ID", call.raw_id))
             with_hop_key(headers, hop_key.key)
             if hop_key.publishing is not None:
                 await hop_key.publishing  # the key must be readable everywhere before it is sent
             snapshot = call.snapshot
+            raw_query = request.raw_path.partition("?")[2]
+            url: URL | str
+            per_upstream: Callable[[UpstreamState, list[tuple[str, str]]], None]
+            if target is None:
+                url = upstream_url(deployment, raw_query)
+                per_upstream = _with_upstream_headers
+            else:
+                url = URL(
+                    target.url(
+                        api,
+                        request.raw_path.partition("?")[0],
+                        raw_query,
+                        deployment.override_name or deployment.name,
+                    ),
+                    encoded=True,
+                )
+                per_upstream = _interface_headers(target.interface)
             relayed = call.relayed = await self._engine.send(
                 request,
                 Outbound(
                     "POST",
-                    upstream_url(deployment, request.raw_path.partition("?")[2]),
+                    url,
                     headers,
                     body,
                     self._engine.timeouts.of(deployment),
-                    DEPLOYMENT,
+                    DEPLOYMENT if charged else UNCHARGED,
                     snapshot.balancers[deployment.name].plan(
                         deployment.max_attempts, snapshot.retriable
                     ),
-                    _with_upstream_headers,
+                    per_upstream,
                     deployment.name,
                     hide_usage=hide_usage,
                     keep=ticket is not None
                     and ticket.prices is not None
                     and ticket.prices.unit == "char_without_whitespace",
+                    usage_format=USAGE_FORMATS.get(api, OPENAI),
                     # DIAL deletes the hop's key when its caller disconnects (compatibility
                     # C29); the drain for usage must not keep it alive.
                     on_client_gone=lambda: keys.end(hop_key.handle),
                     note=note,
                 ),
             )
-            usage = counted_usage(call)  # estimated when the upstream reported none
-            if note is not None:
-                note.usage = usage
+            if charged:
+                usage = counted_usage(call)  # estimated when the upstream reported none
+                if note is not None:
+                    note.usage = usage
             return relayed.response
         finally:
             publishing = hop_key.publishing

@@ -7,12 +7,13 @@ Sending it, once per upstream the balancer hands out, is `tollgate.pipeline.hop`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from tollgate.errors import GatewayError
@@ -55,18 +56,19 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return value
 
 
-def enhance(body: bytes, request: dict[str, Any], deployment: Deployment) -> bytes:
+def enhance(
+    body: bytes, request: dict[str, Any], defaults: Mapping[str, Any], override: str | None
+) -> bytes:
     """Apply `defaults` and `overrideName` (compatibility C23).
 
     Defaults fill only top-level keys the request lacks (an explicit null stays). When nothing
     changes, the client's bytes are forwarded as they came.
     """
     changed = False
-    for key, value in deployment.defaults.items():
+    for key, value in defaults.items():
         if key not in request:
             request[key] = value
             changed = True
-    override = deployment.override_name
     if override is not None and request.get("model") != override:
         request["model"] = override
         changed = True
@@ -124,6 +126,19 @@ def upstream_headers(
     dropped = DROPPED_HEADERS if forward_authorization else DROPPED_WITHOUT_AUTH_FORWARDING
     headers = [(name, value) for name, value in client if name.lower() not in dropped]
     return with_hop_key(headers, per_request_key)
+
+
+def with_default_headers(
+    headers: list[tuple[str, str]],
+    sent: CIMultiDictProxy[str],
+    defaults: tuple[tuple[str, str], ...],
+) -> None:
+    """A deployment's `defaultHeaders` that the client did not send (compatibility C75). Never
+    one Tollgate sets itself or drops: the client and Tollgate win over a default."""
+    for name, value in defaults:
+        lower = name.lower()
+        if name not in sent and lower not in DROPPED_HEADERS:
+            headers.append((name, value))
 
 
 def with_hop_key(headers: list[tuple[str, str]], per_request_key: str) -> list[tuple[str, str]]:

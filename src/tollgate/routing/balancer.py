@@ -61,7 +61,15 @@ from typing import Final
 import orjson
 
 from tollgate.config.key_names import digest_of, fingerprint_of_digest
-from tollgate.config.schema import Deployable, Model, Upstream
+from tollgate.config.schema import (
+    CHAT_COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    Deployable,
+    Model,
+    Upstream,
+)
+from tollgate.routing.interfaces import VENDOR_PATHS
 
 Monotonic = Callable[[], float]
 """A clock returning monotonic seconds (`time.monotonic`, or a test's fake)."""
@@ -132,6 +140,34 @@ def upstream_headers(upstream: Upstream) -> tuple[tuple[str, str], ...]:
     if upstream.extra_data is not None:
         headers.append(("X-UPSTREAM-EXTRA-DATA", _extra_text(upstream.extra_data)))
     return tuple(headers)
+
+
+def interface_headers(upstream: Upstream, interface: str) -> tuple[tuple[str, str], ...]:
+    """`X-UPSTREAM-*` of a call through `upstream` to another API family than the deployments
+    one (compatibility C75): the upstream's override for the interface, else its
+    `responsesEndpoint` (Responses), else its `baseUrl` with the vendor's API path, else its
+    `endpoint`; `secretExtraData` merged over `extraData`."""
+    override = upstream.interfaces.get(interface)
+    endpoint = override.endpoint if override is not None else None
+    if endpoint is None and interface == RESPONSES:
+        endpoint = upstream.responses_endpoint
+    if endpoint is None and upstream.base_url is not None and interface in VENDOR_PATHS:
+        endpoint = upstream.base_url.rstrip("/") + VENDOR_PATHS[interface]
+    if endpoint is None:
+        endpoint = upstream.endpoint
+    key = upstream.key
+    extra = upstream.extra_data
+    if override is not None:
+        if override.key is not None:
+            key = override.key
+        if override.extra_data is not None:
+            extra = override.extra_data
+        secret = override.secret_extra_data
+        if isinstance(secret, dict):
+            extra = {**extra, **secret} if isinstance(extra, dict) else secret
+        elif secret is not None:
+            extra = secret
+    return upstream_headers(Upstream(endpoint=endpoint, key=key, extra_data=extra))
 
 
 def _extra_text(extra: object) -> str:
@@ -205,6 +241,7 @@ class UpstreamState:
     """
 
     __slots__ = (
+        "_by_interface",
         "endpoint",
         "error_count",
         "fingerprint",
@@ -223,12 +260,26 @@ class UpstreamState:
         # Logs name a key by the first 8 hex digits of its SHA-256 (compatibility C10).
         self.fingerprint = "" if upstream.key is None else fingerprint_of_digest(identity[1])
         self.headers = upstream_headers(upstream) if forwarded else ()
+        # Of the other API families (`headers_of`); None: the synthetic upstream sends none.
+        self._by_interface: dict[str, tuple[tuple[str, str], ...]] | None = (
+            {} if forwarded else None
+        )
         # Its name in metrics, traces and logs: `sha256:<fingerprint>` of its key, or
         # `#<position>` among its deployment's enabled upstreams (set by the balancer).
         self.label = f"sha256:{self.fingerprint}" if self.fingerprint else "#0"
         self.error_count = 0
         self.parked_until = _NOT_PARKED
         self.rate_limited = False
+
+    def headers_of(self, interface: str) -> tuple[tuple[str, str], ...]:
+        """`X-UPSTREAM-*` of a call to `interface` (`headers` for the deployments family)."""
+        by_interface = self._by_interface
+        if by_interface is None or interface in (CHAT_COMPLETIONS, EMBEDDINGS):
+            return self.headers
+        headers = by_interface.get(interface)
+        if headers is None:
+            headers = by_interface[interface] = interface_headers(self.upstream, interface)
+        return headers
 
     def available(self, now: float) -> bool:
         return now > self.parked_until
