@@ -314,6 +314,78 @@ class TestReferences:
         ]
 
 
+class TestInterfaces:
+    def test_interfaces_that_serve_nothing_are_named(self, tmp_path: Path) -> None:
+        config = clean_config()
+        config["models"]["claude"] = {
+            "userRoles": ["admin"],
+            "interfaces": {
+                "anthropicMessages": {
+                    "baseUrl": "http://a",
+                    "overridePaths": {"postNothing": "/x"},
+                },
+                "openaiEmbedding": {"baseUrl": "http://a"},
+                "openaiResponses": {},
+                "openaiChatCompletions": {"mode": "translator", "translator": "t"},
+            },
+            "upstreams": [{"key": "k"}],
+            "pricing": {"unit": "char_without_whitespace", "cacheRead": "0.1"},
+        }
+        problems = found(check_files([write(tmp_path, "c.json", config)]))
+        where = "$.models.claude"
+        assert problems == [
+            (
+                "warning",
+                f"{where}.interfaces.anthropicMessages.overridePaths.postNothing",
+                'unknown operation "postNothing": never used',
+            ),
+            (
+                "warning",
+                f"{where}.interfaces.openaiEmbedding",
+                "Unsupported interface type 'openaiEmbedding'. Model supports: "
+                "openaiChatCompletions, openaiEmbeddings, openaiResponses, anthropicMessages "
+                "(kept, but it never serves a call)",
+            ),
+            (
+                "warning",
+                f"{where}.interfaces.openaiResponses",
+                "no base_url here nor baseUrl on the deployment: serves nothing",
+            ),
+            (
+                "warning",
+                f"{where}.interfaces.openaiChatCompletions.mode",
+                'mode "translator" is not served by Tollgate: this interface serves nothing '
+                "(only passthrough is)",
+            ),
+            (
+                "warning",
+                f"{where}.upstreams[0]",
+                "an upstream of a model that serves the Responses API needs an id (calls answer "
+                "503 Upstream is missing required id)",
+            ),
+            (
+                "warning",
+                f"{where}.pricing",
+                "cacheRead and cacheWrite apply to unit token only: ignored here",
+            ),
+        ]
+
+    def test_typed_interfaces_behind_interceptors(self, tmp_path: Path) -> None:
+        config = clean_config(interceptors={"audit": {"endpoint": "http://audit/x"}})
+        config["models"]["gpt"].update(
+            interceptors=["audit"], responsesEndpoint="http://model/v1/responses"
+        )
+        problems = found(check_files([write(tmp_path, "c.json", config)]))
+        assert problems == [
+            (
+                "warning",
+                "$.models.gpt",
+                "responsesEndpoint not served: the deployment has interceptors, which speak "
+                "chat completions only (calls answer 503)",
+            )
+        ]
+
+
 class TestLocation:
     def test_warnings_name_the_file_and_line_that_wrote_them(self, tmp_path: Path) -> None:
         first = write(tmp_path, "a.json", clean_config())

@@ -33,7 +33,15 @@ from tollgate.config.load import (
     read_source,
 )
 from tollgate.config.merge import deep_merge
-from tollgate.config.schema import Config, Deployable
+from tollgate.config.schema import (
+    ANTHROPIC_MESSAGES,
+    INTERFACE_TYPES,
+    RESPONSES,
+    Config,
+    Deployable,
+    Model,
+)
+from tollgate.routing.interfaces import OPERATIONS
 from tollgate.routing.routes import DEFAULT_ORDER as DEFAULT_ROUTE_ORDER
 from tollgate.security.admin import AdminRule
 from tollgate.security.keys import HASHED_NAME, digest_of_name
@@ -237,6 +245,7 @@ def check_config(config: Config, admin_rules: Sequence[AdminRuleSetting] = ()) -
         *role_problems(config, admin_rules),
         *reference_problems(config),
         *route_problems(config),
+        *interface_problems(config),
     ]
 
 
@@ -470,6 +479,92 @@ def reference_problems(config: Config) -> list[Problem]:
                         f'no addon "{addon}" in addons',
                     )
                 )
+    return problems
+
+
+# --- Typed interfaces --------------------------------------------------------------------------
+
+OVERRIDE_PATH_OPERATIONS = frozenset(OPERATIONS.values()) | {
+    "getOpenaiResponsesById",
+    "deleteOpenaiResponsesById",
+    "postOpenaiResponsesCancel",
+}
+
+
+def interface_problems(config: Config) -> list[Problem]:
+    """`interfaces` entries that serve nothing, or not what they seem to (compatibility C75,
+    C76)."""
+    problems: list[Problem] = []
+    for loc, item in _deployables(config):
+        for name, entry in item.interfaces.items():
+            where = (*loc, "interfaces", name)
+            if name not in INTERFACE_TYPES:
+                problems.append(
+                    at(
+                        where,
+                        f"Unsupported interface type '{name}'. Model supports: "
+                        + ", ".join(INTERFACE_TYPES)
+                        + " (kept, but it never serves a call)",
+                    )
+                )
+                continue
+            if entry.mode != "passthrough":
+                problems.append(
+                    at(
+                        (*where, "mode"),
+                        f'mode "{entry.mode}" is not served by Tollgate: this interface serves '
+                        "nothing (only passthrough is)",
+                    )
+                )
+            elif entry.base_url is None and item.base_url is None:
+                problems.append(
+                    at(where, "no base_url here nor baseUrl on the deployment: serves nothing")
+                )
+            for operation in entry.override_paths:
+                if operation not in OVERRIDE_PATH_OPERATIONS:
+                    problems.append(
+                        at(
+                            (*where, "overridePaths", operation),
+                            f'unknown operation "{operation}": never used',
+                        )
+                    )
+        typed = [name for name in item.interfaces if name in (RESPONSES, ANTHROPIC_MESSAGES)] + (
+            ["responsesEndpoint"] if item.responses_endpoint else []
+        )
+        if typed and (item.interceptors or config.global_interceptors):
+            problems.append(
+                at(
+                    loc,
+                    f"{', '.join(typed)} not served: the deployment has interceptors, which "
+                    "speak chat completions only (calls answer 503)",
+                )
+            )
+        if (
+            isinstance(item, Model)
+            and item.upstreams
+            and (RESPONSES in item.interfaces or item.responses_endpoint)
+        ):
+            for index, upstream in enumerate(item.upstreams):
+                if upstream.id is None:
+                    problems.append(
+                        at(
+                            (*loc, "upstreams", index),
+                            "an upstream of a model that serves the Responses API needs an id "
+                            "(calls answer 503 Upstream is missing required id)",
+                        )
+                    )
+        pricing = item.pricing if isinstance(item, Model) else None
+        if (
+            pricing is not None
+            and (pricing.cache_read is not None or pricing.cache_write is not None)
+            and (pricing.unit or "token") != "token"
+        ):
+            problems.append(
+                at(
+                    (*loc, "pricing"),
+                    "cacheRead and cacheWrite apply to unit token only: ignored here",
+                )
+            )
     return problems
 
 
