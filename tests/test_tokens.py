@@ -226,15 +226,40 @@ def test_completions_and_embeddings() -> None:
 
 def test_without_the_package_every_count_is_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "quicktok", None)  # `import quicktok` raises ImportError
-    tokens._counter.cache_clear()
-    try:
-        assert not tokens.preload("gpt-4o")
-        assert tokens.count_text("gpt-4o", "Здравствуйте, мир") == math.ceil(31 / 4)
-    finally:
-        tokens._counter.cache_clear()
+    monkeypatch.setattr(tokens, "_LOADED", {})  # nothing read yet
+    assert not tokens.preload("gpt-4o")
+    assert not tokens.loaded("gpt-4o")
+    assert tokens.count_text("gpt-4o", "Здравствуйте, мир") == math.ceil(31 / 4)
     monkeypatch.undo()
     assert tokens.preload("gpt-4o")
     assert tokens.count_text("gpt-4o", "Здравствуйте, мир") == 3
+
+
+def test_a_count_that_must_not_load_estimates_until_preloaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`load=False` (a call's estimate, on the event loop) never reads an encoding: until
+    `preload` has, the count is bytes/4 (compatibility C73)."""
+    monkeypatch.setattr(tokens, "_LOADED", {})
+    text = "Здравствуйте, мир"
+    request = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+    assert tokens.count_text("gpt-4o", text, load=False) == math.ceil(31 / 4)
+    assert tokens.count_messages(request, load=False) == 3 + 1 + math.ceil(31 / 4) + 3
+    assert not tokens.loaded("gpt-4o")  # and it was not read meanwhile
+    assert tokens.preload("gpt-4o")
+    assert tokens.loaded("gpt-4o")
+    assert not tokens.loaded("gpt-4")  # another encoding
+    assert not tokens.loaded("claude-x")  # none at all
+    assert tokens.count_text("gpt-4o", text, load=False) == 3
+    assert tokens.count_messages(request, load=False) == 3 + 1 + 3 + 3
+
+
+def test_model_hint() -> None:
+    """A model's `tokenizerModel`, else its `overrideName`, else its deployment name."""
+    assert tokens.model_hint("my-model", "gpt-4o", "gpt-4") == "gpt-4"
+    assert tokens.model_hint("my-model", "gpt-4o", None) == "gpt-4o"
+    assert tokens.model_hint("my-model", None, None) == "my-model"
+    assert tokens.model_hint("my-model", "", "") == "my-model"
 
 
 def test_works_without_network_or_caches(tmp_path: Path) -> None:

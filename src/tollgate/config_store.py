@@ -20,8 +20,9 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from tollgate.config.load import ConfigError, files_digest, load_config
+from tollgate.limits import tokens
 from tollgate.routing.balancer import Balancers
-from tollgate.snapshot import Snapshot, prepare_snapshot, take_apart
+from tollgate.snapshot import Kind, Snapshot, prepare_snapshot, take_apart
 
 log = logging.getLogger("tollgate.config")
 
@@ -72,7 +73,19 @@ def build(paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers)
     the balancers of its snapshot; the reload lock keeps two syncs from overlapping.
     """
     loaded = load_config(paths, overwrite_arrays=overwrite_arrays, in_steps=True)
-    return prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
+    snapshot = prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
+    preload_tokenizers(snapshot)
+    return snapshot
+
+
+def preload_tokenizers(snapshot: Snapshot) -> None:
+    """Read the token encodings of the snapshot's models now, so that a call estimated on the
+    loop never reads one (compatibility C73): at start-up before serving, and in a reload's
+    worker thread (reading one holds the GIL for up to half a second, once per process)."""
+    for deployment in snapshot.deployments.values():
+        if deployment.kind is Kind.MODEL:
+            tokenizer = getattr(deployment.spec, "tokenizer_model", None)
+            tokens.preload(tokens.model_hint(deployment.name, deployment.override_name, tokenizer))
 
 
 def located_problems(paths: Sequence[str], overwrite_arrays: bool, exc: ConfigError) -> list[str]:
@@ -109,6 +122,7 @@ class ConfigStore:
         self.current: Snapshot = load_snapshot(
             self.paths, overwrite_arrays=overwrite_arrays, balancers=self.balancers
         )
+        preload_tokenizers(self.current)  # before the gateway serves (no event loop yet)
         self.reloads = 0
         self.failed_reloads = 0
         self._task: asyncio.Task[None] | None = None

@@ -392,23 +392,123 @@ class ProducedText:
         return "".join(parts)
 
 
+# --- Text of a whole answer ------------------------------------------------------------------
+
+
+def _document(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return document if type(document) is dict else None
+
+
+def _strings(parts: list[str], value: object, *names: str) -> None:
+    """Append `value[name]` for each of `names` that is a string."""
+    if type(value) is dict:
+        for name in names:
+            text = value.get(name)
+            if type(text) is str:
+                parts.append(text)
+
+
+def _content_parts(parts: list[str], content: object) -> None:
+    """A message's `content`: a string, or the `text` (`refusal`) of each of its parts."""
+    if type(content) is str:
+        parts.append(content)
+    elif type(content) is list:
+        for part in content:
+            _strings(parts, part, "text", "refusal")
+
+
+def chat_body_text(body: bytes) -> str | None:
+    """Text of a whole chat or legacy completions answer: for each choice, `text`, or its
+    `message`'s `content`, `refusal`, `reasoning_content` and tool calls' `arguments`.
+    None when the body is not a JSON object."""
+    document = _document(body)
+    if document is None:
+        return None
+    choices = document.get("choices")
+    parts: list[str] = []
+    for choice in choices if type(choices) is list else ():
+        if type(choice) is not dict:
+            continue
+        _strings(parts, choice, "text")
+        message = choice.get("message")
+        if type(message) is not dict:
+            continue
+        _content_parts(parts, message.get("content"))
+        _strings(parts, message, "refusal", "reasoning_content")
+        calls = message.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            _strings(parts, call.get("function") if type(call) is dict else None, "arguments")
+        _strings(parts, message.get("function_call"), "arguments")
+    return "".join(parts)
+
+
+def responses_body_text(body: bytes) -> str | None:
+    """Text of a whole Responses answer: the items of its `output`: a message's text and
+    refusals, a function or tool call's `arguments` (`input`, `code`), a reasoning item's
+    summary and text. None when the body is not a JSON object."""
+    document = _document(body)
+    if document is None:
+        return None
+    output = document.get("output")
+    parts: list[str] = []
+    for item in output if type(output) is list else ():
+        if type(item) is not dict:
+            continue
+        _strings(parts, item, "arguments", "input", "code")
+        for member in ("content", "summary"):
+            _content_parts(parts, item.get(member))
+    return "".join(parts)
+
+
+def anthropic_body_text(body: bytes) -> str | None:
+    """Text of a whole Messages answer: its `content` blocks' text and thinking, and a tool
+    call's `input` as compact JSON. None when the body is not a JSON object."""
+    document = _document(body)
+    if document is None:
+        return None
+    content = document.get("content")
+    parts: list[str] = []
+    for block in content if type(content) is list else ():
+        if type(block) is not dict:
+            continue
+        _strings(parts, block, "text", "thinking")
+        if "input" in block and block.get("type") in ("tool_use", "server_tool_use"):
+            parts.append(orjson.dumps(block["input"], option=orjson.OPT_NON_STR_KEYS).decode())
+    return "".join(parts)
+
+
 # --- The usage format of each API family -----------------------------------------------------
 
 
 class UsageFormat(NamedTuple):
     """How one API family reports usage: what reads a whole answer, what follows a stream,
-    and what collects the text a stream produced."""
+    what collects the text a stream produced, and what reads the text of a whole answer (None
+    when it is not a JSON object); the last two serve an estimate when no usage came
+    (compatibility C71)."""
 
     name: str
     body: Callable[[bytes], Usage | None]  # a whole answer, or the tail of a long one
     stream: Callable[[], StreamUsage]  # an event stream
     produced: Callable[[], ProducedText]
+    text: Callable[[bytes], str | None]
 
 
-OPENAI = UsageFormat("openai", body_usage, StreamUsage, ProducedText.chat)
+OPENAI = UsageFormat("openai", body_usage, StreamUsage, ProducedText.chat, chat_body_text)
 RESPONSES = UsageFormat(
-    "responses", responses_body_usage, ResponsesStreamUsage, ProducedText.responses
+    "responses",
+    responses_body_usage,
+    ResponsesStreamUsage,
+    ProducedText.responses,
+    responses_body_text,
 )
 ANTHROPIC = UsageFormat(
-    "anthropic", anthropic_body_usage, AnthropicStreamUsage, ProducedText.anthropic
+    "anthropic",
+    anthropic_body_usage,
+    AnthropicStreamUsage,
+    ProducedText.anthropic,
+    anthropic_body_text,
 )

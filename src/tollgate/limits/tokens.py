@@ -4,7 +4,10 @@ Exact counts come from the BPE encodings that ship inside the ``quicktok`` packa
 ids identical to OpenAI's tiktoken): ``o200k_base`` for GPT-4o, GPT-4.1, GPT-4.5, GPT-5, the
 o-series and gpt-oss; ``cl100k_base`` for GPT-4, GPT-3.5 and the OpenAI embedding models.
 Nothing is ever downloaded: an encoding is read once from the installed package, on first use or
-at :func:`preload`.
+at :func:`preload`. Reading one takes 0.1-0.5 s and holds the GIL throughout (so a worker thread
+does not spare the event loop), so the gateway reads those of its models' before it serves
+(:func:`preload`); a count made with ``load=False`` (the estimate of a call, on the event loop)
+never reads one, and estimates while it is not read yet (compatibility C73).
 
 For any other model (Claude, Gemini, Llama, Mistral, a name Tollgate cannot place) and when the
 package is missing, the count is an estimate: one token per four bytes of UTF-8, rounded up
@@ -21,7 +24,6 @@ its size is not known without decoding it; tool definitions count as their compa
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -68,14 +70,23 @@ def encoding_for(model_hint: str | None) -> Encoding | None:
     return None
 
 
-@functools.cache
+# The encodings read so far (None: the package is not installed). Written once per encoding,
+# read without a lock: a dict lookup is atomic.
+_LOADED: dict[Encoding, _Counter | None] = {}
+
+
 def _counter(encoding: Encoding) -> _Counter | None:
     """The encoding read from the installed package, once; None when it is not installed."""
+    if encoding in _LOADED:
+        return _LOADED[encoding]
     try:
         import quicktok  # type: ignore[import-untyped]
     except ImportError:
-        return None
-    return cast(_Counter, quicktok.get_encoding(encoding))
+        counter = None
+    else:
+        counter = cast(_Counter, quicktok.get_encoding(encoding))
+    _LOADED[encoding] = counter
+    return counter
 
 
 def preload(model_hint: str | None) -> bool:
@@ -85,14 +96,28 @@ def preload(model_hint: str | None) -> bool:
     return encoding is not None and _counter(encoding) is not None
 
 
+def loaded(model_hint: str | None) -> bool:
+    """Whether `model_hint`'s encoding is read already (its counts with ``load=False`` exact)."""
+    encoding = encoding_for(model_hint)
+    return encoding is not None and _LOADED.get(encoding) is not None
+
+
+def model_hint(name: str, override_name: str | None, tokenizer_model: str | None) -> str:
+    """What names a deployed model's tokenizer: its `tokenizerModel`, else its `overrideName`
+    (the upstream's own name for it), else its deployment name."""
+    return tokenizer_model or override_name or name
+
+
 def estimate_tokens(text: str) -> int:
     """One token per four bytes of UTF-8, rounded up: 0 only for the empty text."""
     return math.ceil(len(text.encode("utf-8", "surrogatepass")) / BYTES_PER_TOKEN)
 
 
-def _text_counter(model_hint: str | None) -> Callable[[str], int]:
+def _text_counter(model_hint: str | None, load: bool = True) -> Callable[[str], int]:
     encoding = encoding_for(model_hint)
-    counter = None if encoding is None else _counter(encoding)
+    if encoding is None:
+        return estimate_tokens
+    counter = _counter(encoding) if load else _LOADED.get(encoding)
     if counter is None:
         return estimate_tokens
     count = counter.count
@@ -106,23 +131,29 @@ def _text_counter(model_hint: str | None) -> Callable[[str], int]:
     return exact
 
 
-def count_text(model_hint: str | None, text: str) -> int:
+def count_text(model_hint: str | None, text: str, *, load: bool = True) -> int:
     """Tokens of `text` for the model `model_hint` names: exact where its encoding is known,
-    else :func:`estimate_tokens`."""
-    return _text_counter(model_hint)(text)
+    else :func:`estimate_tokens`. `load` False: an encoding not read yet is not read now (the
+    count is estimated instead)."""
+    return _text_counter(model_hint, load)(text)
 
 
 def count_messages(
-    request: Mapping[str, Any], *, model_hint: str | None = None, api: Api | None = None
+    request: Mapping[str, Any],
+    *,
+    model_hint: str | None = None,
+    api: Api | None = None,
+    load: bool = True,
 ) -> int:
     """Prompt tokens of a parsed request body: chat (`messages`), legacy completions
     (`prompt`), embeddings (`input`), Responses (`instructions`, `input`) or Anthropic Messages
     (`system`, `messages`). `model_hint` defaults to the body's `model`; `api` is inferred from
-    the body when not given (`input` reads as Responses unless `api` says embeddings)."""
+    the body when not given (`input` reads as Responses unless `api` says embeddings); `load`
+    as in :func:`count_text`."""
     if model_hint is None:
         model = request.get("model")
         model_hint = model if isinstance(model, str) else None
-    count = _text_counter(model_hint)
+    count = _text_counter(model_hint, load)
     if api is None:
         api = _infer_api(request)
     if api == "completions":

@@ -39,6 +39,7 @@ class CallNote:
         "trace",
         "upstream",
         "usage",
+        "usage_estimated",
     )
 
     def __init__(self, metrics: Metrics | None) -> None:
@@ -48,6 +49,8 @@ class CallNote:
         self.upstream: str | None = None  # of the last attempt
         self.attempts = 0
         self.usage: Usage | None = None
+        # `usage` is Tollgate's estimate: the answer reported none (compatibility C71).
+        self.usage_estimated = False
         self.cost_nano: int | None = None  # None: not charged (not a model, or not settled)
         self.trace: CallTrace | None = None  # when tracing is on
 
@@ -122,6 +125,7 @@ class Observer:
                 prompt,
                 completion,
                 note.cost_nano or 0,
+                note.usage_estimated,
             )
         if self.access is None:
             return
@@ -167,4 +171,5 @@ def _access_fields(
         None if seconds is None else round(seconds * 1000, 3),
         # The call's own trace when traced (it may continue a per-request key's hop).
         trace.trace_id if trace is not None else _trace_id_of(traceparent),
+        note.usage_estimated,
     )

@@ -179,6 +179,7 @@ class AccessLog:
         attempts: int,
         duration_ms: float | None,
         trace_id: str | None,
+        usage_estimated: bool = False,
     ) -> bytes:
         prompt, completion, total = tokens
         cost_usd = None if cost_nano is None else plain_usd(cost_nano)
@@ -206,6 +207,8 @@ class AccessLog:
             for name in _OPTIONAL:
                 if entry[name] is None:
                     del entry[name]
+            if usage_estimated:  # the tokens are Tollgate's count (compatibility C71)
+                entry["usage_estimated"] = True
             return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
         q = _text_value
         return (
@@ -216,6 +219,7 @@ class AccessLog:
             f" deployment={q(deployment)}"
             f" status={status} prompt_tokens={prompt} completion_tokens={completion}"
             f" total_tokens={total}"
+            f"{' usage_estimated=true' if usage_estimated else ''}"
             f"{'' if cost_usd is None else f' cost_usd={cost_usd}'}"
             f"{'' if upstream is None else ' upstream=' + q(upstream)}"
             f" attempts={attempts}"

@@ -86,6 +86,7 @@ class Metrics:
         self.attempts: dict[tuple[str, str, str], int] = {}  # deployment, upstream, outcome
         self.tokens: dict[tuple[str, str], list[int]] = {}  # project, deployment → prompt, compl.
         self.cost_nano: dict[tuple[str, str], int] = {}  # project, deployment
+        self.estimated: dict[str, int] = {}  # calls charged an estimate, by deployment
         self.rejections: dict[tuple[str, str, str, str], int] = {}  # project, depl., kind, window
         # Feature endpoints and routes: endpoint, target, project, status.
         self.endpoints: dict[tuple[str, str, str, int], int] = {}
@@ -105,9 +106,10 @@ class Metrics:
         prompt_tokens: int,
         completion_tokens: int,
         cost_nano: int,
+        usage_estimated: bool = False,
     ) -> None:
         """One deployment call, answered or refused (`seconds` None: refused before it was
-        timed, at the front door)."""
+        timed, at the front door); `usage_estimated`: its tokens are Tollgate's estimate."""
         key = (deployment, project, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
@@ -126,6 +128,8 @@ class Metrics:
         if cost_nano:
             pair = (project, deployment)
             self.cost_nano[pair] = self.cost_nano.get(pair, 0) + cost_nano
+        if usage_estimated:
+            self.estimated[deployment] = self.estimated.get(deployment, 0) + 1
 
     def attempt(self, deployment: str, upstream: str, outcome: str, ttfb_s: float | None) -> None:
         """One upstream attempt: `outcome` is the answer's status, or why there was none."""
@@ -213,6 +217,15 @@ class _Collector:
         for (project, deployment), nano in list(m.cost_nano.items()):
             cost.add_metric((project, deployment), nano / 1e9)
         yield cost
+        estimated = CounterMetricFamily(
+            "tollgate_usage_estimated",
+            "Successful model calls whose answer reported no usage, charged Tollgate's own "
+            "count of their tokens instead, by deployment.",
+            labels=("deployment",),
+        )
+        for deployment, count in list(m.estimated.items()):
+            estimated.add_metric((deployment,), count)
+        yield estimated
         rejections = CounterMetricFamily(
             "tollgate_limit_rejections",
             "Calls refused by a limit (429), by project, deployment, kind (token, request, "

@@ -4,6 +4,8 @@ Every hop's answer comes through here (see `hop.HopEngine`): its status (never i
 phrase, which the upstream controls), its headers minus the hop-by-hop ones, and its body,
 either read whole (up to the hop's bound, then parsed for usage) or streamed chunk by chunk
 with the write-stall watch. A client that goes away mid-stream does not stop usage counting.
+A 200 answer of a hop that reads usage also keeps what it produced (`Produced`), so that the
+call can be charged an estimate when the answer reports no usage (compatibility C71).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tollgate.limits.api_usage import UsageFormat
+from tollgate.limits.api_usage import ProducedText, UsageFormat
 from tollgate.limits.usage import Usage
 from tollgate.pipeline.include_usage import HideUsage
 
@@ -41,6 +43,9 @@ DROPPED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {"content-length"}
 DRAIN_TIMEOUT_S: Final = 30.0
 MAX_KEPT_STREAM: Final = 16 * 1024 * 1024  # a stream kept for pricing by characters
 TAIL_BYTES: Final = 64 * 1024  # of a streamed body that is not an event stream: where usage is
+# Of a 200 stream, kept by reference for an estimate of its usage; past it, the chunks of an event
+# stream are read for their text and let go (compatibility C71).
+KEEP_FOR_ESTIMATE: Final = 4 * 1024 * 1024
 
 
 def nominated(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -70,11 +75,77 @@ def response_headers(upstream: CIMultiDictProxy[str], attempts: int) -> CIMultiD
     return headers
 
 
+class Produced:
+    """What a 200 stream produced, kept in case it reports no usage (compatibility C71).
+
+    Usage nearly always comes, so nothing is parsed while the stream is relayed: its chunks
+    are kept by reference (a list append per chunk) up to `KEEP_FOR_ESTIMATE`. Past that, an
+    event stream's chunks are read for their text (`UsageFormat.produced`) and let go, and of
+    any other body only its size is kept. `text` reads what is left, once, when the stream
+    ended without usage.
+    """
+
+    __slots__ = ("_parts", "_reader", "chunks", "event_stream", "kept", "spilled", "usage_format")
+
+    def __init__(self, usage_format: UsageFormat, event_stream: bool) -> None:
+        self.usage_format = usage_format
+        self.event_stream = event_stream
+        self.chunks: list[bytes] = []
+        self.kept = 0  # bytes in `chunks` (kept up to date by whoever appends)
+        self.spilled = 0  # bytes let go
+        self._reader: ProducedText | None = None
+        self._parts: list[str] = []
+
+    def add(self, chunk: bytes) -> None:
+        """One chunk (the relay's loop appends to `chunks` itself, inline)."""
+        self.chunks.append(chunk)
+        self.kept += len(chunk)
+        if self.kept > KEEP_FOR_ESTIMATE:
+            self.spill()
+
+    def spill(self) -> int:
+        """Let the kept chunks go: an event stream's are read for their text first. Returns
+        the bytes kept now: 0."""
+        chunks = self.chunks
+        if self.event_stream:
+            reader = self._reader
+            if reader is None:
+                reader = self._reader = self.usage_format.produced()
+            self._parts.append(reader.feed(b"".join(chunks)))
+        self.spilled += sum(map(len, chunks))
+        chunks.clear()
+        self.kept = 0
+        return 0
+
+    def size(self) -> int:
+        """Bytes the upstream sent."""
+        return self.spilled + sum(map(len, self.chunks))
+
+    def text(self) -> str | None:
+        """The text the stream produced; None when it cannot be read (a body that is not an
+        event stream and not a JSON object, or one past the bound). Call once."""
+        chunks = self.chunks
+        if not self.event_stream:
+            return None if self.spilled else self.usage_format.text(b"".join(chunks))
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = self.usage_format.produced()
+        parts = self._parts
+        if chunks:
+            parts.append(reader.feed(b"".join(chunks)))
+        parts.append(reader.end())
+        return "".join(parts)
+
+
 class Relayed(NamedTuple):
     response: web.StreamResponse
     usage: Usage | None  # of a 200 answer of a hop that reads usage
     body: bytes  # the whole body; of a stream only when asked to keep it
     streamed: bool
+    # How the answer reports usage (its API family); None when the hop reads none.
+    usage_format: UsageFormat | None = None
+    produced: Produced | None = None  # of a 200 stream of a hop that reads usage
+    estimated: bool = False  # `usage` is Tollgate's estimate (pipeline/estimate.py)
 
 
 def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) -> bool:
@@ -101,7 +172,7 @@ async def relay_whole(
     body = await upstream.read()
     response = web.Response(status=upstream.status, body=body, headers=headers)
     usage = usage_format.body(body) if usage_format is not None and upstream.status == 200 else None
-    return Relayed(response, usage, body, False)
+    return Relayed(response, usage, body, False, usage_format)
 
 
 class UsageTracker(Protocol):
@@ -169,19 +240,30 @@ async def relay_stream(
     response = web.StreamResponse(status=upstream.status, headers=headers)
     tracker: UsageTracker = NO_USAGE
     hide: HideUsage | None = None
+    produced: Produced | None = None
+    chunks: list[bytes] | None = None  # produced.chunks, appended to inline: the cheapest way
     if upstream.status == 200 and (usage_format is not None or hide_usage):
         event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
         if usage_format is not None:
             tracker = usage_format.stream() if event_stream else TailUsage(usage_format.body)
+            produced = Produced(usage_format, event_stream)
+            chunks = produced.chunks
         if hide_usage and event_stream:
             hide = HideUsage()
     kept = bytearray() if keep else None
+    kept_size = 0  # bytes in `chunks`
     content = upstream.content
     watch = stalls.watch(request.transport)
     try:
         await response.prepare(request)
         async for chunk in content.iter_any():
             tracker.feed(chunk)
+            if chunks is not None:
+                chunks.append(chunk)
+                kept_size += len(chunk)
+                if kept_size > KEEP_FOR_ESTIMATE and produced is not None:
+                    produced.kept = kept_size
+                    kept_size = produced.spill()
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
             if hide is not None:
@@ -199,7 +281,9 @@ async def relay_stream(
         if on_client_gone is not None:
             on_client_gone()
         if tracker is not NO_USAGE or kept is not None:
-            await _drain(content, tracker, kept)
+            if produced is not None:
+                produced.kept = kept_size
+            await _drain(content, tracker, kept, produced)
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream broke off mid-stream: what was counted so far stands, and the client must
         # not mistake the truncated stream for a complete one, so its connection is cut too.
@@ -210,7 +294,7 @@ async def relay_stream(
         stalls.forget(watch)
     usage = tracker.finish()
     body = bytes(kept) if kept else b""
-    return Relayed(response, usage, body, True)
+    return Relayed(response, usage, body, True, usage_format, produced)
 
 
 class Watched:
@@ -285,12 +369,17 @@ class StallWatch:
 
 
 async def _drain(
-    content: aiohttp.StreamReader, tracker: UsageTracker, kept: bytearray | None
+    content: aiohttp.StreamReader,
+    tracker: UsageTracker,
+    kept: bytearray | None,
+    produced: Produced | None,
 ) -> None:
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             async for chunk in content.iter_any():
                 tracker.feed(chunk)
+                if produced is not None:
+                    produced.add(chunk)
                 if kept is not None and len(kept) < MAX_KEPT_STREAM:
                     kept += chunk
     except (TimeoutError, aiohttp.ClientError):
