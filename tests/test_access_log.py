@@ -197,3 +197,34 @@ def test_buffered_lines_are_written_when_the_gateway_stops(
     lines = [e for e in json_lines(gw) if e["logger"] == "tollgate.access"]
     assert len(lines) == 5
     assert all(e["status"] == 200 and e["deployment"] == "logged" for e in lines)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_an_estimated_charge_is_marked(log_format: str) -> None:
+    """A call charged Tollgate's estimate (its answer reported no usage) says so:
+    `"usage_estimated": true` / `usage_estimated=true`; other calls' lines have no such field
+    (compatibility C71)."""
+    import os
+
+    from tollgate.observability.logs import AccessLog
+
+    read, write = os.pipe()
+    try:
+        log = AccessLog("json" if log_format == "json" else "text", fd=write)
+        facts = ("team", "abcd1234", None, "gpt-4o", 200, (12, 6, 18), 3150, "#0", 1, 2.5, None)
+        for estimated in (True, False):
+            log.later(lambda *args: args, (*facts, estimated))
+        log.flush()
+        estimated_line, reported_line = os.read(read, 65536).decode().splitlines()
+    finally:
+        os.close(read)
+        os.close(write)
+    if log_format == "json":
+        estimated_entry = orjson.loads(estimated_line)
+        assert estimated_entry["usage_estimated"] is True
+        assert estimated_entry["total_tokens"] == 18
+        assert "usage_estimated" not in orjson.loads(reported_line)
+    else:
+        assert " total_tokens=18 usage_estimated=true cost_usd=0.00000315 " in estimated_line
+        assert "usage_estimated" not in reported_line
+        assert " total_tokens=18 cost_usd=0.00000315 " in reported_line

@@ -11,17 +11,25 @@ import pytest
 
 from tollgate.config.schema import Pricing
 from tollgate.limits.api_usage import (
+    ANTHROPIC,
+    OPENAI,
+    RESPONSES,
     AnthropicStreamUsage,
     ProducedText,
     ResponsesStreamUsage,
+    UsageFormat,
+    anthropic_body_text,
     anthropic_body_usage,
     anthropic_text,
+    chat_body_text,
     chat_text,
+    responses_body_text,
     responses_body_usage,
     responses_text,
 )
 from tollgate.limits.cost import Prices, token_cost
 from tollgate.limits.usage import USAGE_MAX, Usage
+from tollgate.pipeline.relay import Produced
 
 
 def event(name: str | None, data: object, newline: str = "\n") -> str:
@@ -518,3 +526,113 @@ def test_cr_framed_streams() -> None:
     for cut in range(len(anthropic) + 1):
         assert feed_split(AnthropicStreamUsage, anthropic, cut) == ANTHROPIC_EXPECTED, cut
     assert produced(ProducedText.anthropic, anthropic, 100) == 'Hello"usage": {}'
+
+
+# --- Text of a whole answer (an estimate's completion, compatibility C71) ---------------------
+
+
+def test_chat_body_text() -> None:
+    body = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Hello",
+                        "refusal": None,
+                        "reasoning_content": " thought",
+                        "tool_calls": [
+                            {"type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+                        ],
+                    },
+                },
+                {"index": 1, "message": {"content": [{"type": "text", "text": " two"}]}},
+                {"index": 2, "text": " legacy"},
+            ],
+            "usage": None,
+        }
+    ).encode()
+    assert chat_body_text(body) == 'Hello thought{"a":1} two legacy'
+    assert chat_body_text(b'{"choices": []}') == ""
+    assert chat_body_text(b'{"error": {"message": "x"}}') == ""
+    assert chat_body_text(b"not json") is None
+    assert chat_body_text(b"[1]") is None
+
+
+def test_responses_body_text() -> None:
+    body = {
+        "id": "resp_1",
+        "output": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Plan. "}]},
+            {
+                "type": "message",
+                "content": [
+                    {"type": "output_text", "text": "Hi", "annotations": []},
+                    {"type": "refusal", "refusal": " no"},
+                ],
+            },
+            {"type": "function_call", "name": "f", "arguments": '{"x":2}'},
+            {"type": "custom_tool_call", "input": " raw"},
+        ],
+    }
+    assert responses_body_text(json.dumps(body).encode()) == 'Plan. Hi no{"x":2} raw'
+    assert responses_body_text(b'{"output": null}') == ""
+    assert responses_body_text(b"{") is None
+
+
+def test_anthropic_body_text() -> None:
+    body = {
+        "type": "message",
+        "content": [
+            {"type": "thinking", "thinking": "Hmm. ", "signature": "sig"},
+            {"type": "text", "text": "Sure"},
+            {"type": "tool_use", "id": "t", "name": "get", "input": {"city": "Paris"}},
+            {"type": "redacted_thinking", "data": "opaque"},
+        ],
+    }
+    assert anthropic_body_text(json.dumps(body).encode()) == 'Hmm. Sure{"city":"Paris"}'
+    assert anthropic_body_text(b'{"content": "odd"}') == ""
+    assert anthropic_body_text(b"") is None
+
+
+@pytest.mark.parametrize(
+    ("usage_format", "data", "text"),
+    [
+        (OPENAI, chat_stream, 'Hello \u00e9\U0001f600{"a":hmmlegacy'),
+        (RESPONSES, responses_stream, 'Hi there "usage": {"x": 1}'),
+        (ANTHROPIC, anthropic_tool_stream, 'Hello"usage": {}Let meSure{"city": "Pa'),
+    ],
+)
+def test_a_kept_stream_gives_the_text_it_produced(
+    usage_format: UsageFormat, data: Callable[[], bytes], text: str
+) -> None:
+    """What the relay keeps of a 200 stream (`relay.Produced`) reads back as the text it
+    produced, however the stream was cut into chunks and whether or not it passed the bound
+    past which chunks are read as they come."""
+    stream_bytes = data()
+    for cut in range(0, len(stream_bytes) + 1, 7):
+        kept = Produced(usage_format, event_stream=True)
+        kept.add(stream_bytes[:cut])
+        kept.add(stream_bytes[cut:])
+        assert kept.size() == len(stream_bytes)
+        assert kept.text() == text, cut
+        spilled = Produced(usage_format, event_stream=True)
+        spilled.add(stream_bytes[:cut])
+        spilled.spill()
+        spilled.add(stream_bytes[cut:])
+        assert spilled.size() == len(stream_bytes)
+        assert spilled.text() == text, cut
+
+
+def test_a_kept_body_that_is_not_an_event_stream() -> None:
+    body = json.dumps({"choices": [{"message": {"content": "whole"}}]}).encode()
+    kept = Produced(OPENAI, event_stream=False)
+    kept.add(body[:10])
+    kept.add(body[10:])
+    assert kept.text() == "whole"
+    past = Produced(OPENAI, event_stream=False)
+    past.add(body)
+    past.spill()  # past the bound: only its size is known
+    assert past.text() is None
+    assert past.size() == len(body)

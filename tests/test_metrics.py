@@ -342,3 +342,21 @@ async def test_feature_endpoints_and_routes_are_counted(
     assert value(text, name, endpoint="tokenize", target="", status="404", **common) == 1
     assert "made-up-id" not in text
     assert value(text, name, endpoint="route", target="static", status="200", **common) == 1
+
+
+def test_estimated_calls_are_counted_by_deployment() -> None:
+    """`tollgate_usage_estimated_total`: calls charged Tollgate's own count of their tokens,
+    because the answer reported none (compatibility C71); other calls leave it alone."""
+    from tollgate.observability.metrics import Metrics
+
+    metrics = Metrics()
+    for estimated in (True, True, False):
+        metrics.call("gpt-4o", "team", 200, 0.1, 10, 5, 0, usage_estimated=estimated)
+    metrics.call("other", "team", 200, 0.1, 10, 5, 0)
+    text = metrics.render().decode()
+    found = samples(text, "tollgate_usage_estimated_total")
+    assert found == {frozenset({("deployment", "gpt-4o")}): 2.0}
+    assert (
+        value(text, "tollgate_tokens_total", project="team", deployment="gpt-4o", type="prompt")
+        == 30
+    )
