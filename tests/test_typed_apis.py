@@ -466,3 +466,81 @@ async def test_models_paging_and_errors(aclient: httpx.AsyncClient) -> None:
         missing = await aclient.get(f"/anthropic/v1/models/{name}", headers=headers)
         assert missing.status_code == 404
         assert missing.json()["error"]["type"] == "not_found_error"
+
+
+# --- Responses follow-ups (compatibility C78) ------------------------------------------------
+
+
+async def test_a_response_is_retrieved_cancelled_and_deleted_by_tollgates_id(
+    agateway: InProcessGateway, afake: InProcessFake
+) -> None:
+    client = openai_client(agateway)
+    created = await client.responses.create(
+        model="gpt-legacy", input="Keep this one", background=True
+    )
+    assert created.id.startswith("resp_dial_")
+    upstream_id = list(afake._state.responses)[-1]  # what the fake stored it under
+    assert upstream_id not in created.id  # the upstream's id never reaches the client as is
+    again = await client.responses.retrieve(created.id)
+    assert again.id == created.id
+    assert afake.last()["path"] == f"/openai/v1/responses/{upstream_id}"
+    cancelled = await client.responses.cancel(created.id)
+    assert cancelled.id == created.id
+    assert afake.last()["path"] == f"/openai/v1/responses/{upstream_id}/cancel"
+    await client.responses.delete(created.id)
+    assert afake.last()["method"] == "DELETE"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)  # the upstream's 404, relayed
+
+
+async def test_a_plain_answer_carries_no_upstream_id(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    answer = await aclient.post(
+        "/openai/v1/responses",
+        headers={"Api-Key": KEY},
+        json={"model": "gpt-legacy", "input": "Hi"},
+    )
+    assert answer.status_code == 200
+    upstream_id = list(afake._state.responses)[-1]
+    assert upstream_id not in answer.text
+    assert answer.json()["id"].startswith("resp_dial_")
+    assert int(answer.headers["Content-Length"]) == len(answer.content)
+
+
+async def test_follow_ups_with_ids_tollgate_did_not_make_are_404(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    calls = len(afake.requests())
+    for made_up in ("resp_123", "resp_dial_bm90LWpzb24", "resp_dial_WyJkMSIsImEiXQ"):
+        answer = await aclient.get(f"/openai/v1/responses/{made_up}", headers={"Api-Key": KEY})
+        assert answer.status_code == 404
+        error = answer.json()["error"]
+        assert error["message"] == f"Response with id '{made_up}' not found."
+        assert error["display_message"] == error["message"]
+        assert error["type"] == "invalid_request_error"
+    assert len(afake.requests()) == calls
+
+
+async def test_a_response_id_cannot_steer_the_upstream_url(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    from tollgate.pipeline.response_ids import ResponseRef, encode
+
+    calls = len(afake.requests())
+    for sneaky in ("../../admin", "a/b", "x?y=1", "%2e%2e"):
+        made_up = encode(ResponseRef("gpt-legacy", "", sneaky, "typed"))
+        answer = await aclient.get(f"/openai/v1/responses/{made_up}", headers={"Api-Key": KEY})
+        assert answer.status_code == 404, sneaky
+    assert len(afake.requests()) == calls
+
+
+async def test_another_project_is_refused_a_response(
+    agateway: InProcessGateway, aclient: httpx.AsyncClient
+) -> None:
+    created = await openai_client(agateway).responses.create(model="gpt-legacy", input="Mine")
+    answer = await aclient.get(
+        f"/openai/v1/responses/{created.id}", headers={"Api-Key": LIMITED_KEY}
+    )
+    assert answer.status_code == 403
+    assert answer.json()["error"]["message"] == "Access denied"

@@ -10,7 +10,7 @@ import orjson
 class GatewayError(Exception):
     """A failure the client should see, with DIAL's status code and message (compatibility C49)."""
 
-    __slots__ = ("display_message", "headers", "message", "status")
+    __slots__ = ("display_message", "headers", "kind", "message", "status")
 
     def __init__(
         self,
@@ -19,18 +19,22 @@ class GatewayError(Exception):
         *,
         display_message: str | None = None,
         headers: Mapping[str, str] | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.display_message = display_message
         self.headers = headers
+        self.kind = kind  # OpenAI's `type` (`invalid_request_error`), where DIAL sends one
 
     def body(self) -> bytes:
-        """The JSON error body: `{"error": {"message", "code", "display_message"?}}`."""
+        """The JSON error body: `{"error": {"message", "code", "display_message"?, "type"?}}`."""
         error: dict[str, str] = {"message": self.message, "code": str(self.status)}
         if self.display_message is not None:
             error["display_message"] = self.display_message
+        if self.kind is not None:
+            error["type"] = self.kind
         return orjson.dumps({"error": error})
 
 

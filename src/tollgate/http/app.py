@@ -32,7 +32,7 @@ from tollgate.limits.store import build_ledger, describe, redis_client
 from tollgate.observability.calls import Observer
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics, StoreView
-from tollgate.pipeline import features
+from tollgate.pipeline import features, response_items
 from tollgate.pipeline.admit import Admission, wall_clock_ms
 from tollgate.pipeline.authenticate import Authenticator
 from tollgate.pipeline.call import Call
@@ -40,6 +40,7 @@ from tollgate.pipeline.deployments import DeploymentCalls
 from tollgate.pipeline.hop import HopEngine, Timeouts
 from tollgate.pipeline.hop_keys import HopKeys
 from tollgate.pipeline.resolve import decode_id
+from tollgate.pipeline.response_items import ResponseItems
 from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import Settler
 from tollgate.security.admin import AdminRules
@@ -61,6 +62,7 @@ DEPLOYMENT_CALL = re.compile(
 OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
 # Calls that name their deployment in the body's `model` (compatibility C76), by API.
 TYPED_CALL = re.compile(r"/+(openai/v1/responses|anthropic/v1/messages(?:/count_tokens)?)")
+RESPONSE_ITEM = re.compile(r"/+openai/v1/responses/([^/]+)(/cancel)?")
 TYPED_APIS = {
     "openai/v1/responses": "responses",
     "anthropic/v1/messages": "anthropic/messages",
@@ -155,6 +157,7 @@ class Gateway:
         )
         self.features = features.FeatureCalls(self.engine, keys, body_timeout_s)
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)
+        self.response_items = ResponseItems(self.engine, keys, body_timeout_s)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -323,6 +326,17 @@ class Gateway:
                 return AsyncAnswer(self.ops.reload(principal), "POST config reload")
         elif method == "GET" and path == "/metrics" and self._metrics_here:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
+        if method in ("GET", "DELETE", "POST"):
+            item = RESPONSE_ITEM.fullmatch(path)
+            if item is not None:  # a follow-up on a stored response (compatibility C78)
+                operation = response_items.operation(method, item[2] is not None)
+                if operation is not None:
+                    return AsyncAnswer(
+                        self.response_items.call(
+                            Call(request, principal, snapshot), operation, item[1]
+                        ),
+                        f"{method} response",
+                    )
         for route_method, pattern, feature in FEATURE_ROUTES:
             if route_method == method:
                 match = pattern.fullmatch(path)

@@ -40,6 +40,7 @@ from tollgate.pipeline.hop_keys import HopKeys
 from tollgate.pipeline.include_usage import ask_for_usage
 from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
 from tollgate.pipeline.resolve import resolve
+from tollgate.pipeline.response_ids import IdRewrite, ResponseRef
 from tollgate.pipeline.settle import Settler
 from tollgate.routing.interfaces import INTERFACE_OF, Target
 from tollgate.snapshot import Deployment, Kind
@@ -63,6 +64,19 @@ def _interface_headers(
         headers.extend(upstream.headers_of(interface))
 
     return add
+
+
+def _noting_upstream(
+    add: Callable[[UpstreamState, list[tuple[str, str]]], None], rewrite: IdRewrite
+) -> Callable[[UpstreamState, list[tuple[str, str]]], None]:
+    """`add`, which also tells `rewrite` which upstream the attempt goes to (a Responses id
+    names it, compatibility C78)."""
+
+    def each(upstream: UpstreamState, headers: list[tuple[str, str]]) -> None:
+        rewrite.at(upstream.upstream.id or "")
+        add(upstream, headers)
+
+    return each
 
 
 # Called with the model in the body (compatibility C76).
@@ -247,6 +261,11 @@ class DeploymentCalls:
                     encoded=True,
                 )
                 per_upstream = _interface_headers(target.interface)
+            rewrite = None
+            if api == "responses":
+                # The client gets ids that lead a follow-up back here (compatibility C78).
+                rewrite = IdRewrite(ResponseRef(deployment.name, "", "", call.principal.project))
+                per_upstream = _noting_upstream(per_upstream, rewrite)
             relayed = call.relayed = await self._engine.send(
                 request,
                 Outbound(
@@ -270,6 +289,7 @@ class DeploymentCalls:
                     # C29); the drain for usage must not keep it alive.
                     on_client_gone=lambda: keys.end(hop_key.handle),
                     note=note,
+                    rewrite=rewrite,
                 ),
             )
             if charged:

@@ -24,9 +24,10 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from tollgate.errors import GatewayError
@@ -42,8 +43,6 @@ from tollgate.pipeline.relay import (
 from tollgate.routing.balancer import AttemptPlan, UpstreamState
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from tollgate.observability.calls import CallNote
     from tollgate.snapshot import Deployment
 
@@ -131,18 +130,20 @@ ROUTE: Final = HopPolicy(
 
 
 class OneAttempt:
-    """The plan of a hop without a balancer (feature, interceptor): one attempt, not retried."""
+    """The plan of a hop without a balancer (feature, interceptor), or of one that must reach a
+    given upstream (a Responses follow-up): one attempt, not retried."""
 
-    __slots__ = ("attempts",)
+    __slots__ = ("attempts", "upstream")
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: UpstreamState | None = None) -> None:
         self.attempts = 0
+        self.upstream = NO_UPSTREAM if upstream is None else upstream
 
     def next(self) -> UpstreamState | None:
         if self.attempts:
             return None
         self.attempts = 1
-        return NO_UPSTREAM
+        return self.upstream
 
     def record(self, status: int, retry_after: str | None = None) -> bool:
         return False
@@ -187,6 +188,18 @@ class Outbound:
     hide_usage: bool = False
     on_client_gone: Callable[[], None] | None = None
     note: CallNote | None = None
+    # Rewrites a 2xx answer on its way to the client (Responses ids, compatibility C78).
+    rewrite: Rewrite | None = None
+
+
+class Rewrite(Protocol):
+    """What changes an answer's bytes: `body` a whole one; `filter` and `end` a stream's."""
+
+    def body(self, body: bytes) -> bytes: ...
+
+    def filter(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
 
 
 class Timeouts:
@@ -308,7 +321,14 @@ class HopEngine:
                                 hide_usage=hop.hide_usage,
                                 on_client_gone=hop.on_client_gone,
                             )
-                        return await relay_whole(answer, headers_out, usage_format)
+                        relayed = await relay_whole(answer, headers_out, usage_format)
+                        response = relayed.response
+                        if hop.rewrite is not None and 200 <= status < 300:
+                            assert isinstance(response, web.Response)  # not prepared yet
+                            body = hop.rewrite.body(relayed.body)
+                            response.body = body
+                            relayed = relayed._replace(body=body)
+                        return relayed
                     except TimeoutError:
                         raise GatewayError(*TIMED_OUT) from None
                     except aiohttp.ClientError as exc:

@@ -85,6 +85,26 @@ class Target:
         return self.base + ingress + query
 
 
+    def item_url(self, operation: str, response_id: str, raw_query: str, upstream_name: str) -> str:
+        """The URL of a follow-up on a stored response (`operation`: DIAL's
+        `getOpenaiResponsesById`, `deleteOpenaiResponsesById` or `postOpenaiResponsesCancel`)."""
+        suffix = "/cancel" if operation == "postOpenaiResponsesCancel" else ""
+        query = "?" + raw_query if raw_query else ""
+        if self.endpoint is not None:  # `responsesEndpoint`: the item is under it
+            base, _, own_query = self.endpoint.partition("?")
+            if own_query:
+                query = "?" + own_query + ("&" + raw_query if raw_query else "")
+            return f"{base.rstrip('/')}/{response_id}{suffix}{query}"
+        assert self.base is not None
+        template = self.override_paths.get(operation) if self.override_paths else None
+        if template is not None:
+            path = template.replace("{id}", response_id).replace(
+                "{overrideName}", quote(upstream_name, safe="")
+            )
+            return self.base + path + query
+        return f"{self.base}/openai/v1/responses/{response_id}{suffix}{query}"
+
+
 def targets(spec: Deployable) -> Mapping[str, Target]:
     """The API families `spec` serves through `interfaces` or `responsesEndpoint`: by interface.
 
