@@ -23,7 +23,7 @@ import quicktok  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import FakeModel, free_port, start_gateway, stop, write_json
-from inprocess import InProcessFake, InProcessGateway, start_inprocess_gateway
+from inprocess import InProcessFake, InProcessGateway, eventually_async, start_inprocess_gateway
 from tollgate.fake_model import DEFAULT_REPLY
 from tollgate.limits import tokens
 from tollgate.pipeline import relay
@@ -433,3 +433,37 @@ def test_the_access_log_marks_an_estimate(work_dir: Path, fake_model: FakeModel)
     assert float(estimated["cost_usd"]) > 0
     assert "usage_estimated" not in reported
     assert reported["total_tokens"] == 7 + 5
+
+
+async def test_a_client_that_leaves_mid_stream_is_charged_what_was_produced(
+    aclient: httpx.AsyncClient,
+) -> None:
+    """The client goes after the first chunk of a stream that will report no usage: the relay
+    reads the upstream on, and the call is charged the whole answer's estimate, not 0."""
+    headers = {**NEVER, "X-Fake-Chunks": "20", "X-Fake-Chunk-Delay-Ms": "20"}
+    complete = await call(
+        aclient, "gpt-4o", stream=True, headers={**headers, "X-Fake-Usage": "always"}
+    )
+    reply = "".join(
+        event["choices"][0]["delta"].get("content", "")
+        for line in complete.text.splitlines()
+        if line.startswith("data: {")
+        for event in [orjson.loads(line[6:])]
+        if event["choices"]
+    )
+    expected = chat_prompt_tokens(O200K.count) + O200K.count(reply)
+    before = await used_tokens(aclient, "gpt-4o")
+    async with aclient.stream(
+        "POST",
+        "/openai/deployments/gpt-4o/chat/completions",
+        headers={"Api-Key": KEY, **headers},
+        json={"messages": [{"role": "user", "content": PROMPT}], "stream": True},
+    ) as answer:
+        assert answer.status_code == 200
+        async for _ in answer.aiter_bytes():
+            break  # and leave
+
+    async def charged_in_full() -> bool:
+        return await used_tokens(aclient, "gpt-4o") - before == expected
+
+    await eventually_async(charged_in_full)
