@@ -508,6 +508,30 @@ async def test_a_plain_answer_carries_no_upstream_id(
     assert int(answer.headers["Content-Length"]) == len(answer.content)
 
 
+async def test_a_streamed_response_carries_tollgates_id_in_every_event(
+    agateway: InProcessGateway, aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    async with aclient.stream(
+        "POST",
+        "/openai/v1/responses",
+        headers={"Api-Key": KEY},
+        json={"model": "gpt-legacy", "input": "Tell a story", "stream": True},
+    ) as answer:
+        assert answer.status_code == 200
+        text = "".join([piece async for piece in answer.aiter_text(7)])  # any chunking
+    upstream_id = list(afake._state.responses)[-1]
+    assert upstream_id not in text
+    ids = {
+        orjson.loads(line[6:])["response"]["id"]
+        for line in text.splitlines()
+        if line.startswith("data: ") and '"response"' in line
+    }
+    assert len(ids) == 1 and next(iter(ids)).startswith("resp_dial_")
+    # The SDK retrieves it by that id.
+    again = await openai_client(agateway).responses.retrieve(next(iter(ids)))
+    assert again.id == next(iter(ids))
+
+
 async def test_follow_ups_with_ids_tollgate_did_not_make_are_404(
     aclient: httpx.AsyncClient, afake: InProcessFake
 ) -> None:

@@ -320,6 +320,7 @@ class HopEngine:
                                 keep=hop.keep,
                                 hide_usage=hop.hide_usage,
                                 on_client_gone=hop.on_client_gone,
+                                rewrite=hop.rewrite,
                             )
                         relayed = await relay_whole(answer, headers_out, usage_format)
                         response = relayed.response

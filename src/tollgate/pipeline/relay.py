@@ -175,6 +175,15 @@ async def relay_whole(
     return Relayed(response, usage, body, False, usage_format)
 
 
+class ChunkFilter(Protocol):
+    """Changes a stream on its way: `filter` returns what may be sent now (b"": hold it),
+    `end` what is still held when the stream ends."""
+
+    def filter(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class UsageTracker(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
@@ -222,6 +231,7 @@ async def relay_stream(
     keep: bool = False,
     hide_usage: bool = False,
     on_client_gone: Callable[[], None] | None = None,
+    rewrite: ChunkFilter | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
@@ -232,6 +242,8 @@ async def relay_stream(
     taken out of what the client gets (`HideUsage`); usage is still read from the upstream's
     bytes (compatibility C70).
     `on_client_gone` runs as soon as the client is found gone, before the upstream is drained.
+    `rewrite` changes a 2xx event stream's bytes on their way (Responses ids, compatibility
+    C78); usage is read from the upstream's bytes all the same.
     `stalls`: a client that takes none of the answer for its interval while some waits for it is
     disconnected (see `StallWatch`), and counted as gone.
     """
@@ -239,7 +251,7 @@ async def relay_stream(
     headers["Access-Control-Allow-Origin"] = "*"
     response = web.StreamResponse(status=upstream.status, headers=headers)
     tracker: UsageTracker = NO_USAGE
-    hide: HideUsage | None = None
+    hide: ChunkFilter | None = None  # what changes the bytes the client gets
     produced: Produced | None = None
     chunks: list[bytes] | None = None  # produced.chunks, appended to inline: the cheapest way
     if upstream.status == 200 and (usage_format is not None or hide_usage):
@@ -250,6 +262,12 @@ async def relay_stream(
             chunks = produced.chunks
         if hide_usage and event_stream:
             hide = HideUsage()
+    if (
+        rewrite is not None
+        and 200 <= upstream.status < 300
+        and headers.get("Content-Type", "").startswith("text/event-stream")
+    ):
+        hide = rewrite
     kept = bytearray() if keep else None
     kept_size = 0  # bytes in `chunks`
     content = upstream.content
