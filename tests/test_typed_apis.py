@@ -437,6 +437,17 @@ async def test_models_lists_the_models_that_serve_messages(agateway: InProcessGa
     assert claude.type == "model"
 
 
+async def test_listings_show_the_interfaces(aclient: httpx.AsyncClient) -> None:
+    answer = await aclient.get("/openai/models", headers={"Api-Key": KEY})
+    items = {item["id"]: item for item in answer.json()["data"]}
+    assert items["gpt-typed"]["interfaces"] == ["openaiResponses", "openaiChatCompletions"]
+    assert items["gpt-legacy"]["interfaces"] == ["openaiChatCompletions", "openaiResponses"]
+    assert items["claude-limited"]["interfaces"] == ["anthropicMessages"]
+    assert "interfaces" not in items["chat-only"]  # DIAL's older shape for older configs
+    both = await aclient.get("/v1/deployments", headers={"Api-Key": KEY})
+    assert {i["id"]: i.get("interfaces") for i in both.json()}["claude"] == ["anthropicMessages"]
+
+
 async def test_models_paging_and_errors(aclient: httpx.AsyncClient) -> None:
     headers = {"x-api-key": KEY}
     first = await aclient.get("/anthropic/v1/models?limit=1", headers=headers)

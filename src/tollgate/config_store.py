@@ -73,15 +73,15 @@ def build(paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers)
     the balancers of its snapshot; the reload lock keeps two syncs from overlapping.
     """
     loaded = load_config(paths, overwrite_arrays=overwrite_arrays, in_steps=True)
-    snapshot = prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
-    preload_tokenizers(snapshot)
-    return snapshot
+    return prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
 
 
 def preload_tokenizers(snapshot: Snapshot) -> None:
     """Read the token encodings of the snapshot's models now, so that a call estimated on the
-    loop never reads one (compatibility C73): at start-up before serving, and in a reload's
-    worker thread (reading one holds the GIL for up to half a second, once per process)."""
+    loop never reads one (compatibility C73). At start-up only, before the loop runs: reading
+    one holds the GIL for up to half a second, which in a reload's worker thread would stall
+    every call; a model a reload adds whose encoding is not read yet is estimated by its bytes
+    until the next start."""
     for deployment in snapshot.deployments.values():
         if deployment.kind is Kind.MODEL:
             tokenizer = getattr(deployment.spec, "tokenizer_model", None)

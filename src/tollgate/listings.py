@@ -12,6 +12,7 @@ from tollgate.config.schema import (
     Features,
     Model,
 )
+from tollgate.routing.interfaces import advertised
 
 CREATED_AT = 1672534800  # DIAL's constant created_at/updated_at for config deployments
 OWNER = "organization-owner"
@@ -94,6 +95,7 @@ def model_item(name: str, model: Model) -> dict[str, Any]:
         "inference": False,
     }
     item["tokenizer_model"] = model.tokenizer_model
+    _with_interfaces(item, model, model.type)
     if model.limits is not None:
         item["limits"] = _without_nulls(
             {
@@ -132,7 +134,15 @@ def application_item(name: str, application: Application) -> dict[str, Any]:
     item = _common(name, application, "application")
     item["features"] = features_payload(application.features)
     item.update(_attachments_and_defaults(application))
+    _with_interfaces(item, application, None)
     return _without_nulls(item)
+
+
+def _with_interfaces(item: dict[str, Any], spec: Deployable, model_type: str | None) -> None:
+    """`interfaces`: the API families served (compatibility C75), on deployments that declare
+    typed interfaces or `responsesEndpoint`; the items of others keep DIAL's older shape."""
+    if spec.interfaces or spec.responses_endpoint is not None:
+        item["interfaces"] = list(advertised(spec, model_type))
 
 
 def assistant_item(name: str, assistant: Assistant, shared: Features | None) -> dict[str, Any]:
