@@ -42,7 +42,15 @@ API_KEY = "bench-key-0123456789abcdef"
 TARGETS = ("direct", "floor", "tollgate", "tollgate-limits", "tollgate-redis")
 TOLLGATES = ("tollgate", "tollgate-limits", "tollgate-redis")
 LIMITED = ("tollgate-limits", "tollgate-redis")  # Tollgate with role limits on the bench model
-MODES = {"chat": "chat.lua", "stream": "chat_stream.lua"}
+# Scenario → wrk script. The Responses and Anthropic scripts set their own path (the body names
+# the deployment); the chat ones use PATH.
+ALL_MODES = {
+    "chat": "chat.lua",
+    "stream": "chat_stream.lua",
+    "responses-stream": "responses_stream.lua",
+    "anthropic-stream": "anthropic_stream.lua",
+}
+MODES = dict(ALL_MODES)  # the scenarios of this run (`--modes`)
 WRK_SHAPE = {1: (1, 1), 64: (2, 64)}  # concurrency -> (wrk threads, connections)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -361,6 +369,40 @@ def sanity_check(name: str, url: str) -> None:
         if not ok:
             kind = "streaming" if stream else "non-streaming"
             raise RuntimeError(f"{name}: bad {kind} answer, HTTP {status}: {text[:500]}")
+    base = url.partition("/openai/deployments/")[0]
+    typed = {
+        "responses-stream": (
+            "/openai/v1/responses",
+            {"model": MODEL, "input": "Say hello", "stream": True},
+            "event: response.completed",
+        ),
+        "anthropic-stream": (
+            "/anthropic/v1/messages",
+            {
+                "model": MODEL,
+                "max_tokens": 64,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Say hello"}],
+            },
+            "event: message_stop",
+        ),
+    }
+    for mode, (path, body, last) in typed.items():
+        if mode not in MODES:
+            continue
+        req = urllib.request.Request(
+            base + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Api-Key": API_KEY},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status, text = resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode(errors="replace")
+        if status != 200 or last not in text:
+            raise RuntimeError(f"{name}: bad {mode} answer, HTTP {status}: {text[:500]}")
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -810,6 +852,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated subset of: {','.join(TARGETS)} (default: all that can run)",
     )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated subset of: {','.join(ALL_MODES)} (default: all)",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--keep-logs", action="store_true", help="copy server logs to bench/out")
     args = parser.parse_args(argv)
@@ -820,7 +867,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.targets) - set(TARGETS)
     if unknown or not args.targets:
         parser.error(f"unknown targets: {', '.join(sorted(unknown)) or '(none)'}")
+    modes = list(ALL_MODES) if args.modes is None else [m.strip() for m in args.modes.split(",")]
+    unknown = set(modes) - set(ALL_MODES)
+    if unknown or not modes:
+        parser.error(f"unknown modes: {', '.join(sorted(unknown)) or '(none)'}")
+    select_modes(modes)
     return args
+
+
+def select_modes(modes: Sequence[str]) -> None:
+    """Run only `modes` (in the order of ALL_MODES)."""
+    MODES.clear()
+    MODES.update({m: script for m, script in ALL_MODES.items() if m in modes})
 
 
 @contextlib.contextmanager
@@ -882,6 +940,11 @@ def tollgate_config(fake_url: str, limited: bool) -> dict[str, Any]:
     model: dict[str, Any] = {
         "type": "chat",
         "endpoint": f"{fake_url}/openai/deployments/{MODEL}/chat/completions",
+        # The Responses and Anthropic scenarios (compatibility C75).
+        "interfaces": {
+            "openaiResponses": {"baseUrl": fake_url},
+            "anthropicMessages": {"baseUrl": fake_url},
+        },
     }
     config: dict[str, Any] = {
         "models": {MODEL: model},
