@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import orjson
 
 USAGE = b'"usage"'
+NULL_USAGE = b'"usage":null'  # as OpenAI writes it on every chunk of a stream that asked
 WHOLE_PARSE_LIMIT = 16 * 1024
 USAGE_HEAD = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 MAX_CLOSING_BRACES_TRIED = 64
@@ -191,6 +192,9 @@ class StreamUsage:
     def _lines(self, block: bytes) -> None:
         """Complete lines with a `"usage"` in them: the last block holding a usage object is
         kept, to be parsed once by `finish`."""
+        nulls = block.count(NULL_USAGE)
+        if nulls and nulls == block.count(USAGE):
+            return  # only OpenAI's `"usage":null` members (compatibility C70): no regex
         if USAGE_HEAD.search(block) is not None:
             self._usage_block = block
 

@@ -84,7 +84,6 @@ class Target:
             ingress = f"/openai/deployments/{quote(upstream_name, safe='')}/{api}"
         return self.base + ingress + query
 
-
     def item_url(self, operation: str, response_id: str, raw_query: str, upstream_name: str) -> str:
         """The URL of a follow-up on a stored response (`operation`: DIAL's
         `getOpenaiResponsesById`, `deleteOpenaiResponsesById` or `postOpenaiResponsesCancel`)."""
