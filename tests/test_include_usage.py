@@ -318,3 +318,51 @@ def test_a_whole_stream_in_one_read_is_cut_event_by_event(block: bytes, expected
     hide = HideUsage()
     assert hide.filter(block) + hide.end() == expected
     assert hide.usage is not None and hide.usage.total_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        # OpenAI's chunk as the fake model writes it: the quickest cut.
+        (
+            b'data: {"id":"c","choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n',
+            b'data: {"id":"c","choices":[{"delta":{"content":"Hi"}}]}\n\n',
+        ),
+        # With OpenAI's `obfuscation` after it.
+        (
+            b'data: {"id":"c","choices":[],"usage":null,"obfuscation":"x1y2"}\n\n',
+            b'data: {"id":"c","choices":[],"obfuscation":"x1y2"}\n\n',
+        ),
+        # Content that merely mentions the member is not touched.
+        (
+            b'data: {"choices":[{"delta":{"content":"\\"usage\\":null"}}],"usage":null}\n\n',
+            b'data: {"choices":[{"delta":{"content":"\\"usage\\":null"}}]}\n\n',
+        ),
+        # Not the last member, nor followed only by `obfuscation`: the general path cuts it.
+        (
+            b'data: {"choices":[],"usage":null,"meta":{"a":1}}\n\n',
+            b'data: {"choices":[],"meta":{"a":1}}\n\n',
+        ),
+        # A chunk of two events is never cut as one.
+        (
+            b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n'
+            b'data: {"choices":[{"delta":{}}],"usage":null}\n\n',
+            b'data: {"choices":[{"delta":{}}]}\n\n',
+        ),
+    ],
+)
+def test_the_quick_cuts_give_what_the_general_path_gives(event: bytes, expected: bytes) -> None:
+    assert HideUsage().filter(event) == expected
+    slow = HideUsage()
+    assert slow.filter(event[:3]) + slow.filter(event[3:]) + slow.end() == expected
+
+
+def test_the_usage_only_event_is_dropped_by_the_quick_cut_and_its_usage_kept() -> None:
+    hide = HideUsage()
+    event = (
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,'
+        b'"total_tokens":5}}\n\n'
+    )
+    assert hide.filter(event) == b""
+    assert hide.usage == Usage(2, 3, 5)
+    assert hide.filter(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
