@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tollgate.limits.api_usage import UsageFormat
 from tollgate.limits.usage import Usage
 from tollgate.pipeline.include_usage import HideUsage
+from tollgate.pipeline.upstream_client import UpstreamResponse
 
 log = logging.getLogger("tollgate.relay")
 
@@ -77,7 +78,7 @@ class Relayed(NamedTuple):
     streamed: bool
 
 
-def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) -> bool:
+def streams(upstream: UpstreamResponse, buffer_limit: int, method: str) -> bool:
     """Relay chunk by chunk when the upstream streams (SSE), sends a body of unknown size, or
     one larger than the hop reads whole; a HEAD answer has no body to stream."""
     if method == "HEAD":
@@ -91,7 +92,7 @@ def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) ->
 
 
 async def relay_whole(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     usage_format: UsageFormat | None,
 ) -> Relayed:
@@ -143,7 +144,7 @@ NO_USAGE: Final = _NoUsage()
 
 async def relay_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     *,
     usage_format: UsageFormat | None,
