@@ -43,6 +43,7 @@ from tollgate.pipeline.resolve import decode_id
 from tollgate.pipeline.response_items import ResponseItems
 from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import Settler
+from tollgate.pipeline.upstream_client import UpstreamClient
 from tollgate.security.admin import AdminRules
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
@@ -139,7 +140,7 @@ class Gateway:
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
         # The call path: one hop engine for every kind of hop, the steps around it.
         self.engine = HopEngine(
             Timeouts(
@@ -159,32 +160,18 @@ class Gateway:
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)
         self.response_items = ResponseItems(self.engine, keys, body_timeout_s)
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "the gateway has not started"
-        return self._session
-
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                # Bounded per upstream (host and port) too: a caller that floods one slow
-                # upstream must not take the whole pool from every other caller
-                # (compatibility C68).
-                limit=self.settings.max_connections,
-                limit_per_host=self.settings.max_connections_per_upstream,
-                ttl_dns_cache=300,
-            ),
-            timeout=self.engine.timeouts.default,  # each hop passes its own (hop.Timeouts)
-            # Upstream bodies are relayed and parsed as they are (compatibility C25, C26): requests
-            # ask for `Accept-Encoding: identity` (see forward.py), and nothing is decompressed.
-            auto_decompress=False,
-            # One session serves every caller: cookies an upstream sets must never be sent on
-            # another caller's request (and keeping none saves a jar lookup per call).
-            cookie_jar=aiohttp.DummyCookieJar(),
+        # The upstream client (pipeline/upstream_client.py): no cookies are kept (one client
+        # serves every caller), nothing is decompressed (compatibility C25, C26).
+        self._client = UpstreamClient(
+            # Bounded per upstream (host and port) too: a caller that floods one slow upstream
+            # must not take the whole pool from every other caller (compatibility C68).
+            limit=self.settings.max_connections,
+            limit_per_upstream=self.settings.max_connections_per_upstream,
             # Traced: the call's span context goes on every upstream request (tracing.py).
-            trace_configs=None if self.tracing is None else [self.tracing.client_trace()],
+            on_request=None if self.tracing is None else self.tracing.inject,
         )
-        self.engine.start(self._session)
+        self.engine.start(self._client)
         await self.ledger.start()
         self.store.start(asyncio.get_running_loop())
         port = self.settings.metrics_port
@@ -198,8 +185,8 @@ class Gateway:
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         await self.store.stop()
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
         self.engine.stalls.stop()
         await self.settler.drain()  # calls that finished before the stop are charged
         await self.ledger.close()

@@ -18,9 +18,10 @@ What is traced:
 W3C trace context: a valid `traceparent` (and `tracestate`) of the client makes the call's span
 a child of the client's. Every request the gateway sends while a call is traced (attempts,
 interceptor, feature and route hops) carries the context of the call's current span instead of
-the client's: the attempt's during an attempt, else the call's. That is done by an aiohttp
-`TraceConfig` hook on the upstream client session, so that the steps of the request path need
-not know about tracing. With tracing off, the client's headers are forwarded unchanged.
+the client's: the attempt's during an attempt, else the call's. That is done by a hook of the
+upstream client (`Tracing.inject`, called with each request's headers), so that the steps of
+the request path need not know about tracing. With tracing off, the client's headers are
+forwarded unchanged.
 
 A per-request key hop continues the trace: an application or interceptor that calls Tollgate back
 with its per-request key joins the trace of the call that gave it the key, through its own
@@ -37,11 +38,10 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Awaitable, Mapping
-from types import SimpleNamespace
 from typing import Final
 
-import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -167,11 +167,11 @@ class Tracing:
 
     # --- the upstream client ----------------------------------------------------------------
 
-    def client_trace(self) -> aiohttp.TraceConfig:
-        """The hook that puts the current span's context on every request the gateway sends."""
-        config = aiohttp.TraceConfig()
-        config.on_request_start.append(_inject)
-        return config
+    @staticmethod
+    def inject(headers: CIMultiDict[str]) -> None:
+        """The upstream client's hook: the current span's context on every request the gateway
+        sends (see `_inject`)."""
+        _inject(headers)
 
     def shutdown(self) -> None:
         """Export the spans still queued and stop (blocking: run it in a thread)."""
@@ -284,19 +284,14 @@ class CallTrace:
             self.hop_keys = None
 
 
-async def _inject(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceRequestStartParams,
-) -> None:
-    """`on_request_start`: the current span's `traceparent` and `tracestate` replace the
-    client's (aiohttp sends the headers it passes to this hook). The request's `Api-Key`, a
-    per-request key of the hop, is remembered until the call ends: a call made back with it
-    joins this trace (`Tracing._parent`)."""
+def _inject(headers: CIMultiDict[str]) -> None:
+    """The current span's `traceparent` and `tracestate` replace the client's (the upstream
+    client sends the headers as this leaves them). The request's `Api-Key`, a per-request key
+    of the hop, is remembered until the call ends: a call made back with it joins this trace
+    (`Tracing._parent`)."""
     call = _CURRENT.get()
     if call is None or call.token is None:  # untraced, or a task that outlived its call
         return
-    headers = params.headers
     for name in TRACE_HEADERS:
         headers.popall(name, None)
     _PROPAGATOR.inject(headers, set_span_in_context(call.current))

@@ -40,6 +40,7 @@ from tollgate.pipeline.relay import (
     response_headers,
     streams,
 )
+from tollgate.pipeline.upstream_client import ConnectFailed, UpstreamClient, UpstreamResponse
 from tollgate.routing.balancer import AttemptPlan, UpstreamState
 
 if TYPE_CHECKING:
@@ -68,9 +69,9 @@ class Failure(enum.Enum):
 
 def classify(exc: BaseException) -> Failure:
     """The one exception map of outbound calls."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.InvalidURL):
+    if isinstance(exc, ConnectFailed | aiohttp.ClientConnectorError | aiohttp.InvalidURL):
         return Failure.CONNECT
-    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts included
+    if isinstance(exc, TimeoutError):  # the client's connect and read timeouts included
         return Failure.TIMEOUT
     return Failure.BROKEN
 
@@ -238,25 +239,25 @@ class Timeouts:
 
 
 class HopEngine:
-    """Sends hops on the gateway's one HTTP client."""
+    """Sends hops on the gateway's one HTTP client (`upstream_client`)."""
 
-    __slots__ = ("_session", "stalls", "timeouts")
+    __slots__ = ("_client", "stalls", "timeouts")
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
         self.stalls = StallWatch(timeouts.write_stall_s)  # every stream this engine relays
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
-    def start(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def start(self, client: UpstreamClient) -> None:
+        self._client = client
 
     async def send(self, request: web.Request, hop: Outbound) -> Relayed:
         """Try the hop's upstreams until one answers for good; relay that answer.
 
         Raises the `GatewayError` of an exhausted plan (see the module docstring).
         """
-        session = self._session
-        assert session is not None, "the gateway has not started"
+        client = self._client
+        assert client is not None, "the gateway has not started"
         plan = hop.plan
         policy = hop.policy
         note = hop.note if policy.observed else None
@@ -276,7 +277,7 @@ class HopEngine:
                 if note.trace is not None:  # the attempt's span: its context goes upstream
                     note.trace.attempt(upstream, URL(url) if isinstance(url, str) else url)
             try:
-                answer = await session.request(
+                answer = await client.request(
                     hop.method, url, data=hop.body, headers=headers, timeout=hop.timeout
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -356,7 +357,7 @@ class HopEngine:
         raise exhausted(plan, failure, policy)
 
 
-async def _discard(answer: aiohttp.ClientResponse) -> None:
+async def _discard(answer: UpstreamResponse) -> None:
     """Read a retried answer to its end (bounded), so that its connection can be reused.
 
     What is left unread when this gives up makes the release close the connection instead.

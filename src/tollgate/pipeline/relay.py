@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tollgate.limits.api_usage import ProducedText, UsageFormat
 from tollgate.limits.usage import Usage
 from tollgate.pipeline.include_usage import HideUsage
+from tollgate.pipeline.upstream_client import UpstreamResponse
 
 log = logging.getLogger("tollgate.relay")
 
@@ -148,7 +149,7 @@ class Relayed(NamedTuple):
     estimated: bool = False  # `usage` is Tollgate's estimate (pipeline/estimate.py)
 
 
-def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) -> bool:
+def streams(upstream: UpstreamResponse, buffer_limit: int, method: str) -> bool:
     """Relay chunk by chunk when the upstream streams (SSE), sends a body of unknown size, or
     one larger than the hop reads whole; a HEAD answer has no body to stream."""
     if method == "HEAD":
@@ -162,7 +163,7 @@ def streams(upstream: aiohttp.ClientResponse, buffer_limit: int, method: str) ->
 
 
 async def relay_whole(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     usage_format: UsageFormat | None,
 ) -> Relayed:
@@ -223,7 +224,7 @@ NO_USAGE: Final = _NoUsage()
 
 async def relay_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     *,
     usage_format: UsageFormat | None,
