@@ -586,6 +586,113 @@ async def test_a_refusal_changes_no_counter(
     assert await _state(ledger, T0 + S) == before
 
 
+# --- extend: a streamed call's reservation grows block by block (compatibility C79) ----------
+
+
+async def test_extend_grows_the_reservation_up_to_the_limit_exactly(ledger: MemoryLedger) -> None:
+    limits = lim(minute=1_000)
+    ask = Ask(BUCKET, MODEL, limits, at(T0))
+    assert await ledger.admit(ask) is None
+    assert await ledger.extend(ask, 600, 0, at(T0 + 100)) is None
+    assert (ask.tokens, ask.now) == (600, at(T0 + 100))
+    assert await ledger.extend(ask, 400, 0, at(T0 + 200)) is None  # 1000 <= 1000
+    assert ask.tokens == 1_000
+    assert (await used(ledger, T0 + 200)).tokens[0] == 1_000
+    before = await _state(ledger, T0 + 300)
+    refusal = await ledger.extend(ask, 1, 0, at(T0 + 300))
+    assert refusal is not None
+    assert (refusal.kind, refusal.exceeded, refusal.used) == ("token", ("minute",), (1_000,) * 4)
+    assert (ask.tokens, ask.now) == (1_000, at(T0 + 200))  # a refusal changes nothing
+    assert await _state(ledger, T0 + 300) == before
+    # Nor is a request counted by an extension.
+    assert (await used(ledger, T0 + 300)).requests == (1, 1)
+
+
+async def test_extend_counts_what_others_use(ledger: MemoryLedger) -> None:
+    limits = lim(day=1_000)
+    ask = Ask(BUCKET, MODEL, limits, at(T0), reserve=True, tokens=100)
+    assert await ledger.admit(ask) is None
+    await settle(ledger, T0 + S, 850)  # another call of the bucket
+    refusal = await ledger.extend(ask, 51, 0, at(T0 + 2 * S))
+    assert refusal is not None and refusal.used[1] == 950
+    assert await ledger.extend(ask, 50, 0, at(T0 + 2 * S)) is None
+    assert (await used(ledger, T0 + 2 * S)).tokens[1] == 1_000
+
+
+async def test_extend_checks_cost_windows_of_the_bucket(ledger: MemoryLedger) -> None:
+    limits = lim(cost=(None, "0.000001", None, None))  # 1000 nano-dollars a day
+    ask = Ask(BUCKET, MODEL, limits, at(T0))
+    assert await ledger.admit(ask) is None
+    await settle(ledger, T0, 0, 300, entity="other-model")  # the caller's spend elsewhere
+    assert await ledger.extend(ask, 10_000, 700, at(T0 + S)) is None
+    refusal = await ledger.extend(ask, 0, 1, at(T0 + S))
+    assert refusal is not None
+    assert (refusal.kind, refusal.exceeded, refusal.used[1]) == ("cost", ("day",), 1_000)
+    assert await bucket_cost(ledger, T0 + S) == (1_000, 1_000, 1_000, 1_000)
+
+
+async def test_extend_moves_the_reservation_into_the_current_minute(
+    ledger: MemoryLedger,
+) -> None:
+    """A stream longer than a minute: its reservation left the sliding minute, but the charge
+    will land in the current one, so the whole reservation is counted and held there again."""
+    limits = lim(minute=1_000)
+    ask = Ask(BUCKET, MODEL, limits, at(T0), reserve=True, tokens=700)
+    assert await ledger.admit(ask) is None
+    later = T0 + 2 * MIN
+    assert (await used(ledger, later)).tokens[0] == 0  # the admission's slot left the window
+    refusal = await ledger.extend(ask, 301, 0, at(later))
+    assert refusal is not None and refusal.used[0] == 700
+    assert await ledger.extend(ask, 300, 0, at(later)) is None
+    assert (await used(ledger, later)).tokens == (1_000, 1_000, 1_000, 1_000)
+    # Settled where it is held now: nothing is left reserved, the real usage is charged.
+    await settle(ledger, later + S, 420, reserved_at=later, reserved_tokens=ask.tokens)
+    assert (await used(ledger, later + S)).tokens == (420, 420, 420, 420)
+
+
+async def test_extend_across_midnight_moves_the_reservation_to_the_new_day(
+    ledger: MemoryLedger,
+) -> None:
+    limits = lim(day=1_000)
+    ask = Ask(BUCKET, MODEL, limits, at(MIDNIGHT - 10 * S), reserve=True, tokens=600)
+    assert await ledger.admit(ask) is None
+    assert await ledger.extend(ask, 300, 0, at(MIDNIGHT + 10 * S)) is None
+    assert (await used(ledger, MIDNIGHT - S)).tokens[1] == 0  # released from yesterday
+    assert (await used(ledger, MIDNIGHT + 10 * S)).tokens[1] == 900
+    await settle(
+        ledger, MIDNIGHT + 20 * S, 880, reserved_at=MIDNIGHT + 10 * S, reserved_tokens=ask.tokens
+    )
+    assert (await used(ledger, MIDNIGHT + 20 * S)).tokens[1] == 880
+
+
+async def test_extend_without_limits_of_a_kind_only_moves_it(ledger: MemoryLedger) -> None:
+    ask = Ask(BUCKET, MODEL, lim(minute=10), at(T0))
+    assert await ledger.admit(ask) is None
+    assert await ledger.extend(ask, 5, 10**12, at(T0 + S)) is None  # no cost limit
+    assert ask.cost_nano == 10**12
+    assert await bucket_cost(ledger, T0 + S) == (10**12,) * 4
+    await settle(
+        ledger, T0 + 2 * S, 3, 30, reserved_at=T0 + S, reserved_tokens=5, reserved_cost_nano=10**12
+    )
+    assert await bucket_cost(ledger, T0 + 2 * S) == (30,) * 4
+    assert (await used(ledger, T0 + 2 * S)).tokens[0] == 3
+
+
+async def test_concurrent_streams_extend_within_the_limit(ledger: MemoryLedger) -> None:
+    limits = lim(minute=1_000)
+    asks = [Ask(BUCKET, MODEL, limits, at(T0)) for _ in range(5)]
+    for ask in asks:
+        assert await ledger.admit(ask) is None
+    granted = 0
+    for _ in range(10):
+        for ask in asks:
+            if await ledger.extend(ask, 64, 0, at(T0 + S)) is None:
+                granted += 64
+    assert granted == 15 * 64  # 960: one more block would cross 1000
+    assert sum(ask.tokens for ask in asks) == granted
+    assert (await used(ledger, T0 + S)).tokens[0] == granted
+
+
 # --- property: the ledger against a model of spec 5 ----------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -284,6 +284,120 @@ async def test_same_answers_as_the_memory_ledger(
     finally:
         await memory.close()
         await connection.aclose()
+
+
+@dataclass(frozen=True)
+class DoExtend:
+    """Extend the reservation of the `admitted`-th latest admitted call (compatibility C79)."""
+
+    admitted: int
+    tokens: int
+    cost_nano: int
+
+
+extends = st.builds(
+    DoExtend,
+    st.integers(0, 4),
+    st.one_of(st.just(0), st.integers(0, 400)),
+    st.one_of(st.just(0), st.integers(0, 2_000_000)),
+)
+streaming = st.one_of(admits, extends, extends, settles, advances)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    start=st.sampled_from(START),
+    start_offset_ms=st.integers(0, 120_000),
+    ops=st.lists(streaming, min_size=5, max_size=50),
+)
+@pytest.mark.parametrize("client_kind", CLIENTS)
+async def test_extend_answers_as_the_memory_ledger(
+    redis_server: RedisServer,
+    client_kind: str,
+    start: datetime,
+    start_offset_ms: int,
+    ops: list[DoAdmit | DoExtend | DoSettle | Advance],
+) -> None:
+    """Admissions, extensions of their reservations and settles (of what the extensions made
+    the reservation) leave both ledgers with the same figures and the same refusals."""
+    connection = make_client(client_kind, redis_server.port)
+    memory = MemoryLedger(path=None)
+    shared = RedisLedger(connection, prefix=fresh_prefix())
+    now_ms = int(start.timestamp() * 1000) + start_offset_ms
+    # Each ledger moves its own copy of a ticket's reservation.
+    admitted: list[tuple[Ask, Ask]] = []
+    try:
+        for step, op in enumerate(ops):
+            if isinstance(op, Advance):
+                now_ms += op.ms
+            now = instant(now_ms)
+            if isinstance(op, DoAdmit):
+                ask = Ask(op.bucket, op.entity, op.limits, now, op.reserve, op.tokens, op.cost_nano)
+                twin = replace(ask)
+                expected = await memory.admit(ask)
+                assert await shared.admit(twin) == expected, (step, op)
+                if expected is None:
+                    admitted.append((ask, twin))
+            elif isinstance(op, DoExtend) and admitted:
+                ask, twin = admitted[-1 - op.admitted % len(admitted)]
+                expected = await memory.extend(ask, op.tokens, op.cost_nano, now)
+                assert await shared.extend(twin, op.tokens, op.cost_nano, now) == expected, (
+                    step,
+                    op,
+                )
+                assert twin == ask, (step, op)
+            elif isinstance(op, DoSettle):
+                if op.admitted is not None and admitted:
+                    ask, twin = admitted.pop(-1 - op.admitted % len(admitted))
+                    await memory.settle(charge_of(op, now, [ask]))
+                    await shared.settle(charge_of(op, now, [twin]))
+                else:
+                    charge = charge_of(op, now, [])
+                    await memory.settle(charge)
+                    await shared.settle(charge)
+            for bucket in BUCKETS:
+                want = await memory.usage(bucket, None, now)
+                got = await shared.usage(bucket, None, now)
+                assert got == want, (step, op, bucket)
+    finally:
+        await memory.close()
+        await connection.aclose()
+
+
+async def test_concurrent_extensions_never_cross_the_limits(store: Any) -> None:
+    """Streams of one caller on two instances extend at once: together within the limits."""
+    prefix = fresh_prefix()
+    one, two = RedisLedger(store, prefix=prefix), RedisLedger(store, prefix=prefix)
+    now = instant(1_780_000_000_000)
+    tight = Limits(
+        (UNLIMITED, 10_000, UNLIMITED, UNLIMITED),
+        (UNLIMITED, UNLIMITED),
+        (UNLIMITED_COST, UNLIMITED_COST, UNLIMITED_COST, Decimal("0.000005")),  # 5000 nano
+    )
+    asks = [Ask("Keys/p", "m", tight, now) for _ in range(8)]
+    for index, ask in enumerate(asks):
+        assert await (one if index % 2 else two).admit(ask) is None
+
+    async def stream(index: int, ask: Ask) -> int:
+        ledger = one if index % 2 else two
+        granted = 0
+        for _ in range(40):
+            if await ledger.extend(ask, 256, 100, now) is not None:
+                break
+            granted += 256
+        return granted
+
+    granted = await asyncio.gather(*(stream(i, ask) for i, ask in enumerate(asks)))
+    # 39 blocks of 256 tokens fit 10,000; 50 of $0.0000001 fit $0.000005: tokens bind first.
+    assert sum(granted) == 39 * 256
+    assert sum(ask.tokens for ask in asks) == 39 * 256
+    usage = await one.usage("Keys/p", None, now)
+    assert usage.entities["m"].tokens[1] == 39 * 256
+    assert usage.cost_nano[3] == 39 * 100
+    refusal = await one.extend(asks[0], 256, 100, now)
+    assert refusal is not None and refusal.kind == "token" and refusal.exceeded == ("day",)
+    cost_only = await one.extend(asks[0], 0, 5_000 - 39 * 100 + 1, now)
+    assert cost_only is not None and cost_only.kind == "cost" and cost_only.exceeded == ("month",)
 
 
 MIDNIGHT_MS = int(datetime(2026, 5, 1, tzinfo=UTC).timestamp() * 1000)  # a new day and month

@@ -6,7 +6,9 @@ attributed to that deployment; and, per bucket, the caller's total cost in the s
 tokens. Cost is counted in whole nano-dollars so stores can add it atomically.
 
 `admit` checks every window and, only when all pass, counts the request and reserves the
-estimate: one atomic step. `settle` releases the reservation and charges what was used.
+estimate: one atomic step. `extend` grows an admitted call's reservation while its answer
+streams, when every token and cost window still has room (compatibility C79). `settle` releases
+the reservation and charges what was used.
 """
 
 from __future__ import annotations
@@ -132,9 +134,27 @@ class Ledger(ABC):
         """`settle` without a coroutine; only where `synchronous`."""
         raise NotImplementedError
 
+    def extend_now(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        """`extend` without a coroutine; only where `synchronous`."""
+        raise NotImplementedError
+
     @abstractmethod
     async def admit(self, ask: Ask) -> Refusal | None:
         """Check every window; when all pass, count the request and reserve. Atomic."""
+
+    @abstractmethod
+    async def extend(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        """Grow the reservation of the admitted call `ask` by `tokens` and `cost_nano`, when every
+        token window of its entity and every cost window of its bucket has room for the call's
+        whole reservation plus them (`used + reserved + extra <= limit`); else refuse, changing
+        nothing. Atomic; no request is counted. Windows without a limit always have room.
+
+        The reservation is moved to `now` as it grows (released where it was held, added at
+        `now` whole), so that a long stream's reservation stays inside the sliding minute that
+        its charge will land in. On success `ask` describes the reservation: `tokens` and
+        `cost_nano` grown, `now` the instant it is held at (what `settle` releases). The
+        refusal's `used` counts the call's reservation as held now, without the extension
+        (compatibility C79)."""
 
     @abstractmethod
     async def settle(self, charge: Charge) -> None:

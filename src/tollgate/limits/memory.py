@@ -29,6 +29,7 @@ from tollgate.limits.ledger import (
     BucketUsage,
     Charge,
     EntityUsage,
+    Kind,
     Ledger,
     Refusal,
     retry_after_s,
@@ -203,6 +204,25 @@ class _Windows:
             if _holds(counter, period, at.ms):
                 counter[1] = max(counter[1] - amount, 0)
 
+    def held(self, window: Sliding, at: Instant, now: Instant, amount: int) -> tuple[int, ...]:
+        """The part of `amount`, added at `at`, that each window (minute, day, week, month)
+        still counts at `now`: what `release` would take back from the totals of `now`."""
+        slot = window.slot(at.ms)
+        minute = (
+            min(self.sliding.get(slot, 0), amount) if slot >= window.oldest_live_slot(now.ms) else 0
+        )
+        calendar = (
+            min(counter[1], amount)
+            if _holds(counter, period, now.ms) and _holds(counter, held_in, at.ms)
+            else 0
+            for counter, period, held_in in (
+                (self.day, now.day, at.day),
+                (self.week, now.week, at.week),
+                (self.month, now.month, at.month),
+            )
+        )
+        return (minute, *calendar)
+
     def dump(self) -> dict[str, Any]:
         return {"s": self.sliding, "c": self.calendar}
 
@@ -291,6 +311,43 @@ def _over(used: tuple[int, ...], limits: tuple[int, ...], extra: int) -> bool:
     if extra:
         return any(map(operator.gt, map(extra.__add__, used), limits))
     return any(map(operator.ge, used, limits))
+
+
+WINDOW_NAMES: tuple[str, ...] = ("minute", "day", "week", "month")
+
+
+def _room(
+    kind: Kind,
+    windows: _Windows,
+    at: Instant,
+    now: Instant,
+    held: int,
+    extra: int,
+    limits: tuple[int, ...],
+) -> Refusal | None:
+    """`extend`'s check of one kind: every window with a limit must have room for the call's
+    whole reservation (`held`, added at `at`) plus `extra`, counted as held at `now`."""
+    if all(limit >= UNLIMITED for limit in limits):
+        return None
+    used: tuple[int, ...] = windows.totals(MINUTE, now)
+    if held:
+        still = windows.held(MINUTE, at, now, held)
+        used = tuple(u - part + held for u, part in zip(used, still, strict=True))
+    exceeded = tuple(
+        name
+        for name, value, limit in zip(WINDOW_NAMES, used, limits, strict=True)
+        if limit < UNLIMITED and value + extra > limit
+    )
+    if not exceeded:
+        return None
+    threshold = limits[0] - held - extra + 1
+    return Refusal(
+        kind,
+        used,
+        limits,
+        exceeded,
+        retry_after_s(exceeded, windows.sliding, MINUTE, now, threshold),
+    )
 
 
 def move_aside(path: str) -> str:
@@ -450,6 +507,35 @@ class MemoryLedger(Ledger):
                 exceeded,
                 retry_after_s(exceeded, bucket.cost.sliding, MINUTE, now, threshold),
             )
+        return None
+
+    async def extend(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        return self.extend_now(ask, tokens, cost_nano, now)
+
+    def extend_now(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        """`extend`, called directly (see `admit_now`): check, then move the reservation to
+        `now` grown by the extension, with no `await` in between (compatibility C79)."""
+        bucket = self._buckets.get(ask.bucket) or self._bucket(ask.bucket)
+        entity = bucket.entities.get(ask.entity) or bucket.entity(ask.entity)
+        limits = ask.limits
+        at = ask.now
+        held_tokens, held_cost = ask.tokens, ask.cost_nano
+        refusal = _room(
+            "token", entity.tokens, at, now, held_tokens, tokens, limits.tokens
+        ) or _room("cost", bucket.cost, at, now, held_cost, cost_nano, limits.cost_nano)
+        if refusal is not None:
+            return refusal
+        for windows, held, extra in (
+            (entity.tokens, held_tokens, tokens),
+            (bucket.cost, held_cost, cost_nano),
+        ):
+            if held:
+                windows.release(MINUTE, at, now, held)
+            windows.add(MINUTE, now, held + extra)
+        ask.tokens = held_tokens + tokens
+        ask.cost_nano = held_cost + cost_nano
+        ask.now = now
+        self._dirty.add(ask.bucket)
         return None
 
     def settle_now(self, charge: Charge) -> None:

@@ -3,7 +3,8 @@
 See compatibility C17 and C58.
 
 `RedisLedger` keeps exactly what `MemoryLedger` keeps and answers exactly as it does; the Lua
-scripts in `lua/` are the two critical sections (`admit`, `settle`) and one read (`usage`).
+scripts in `lua/` are the three critical sections (`admit`, `extend`, `settle`) and one read
+(`usage`).
 
 Time is the gateway's clock, not Redis TIME: slot indexes and calendar period ids are computed
 here from the `Instant` the caller passes, so both ledgers see the same windows, and instances
@@ -80,6 +81,7 @@ class _Script:
 
 
 ADMIT = _Script.load("admit.lua")
+EXTEND = _Script.load("extend.lua")
 SETTLE = _Script.load("settle.lua")
 USAGE = _Script.load("usage.lua")
 
@@ -221,6 +223,47 @@ class RedisLedger(Ledger):
             exceeded,
             retry_after_s(exceeded, slots, MINUTE, now, threshold),
         )
+
+    async def extend(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        base = self._bucket_key(ask.bucket)
+        limits = ask.limits
+        at = ask.now
+        slot = MINUTE.slot(at.ms)
+        reply = await self._redis.run(
+            EXTEND,
+            [base + "entities", base + "h"],
+            [
+                ask.entity,
+                str(clamp(tokens)),
+                str(clamp(cost_nano)),
+                str(now.ms // MINUTE.width_ms),
+                *_periods(now),
+                *map(_limit, limits.tokens),
+                *map(_limit, limits.cost_nano),
+                str(clamp(ask.tokens)),
+                str(clamp(ask.cost_nano)),
+                str(slot) if slot >= MINUTE.oldest_live_slot(now.ms) else "",
+                *_periods(at),
+                str(at.ms // 1000),
+                KEY_TTL,
+                *_ends(now),
+            ],
+        )
+        if not isinstance(reply, list):
+            ask.tokens += tokens
+            ask.cost_nano += cost_nano
+            ask.now = now
+            return None
+        kind = _KINDS[_text(reply[0])]
+        used = tuple(_int(n) for n in _list(reply[1]))
+        exceeded = tuple(_text(name) for name in _list(reply[2]))
+        flat = _list(reply[3])
+        slots = {_int(flat[i]): _int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        # MemoryLedger.extend's threshold, so both ledgers answer the same Retry-After.
+        window_limits = limits.tokens if kind == "token" else limits.cost_nano
+        held, extra = (ask.tokens, tokens) if kind == "token" else (ask.cost_nano, cost_nano)
+        retry = retry_after_s(exceeded, slots, MINUTE, now, window_limits[0] - held - extra + 1)
+        return Refusal(kind, used, window_limits, exceeded, retry)
 
     async def settle(self, charge: Charge) -> None:
         base = self._bucket_key(charge.bucket)

@@ -167,11 +167,30 @@ class ResilientLedger(Ledger):
             raise self._refuse()
         refusal = await self.local.admit(ask)
         if refusal is None:
-            self._queue.append(ask)
+            # A copy: `extend` moves the ticket's reservation (its `now`) while the call
+            # streams, and the queue must replay the admission at its own instant.
+            self._queue.append(replace(ask))
             # The ticket remembers where it was admitted: its release belongs to the local
             # ledger even if the store is back when it settles.
             ask.local = True
         return refusal
+
+    async def extend(self, ask: Ask, tokens: int, cost_nano: int, now: Instant) -> Refusal | None:
+        """Where the call's reservation is held (compatibility C79). A reservation the store
+        holds cannot be grown while the store is down: `closed` ends the stream with 503, and
+        `local` lets it go on unreserved (the local ledger does not hold the call's
+        reservation, so it could not check it); the call is charged at its end as any call
+        settled while the store is down."""
+        if ask.local:
+            return await self.local.extend(ask, tokens, cost_nano, now)
+        if self.healthy:
+            try:
+                return await self.shared.extend(ask, tokens, cost_nano, now)
+            except self._errors as exc:
+                self._down(exc)
+        if self.on_failure == "closed":
+            raise self._refuse()
+        return None
 
     async def settle(self, charge: Charge) -> None:
         reserved_locally = charge.reserved_locally
