@@ -30,7 +30,7 @@ from pathlib import Path
 
 import run  # bench/run.py: the same servers, config and wrk scripts as the benchmark
 
-SCENARIOS = [(mode, conc) for mode in run.MODES for conc in (64, 1)]
+CONCURRENCIES = (64, 1)
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,11 +42,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--warmup", type=float, default=2)
-    return parser.parse_args()
+    parser.add_argument(
+        "--modes",
+        default="chat,stream",
+        help=f"comma-separated subset of: {','.join(run.ALL_MODES)} (default: chat,stream, "
+        "which older trees serve too)",
+    )
+    args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(run.ALL_MODES):
+        parser.error(f"unknown modes: {args.modes}")
+    run.select_modes(modes)
+    return args
 
 
 def main() -> int:
     args = parse_args()
+    scenarios = [(mode, conc) for mode in run.MODES for conc in CONCURRENCIES]
     if (args.base is None) == (not args.stream_usage):
         print("give a tree to compare with, or --stream-usage", file=sys.stderr)
         return 2
@@ -90,7 +102,7 @@ def main() -> int:
                 for mode in run.MODES:
                     run.run_wrk(urls[name], mode, 64, args.warmup)
             for rnd in range(args.rounds):
-                for index, (mode, conc) in enumerate(SCENARIOS):
+                for index, (mode, conc) in enumerate(scenarios):
                     for name in run.rotated(list(trees), rnd + index):
                         # measure() reads servers[target]: the gateway under test.
                         result = run.measure(
@@ -111,7 +123,7 @@ def main() -> int:
     print(f"\nmedians over {args.rounds} rounds; base = {what}")
     print("| scenario | base req/s | this req/s | this/base | base CPU µs/req | this CPU µs/req |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode, conc in SCENARIOS:
+    for mode, conc in scenarios:
         base, this = runs[("base", mode, conc)], runs[("this", mode, conc)]
         rps_b = statistics.median(r.rps for r in base)
         rps_t = statistics.median(r.rps for r in this)
