@@ -121,6 +121,8 @@ class HideUsage:
                 quick = self._one_event(chunk)
                 if quick is not None:
                     return quick
+            if b"\r" not in chunk:  # several events, framed by LF alone: each on its own
+                return self._lf_events(chunk)
             stripped = _without_null_tails(chunk)
             if stripped is not None:
                 return stripped
@@ -144,23 +146,30 @@ class HideUsage:
         return self._events(data[:cut] if cut < len(data) else data)
 
     def _one_event(self, chunk: bytes) -> bytes | None:
-        """A chunk that is one `data:` line and its blank line: without its `"usage":null`
-        when that is its last member (or only OpenAI's `obfuscation` follows), DROP when it is
-        the usage-only event; None for anything else (the general path)."""
-        hit = chunk.rfind(NULL_USAGE)
+        """A chunk that is one `data:` line and its blank line, through `_quick`."""
+        quick = self._quick(chunk[:-2])
+        if quick is None or quick == DROP:
+            return quick
+        return quick + b"\n\n"
+
+    def _quick(self, line: bytes) -> bytes | None:
+        """One `data:` line (without its line end) as OpenAI writes them: without its
+        `"usage":null` when that is its last member (or only OpenAI's `obfuscation` follows),
+        DROP when it is the usage-only event; None for anything else (the general path)."""
+        hit = line.rfind(NULL_USAGE)
         if hit >= 0:
-            if chunk.find(USAGE) != hit + 1:
+            if line.find(USAGE) != hit + 1:
                 return None  # another `"usage"` before it
-            rest = chunk[hit + len(NULL_USAGE) :]
-            if rest == b"}\n\n" or (
-                rest.startswith(OBFUSCATION) and rest.endswith(b'"}\n\n') and rest.count(b'"') == 4
+            rest = line[hit + len(NULL_USAGE) :]
+            if rest == b"}" or (
+                rest.startswith(OBFUSCATION) and rest.endswith(b'"}') and rest.count(b'"') == 4
             ):
-                return chunk[:hit] + rest
+                return line[:hit] + rest
             return None
-        if EMPTY_CHOICES not in chunk:
+        if EMPTY_CHOICES not in line:
             return None
         try:  # the usage-only event: `"choices":[]` and a usage object
-            document = orjson.loads(chunk[5:])
+            document = orjson.loads(line[5:])
         except orjson.JSONDecodeError:
             return None
         if type(document) is not dict or document.get("choices") != []:
@@ -195,11 +204,11 @@ class HideUsage:
         """`block` (whole events, the last possibly without its blank line), filtered."""
         if USAGE not in block:
             return block
+        if b"\r" not in block:
+            return self._lf_events(block)
         stripped = _without_null_tails(block)
         if stripped is not None:
             return stripped
-        if b"\r" not in block:
-            return self._lf_events(block)
         parts: list[bytes] = []
         kept = 0  # block[kept:] is still to be copied
         hit = block.find(USAGE)
@@ -235,7 +244,13 @@ class HideUsage:
         lines = b""  # empty lines in front of a dropped event: they stay
         for index, event in enumerate(events):
             if USAGE in event:
-                rewritten = _without_null_tails(event)
+                rewritten = (
+                    self._quick(event)
+                    if event.startswith(b"data:") and b"\n" not in event
+                    else None
+                )
+                if rewritten is None:
+                    rewritten = _without_null_tails(event)
                 if rewritten is None:
                     rewritten = self._rewrite_event(event)
                 if rewritten is not None:
