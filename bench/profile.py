@@ -32,6 +32,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mode", choices=("chat", "stream"), default="chat")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--src", type=Path, default=None, help="another tree's src/ to profile")
+    parser.add_argument(
+        "--usage",
+        choices=("always", "on-request", "never"),
+        default="always",
+        help="when the fake model reports usage (on-request: as OpenAI, so Tollgate asks for "
+        "stream usage and hides it)",
+    )
     return parser.parse_args()
 
 
@@ -48,10 +55,10 @@ def summarize(raw: Path, top: int) -> str:
     modules: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in raw.read_text().splitlines():
+    for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count_text.isdigit():
+            continue  # py-spy sometimes writes a line it could not decode: skipped
         count = int(count_text)
         frames = stack.split(";")
         total += count
@@ -85,7 +92,16 @@ def main() -> int:
         fake_port = run.free_port()
         fake = run.start(
             "fake",
-            [sys.executable, "-m", "tollgate.fake_model", "--port", str(fake_port), "--no-record"],
+            [
+                sys.executable,
+                "-m",
+                "tollgate.fake_model",
+                "--port",
+                str(fake_port),
+                "--no-record",
+                "--usage",
+                args.usage,
+            ],
             fake_port,
             workdir,
         )

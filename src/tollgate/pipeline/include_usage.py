@@ -237,6 +237,25 @@ class HideUsage:
         """`_events` for a block framed by LF alone (as OpenAI's are): split into events once,
         each event with `"usage"` cut on its own, so that the usage-only event does not send
         the events around it through the general path."""
+        if NULL_END in block:
+            # OpenAI's `,"usage":null}` closing a data line before its blank line: that `}`
+            # ends the line's object, so the member is a top-level one (in a string its quotes
+            # would be escaped). One C call for the whole read.
+            block = block.replace(NULL_END, b"}\n\n")
+        hit = block.find(USAGE)
+        if hit < 0:
+            return block
+        if block.find(USAGE, hit + 1) < 0:  # one event left with a "usage": cut it alone
+            start = block.rfind(b"\n\n", 0, hit)
+            start = 0 if start < 0 else start + 2
+            end = block.find(b"\n\n", hit)
+            event = block[start:end]
+            if end >= 0 and event.startswith(b"data:") and b"\n" not in event:
+                quick = self._quick(event)
+                if quick == DROP:
+                    return block[:start] + block[end + 2 :]
+                if quick is not None:
+                    return block[:start] + quick + block[end:]
         events = block.split(b"\n\n")
         kept: list[bytes] = []
         changed = False
