@@ -360,3 +360,27 @@ def test_estimated_calls_are_counted_by_deployment() -> None:
         value(text, "tollgate_tokens_total", project="team", deployment="gpt-4o", type="prompt")
         == 30
     )
+
+
+async def test_responses_and_anthropic_calls_refused_before_the_caller_is_known_are_counted(
+    separate: tuple[InProcessGateway, int, Path],
+) -> None:
+    gw, port, _ = separate
+    before = value(
+        await scrape(f"http://127.0.0.1:{port}"),
+        "tollgate_requests_total",
+        deployment="",
+        project="",
+        status="401",
+    )
+    async with httpx.AsyncClient(timeout=30) as client:
+        for path in ("/openai/v1/responses", "/anthropic/v1/messages"):
+            answer = await client.post(
+                f"{gw.url}{path}",
+                headers={"Api-Key": "not-a-key-0123456789", **JSON},
+                json={"model": "priced"},
+            )
+            assert answer.status_code == 401
+    text = await scrape(f"http://127.0.0.1:{port}")
+    after = value(text, "tollgate_requests_total", deployment="", project="", status="401")
+    assert after == before + 2

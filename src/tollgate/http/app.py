@@ -154,7 +154,12 @@ class Gateway:
         self.settler = Settler(self.ledger, lambda: store.current.clock, now_ms)
         body_timeout_s = settings.body_read_timeout_s
         self.deployments = DeploymentCalls(
-            self.engine, keys, self.admission, self.settler, body_timeout_s=body_timeout_s
+            self.engine,
+            keys,
+            self.admission,
+            self.settler,
+            body_timeout_s=body_timeout_s,
+            enforce_during_stream=settings.enforce_during_stream,
         )
         self.features = features.FeatureCalls(self.engine, keys, body_timeout_s)
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)
@@ -250,10 +255,16 @@ class Gateway:
         """A deployment call refused before its caller was known (401, 400, 413...)."""
         if request.method != "POST":
             return
-        call = DEPLOYMENT_CALL.fullmatch(request.raw_path.partition("?")[0])
+        path = request.raw_path.partition("?")[0]
+        call = DEPLOYMENT_CALL.fullmatch(path)
         if call is not None:
             note = observer.begin(request.headers, None, call[2])
             observer.end(note, request.headers, None, call[1], status, timed=False)
+            return
+        typed = TYPED_CALL.fullmatch(path)
+        if typed is not None:  # its deployment is in a body that was not read
+            note = observer.begin(request.headers, None, TYPED_APIS[typed[1]])
+            observer.end(note, request.headers, None, "", status, timed=False)
 
     def _count_refusal(self, ask: Ask, refusal: Refusal) -> None:
         assert self.metrics is not None
