@@ -343,8 +343,43 @@ def run_wrk(url: str, mode: str, concurrency: int, seconds: float) -> dict[str, 
     )
 
 
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, str]:
+    """POST `body` with the bench key: the status and the answer's text."""
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Api-Key": API_KEY},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+# What the streamed Responses and Anthropic scenarios send, and their answer's last event.
+TYPED_CHECKS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "responses-stream": (
+        "/openai/v1/responses",
+        {"model": MODEL, "input": "Say hello", "stream": True},
+        "event: response.completed",
+    ),
+    "anthropic-stream": (
+        "/anthropic/v1/messages",
+        {
+            "model": MODEL,
+            "max_tokens": 64,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Say hello"}],
+        },
+        "event: message_stop",
+    ),
+}
+
+
 def sanity_check(name: str, url: str) -> None:
-    """Fail early, with the answer, if a target does not serve the benchmark request."""
+    """Fail early, with the answer, if a target does not serve the benchmark requests."""
     for stream in (False, True):
         body: dict[str, Any] = {
             "model": "bench-model",
@@ -352,17 +387,7 @@ def sanity_check(name: str, url: str) -> None:
         }
         if stream:
             body["stream"] = True
-        req = urllib.request.Request(
-            url,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Api-Key": API_KEY},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                status, text = resp.status, resp.read().decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode(errors="replace")
+        status, text = post_json(url, body)
         ok = status == 200 and (
             text.rstrip().endswith("data: [DONE]") if stream else '"chat.completion"' in text
         )
@@ -370,39 +395,11 @@ def sanity_check(name: str, url: str) -> None:
             kind = "streaming" if stream else "non-streaming"
             raise RuntimeError(f"{name}: bad {kind} answer, HTTP {status}: {text[:500]}")
     base = url.partition("/openai/deployments/")[0]
-    typed = {
-        "responses-stream": (
-            "/openai/v1/responses",
-            {"model": MODEL, "input": "Say hello", "stream": True},
-            "event: response.completed",
-        ),
-        "anthropic-stream": (
-            "/anthropic/v1/messages",
-            {
-                "model": MODEL,
-                "max_tokens": 64,
-                "stream": True,
-                "messages": [{"role": "user", "content": "Say hello"}],
-            },
-            "event: message_stop",
-        ),
-    }
-    for mode, (path, body, last) in typed.items():
-        if mode not in MODES:
-            continue
-        req = urllib.request.Request(
-            base + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Api-Key": API_KEY},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                status, text = resp.status, resp.read().decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode(errors="replace")
-        if status != 200 or last not in text:
-            raise RuntimeError(f"{name}: bad {mode} answer, HTTP {status}: {text[:500]}")
+    for mode, (path, typed, last) in TYPED_CHECKS.items():
+        if mode in MODES:
+            status, text = post_json(base + path, typed)
+            if status != 200 or last not in text:
+                raise RuntimeError(f"{name}: bad {mode} answer, HTTP {status}: {text[:500]}")
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
