@@ -68,8 +68,8 @@ def tokenizer_of(deployment: Deployment) -> str:
 def estimate(call: Call, relayed: Relayed, deployment: Deployment) -> Usage:
     """Prompt tokens of the request and completion tokens of what the answer carried.
 
-    Never loads an encoding (this runs on the event loop): one not read at start-up or on
-    the reload that brought the model counts one token per four bytes. An answer that
+    Never loads an encoding (this runs on the event loop): a model whose encoding was not
+    read at start-up counts one token per four bytes. An answer that
     produced anything is never 0 tokens.
     """
     hint = tokenizer_of(deployment)
