@@ -123,3 +123,20 @@ def test_server_limits_from_file_and_environment(tmp_path: Path) -> None:
 def test_server_limits_must_be_positive_numbers(name: str, value: object) -> None:
     with pytest.raises(SettingsError, match=f"setting server.{name}"):
         load_settings(environ={}, overrides={"server": {name: value}})
+
+
+def test_enforce_during_stream_is_off_by_default_and_a_boolean(tmp_path: Path) -> None:
+    """`limits.enforceDuringStream` (compatibility C79): false unless set to true."""
+    assert load_settings(environ={}).enforce_during_stream is False
+    on = load_settings(environ={"aidial.limits.enforceDuringStream": "true"})
+    assert on.enforce_during_stream is True
+    file = tmp_path / "enforce.json"
+    file.write_text(json.dumps({"limits": {"enforceDuringStream": True}}))
+    assert load_settings(str(file), environ={}).enforce_during_stream is True
+    off = load_settings(str(file), environ={"aidial.limits.enforceDuringStream": "false"})
+    assert off.enforce_during_stream is False
+    for value in ("yes", 1, None):
+        with pytest.raises(
+            SettingsError, match=r"setting limits\.enforceDuringStream: expected true or false"
+        ):
+            load_settings(environ={}, overrides={"limits": {"enforceDuringStream": value}})

@@ -111,6 +111,15 @@ PositiveInteger = Annotated[int, BeforeValidator(lambda value: int(_positive(val
 Flag = Annotated[bool, BeforeValidator(lambda value: value is not False)]  # on unless false
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+Boolean = Annotated[bool, BeforeValidator(_boolean)]  # off unless true, and nothing else
+
+
 def _at(*path: str) -> Any:
     return AliasPath(*path)
 
@@ -391,6 +400,10 @@ class Settings(BaseModel):
     usage_flush_s: Seconds = Field(1.0, validation_alias=_at("limits", "embedded", "flushInterval"))
     on_store_failure: Annotated[Literal["local", "closed"], _one_of("local", "closed")] = Field(
         "local", validation_alias=_at("limits", "onStoreFailure")
+    )
+    # Token and cost limits checked while a stream is relayed (compatibility C79).
+    enforce_during_stream: Boolean = Field(
+        False, validation_alias=_at("limits", "enforceDuringStream")
     )
     # Hostile input and shutdown (`server.*`): how long a shutdown waits for calls in flight,
     # how long an idle connection or a request body may take, how long a client may take none

@@ -159,6 +159,7 @@ class Gateway:
             self.admission,
             self.settler,
             body_timeout_s=body_timeout_s,
+            enforce_during_stream=settings.enforce_during_stream,
         )
         self.features = features.FeatureCalls(self.engine, keys, body_timeout_s)
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)

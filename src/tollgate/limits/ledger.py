@@ -147,7 +147,8 @@ class Ledger(ABC):
         """Grow the reservation of the admitted call `ask` by `tokens` and `cost_nano`, when every
         token window of its entity and every cost window of its bucket has room for the call's
         whole reservation plus them (`used + reserved + extra <= limit`); else refuse, changing
-        nothing. Atomic; no request is counted. Windows without a limit always have room.
+        nothing. Atomic; no request is counted. Windows without a limit always have room, and
+        a kind (tokens, cost) the extension adds nothing to is not checked.
 
         The reservation is moved to `now` as it grows (released where it was held, added at
         `now` whole), so that a long stream's reservation stays inside the sliding minute that

@@ -326,9 +326,10 @@ def _room(
     limits: tuple[int, ...],
 ) -> Refusal | None:
     """`extend`'s check of one kind: every window with a limit must have room for the call's
-    whole reservation (`held`, added at `at`) plus `extra`, counted as held at `now`."""
-    if all(limit >= UNLIMITED for limit in limits):
-        return None
+    whole reservation (`held`, added at `at`) plus `extra`, counted as held at `now`. A kind
+    the extension adds nothing to is not checked: it cannot cross a limit of it."""
+    if not extra or all(limit >= UNLIMITED for limit in limits):
+        return None  # nothing to add, or nothing it could cross
     used: tuple[int, ...] = windows.totals(MINUTE, now)
     if held:
         still = windows.held(MINUTE, at, now, held)

@@ -24,6 +24,7 @@ from tollgate.observability.calls import Observer
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.assistants import addon_headers, assistant_request
 from tollgate.pipeline.authorize import authorize
+from tollgate.pipeline.budget import stream_budget
 from tollgate.pipeline.call import Call
 from tollgate.pipeline.estimate import counted_usage
 from tollgate.pipeline.forward import (
@@ -96,7 +97,15 @@ UNCHARGED: Final = replace(DEPLOYMENT, usage=False)
 class DeploymentCalls:
     """The deployment pipeline of one gateway."""
 
-    __slots__ = ("_admission", "_body_timeout_s", "_engine", "_keys", "_settler", "interceptors")
+    __slots__ = (
+        "_admission",
+        "_body_timeout_s",
+        "_enforce_during_stream",
+        "_engine",
+        "_keys",
+        "_settler",
+        "interceptors",
+    )
 
     def __init__(
         self,
@@ -106,12 +115,14 @@ class DeploymentCalls:
         settler: Settler,
         *,
         body_timeout_s: float,
+        enforce_during_stream: bool = False,
     ) -> None:
         self._engine = engine
         self._keys = keys
         self._admission = admission
         self._settler = settler
         self._body_timeout_s = body_timeout_s
+        self._enforce_during_stream = enforce_during_stream  # compatibility C79
         self.interceptors = Interceptors(engine, keys, body_timeout_s, finish=self.run)
 
     async def observed(self, call: Call, observer: Observer) -> web.StreamResponse:
@@ -266,6 +277,11 @@ class DeploymentCalls:
                 # The client gets ids that lead a follow-up back here (compatibility C78).
                 rewrite = IdRewrite(ResponseRef(deployment.name, "", "", call.principal.project))
                 per_upstream = _noting_upstream(per_upstream, rewrite)
+            usage_format = USAGE_FORMATS.get(api, OPENAI)
+            budget = None
+            if self._enforce_during_stream and ticket is not None and parsed.get("stream"):
+                # Token and cost limits hold while the answer streams (compatibility C79).
+                budget = stream_budget(call, ticket, self._admission, usage_format)
             relayed = call.relayed = await self._engine.send(
                 request,
                 Outbound(
@@ -284,12 +300,13 @@ class DeploymentCalls:
                     keep=ticket is not None
                     and ticket.prices is not None
                     and ticket.prices.unit == "char_without_whitespace",
-                    usage_format=USAGE_FORMATS.get(api, OPENAI),
+                    usage_format=usage_format,
                     # DIAL deletes the hop's key when its caller disconnects (compatibility
                     # C29); the drain for usage must not keep it alive.
                     on_client_gone=lambda: keys.end(hop_key.handle),
                     note=note,
                     rewrite=rewrite,
+                    budget=budget,
                 ),
             )
             if charged:

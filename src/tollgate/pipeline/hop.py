@@ -45,6 +45,7 @@ from tollgate.routing.balancer import AttemptPlan, UpstreamState
 
 if TYPE_CHECKING:
     from tollgate.observability.calls import CallNote
+    from tollgate.pipeline.budget import StreamBudget
     from tollgate.snapshot import Deployment
 
 log = logging.getLogger("tollgate.hop")
@@ -191,6 +192,8 @@ class Outbound:
     note: CallNote | None = None
     # Rewrites a 2xx answer on its way to the client (Responses ids, compatibility C78).
     rewrite: Rewrite | None = None
+    # Counts a 200 event stream against the caller's limits (compatibility C79).
+    budget: StreamBudget | None = None
 
 
 class Rewrite(Protocol):
@@ -322,6 +325,7 @@ class HopEngine:
                                 hide_usage=hop.hide_usage,
                                 on_client_gone=hop.on_client_gone,
                                 rewrite=hop.rewrite,
+                                budget=hop.budget,
                             )
                         relayed = await relay_whole(answer, headers_out, usage_format)
                         response = relayed.response

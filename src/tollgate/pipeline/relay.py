@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +23,9 @@ from tollgate.limits.api_usage import ProducedText, UsageFormat
 from tollgate.limits.usage import Usage
 from tollgate.pipeline.include_usage import HideUsage
 from tollgate.pipeline.upstream_client import UpstreamResponse
+
+if TYPE_CHECKING:
+    from tollgate.pipeline.budget import StreamBudget
 
 log = logging.getLogger("tollgate.relay")
 
@@ -233,6 +236,7 @@ async def relay_stream(
     hide_usage: bool = False,
     on_client_gone: Callable[[], None] | None = None,
     rewrite: ChunkFilter | None = None,
+    budget: StreamBudget | None = None,
 ) -> Relayed:
     """Write each chunk as it arrives; the client going away does not stop usage counting.
 
@@ -247,6 +251,10 @@ async def relay_stream(
     C78); usage is read from the upstream's bytes all the same.
     `stalls`: a client that takes none of the answer for its interval while some waits for it is
     disconnected (see `StallWatch`), and counted as gone.
+    `budget` (`limits.enforceDuringStream`) counts a 200 event stream against the caller's
+    token and cost limits, event by event; when they leave no room, the stream ends with the
+    API's error event, the upstream is closed and the call is charged what was produced
+    (compatibility C79).
     """
     # Sent before the handler returns, so the edge cannot add it later (compatibility C21).
     headers["Access-Control-Allow-Origin"] = "*"
@@ -269,6 +277,12 @@ async def relay_stream(
         and headers.get("Content-Type", "").startswith("text/event-stream")
     ):
         hide = rewrite
+    if budget is not None and (
+        upstream.status != 200
+        or usage_format is None
+        or not headers.get("Content-Type", "").startswith("text/event-stream")
+    ):
+        budget = None  # only a 200 event stream is counted as it goes
     kept = bytearray() if keep else None
     kept_size = 0  # bytes in `chunks`
     content = upstream.content
@@ -285,6 +299,12 @@ async def relay_stream(
                     kept_size = produced.spill()
             if kept is not None and len(kept) < MAX_KEPT_STREAM:
                 kept += chunk
+            if budget is not None:
+                chunk = budget.take(chunk)  # whole events only
+                if budget.due and not await budget.extend():
+                    break  # the limits leave no room for these events
+                if not chunk:
+                    continue
             if hide is not None:
                 chunk = hide.filter(chunk)
                 if not chunk:  # a partial event, held until its end
@@ -292,8 +312,18 @@ async def relay_stream(
             await response.write(chunk)
             if watch is not None:
                 watch.written += 1
-        if hide is not None and (rest := hide.end()):
-            await response.write(rest)
+        if budget is not None and budget.cut is not None:
+            # What a filter still holds is part of the events not sent; the upstream's
+            # connection is closed, not read on (compatibility C79).
+            upstream.release()
+            await response.write(budget.error_event())
+        else:
+            if budget is not None and (rest := budget.end()):
+                rest = hide.filter(rest) if hide is not None else rest
+                if rest:
+                    await response.write(rest)
+            if hide is not None and (rest := hide.end()):
+                await response.write(rest)
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         # The client left: read on (bounded) so the tokens already produced are counted.
@@ -302,7 +332,9 @@ async def relay_stream(
         if tracker is not NO_USAGE or kept is not None:
             if produced is not None:
                 produced.kept = kept_size
-            await _drain(content, tracker, kept, produced)
+            await _drain(content, tracker, kept, produced, budget)
+            if budget is not None and budget.cut is not None:
+                upstream.release()
     except (TimeoutError, aiohttp.ClientError) as exc:
         # The upstream broke off mid-stream: what was counted so far stands, and the client must
         # not mistake the truncated stream for a complete one, so its connection is cut too.
@@ -313,6 +345,9 @@ async def relay_stream(
         stalls.forget(watch)
     usage = tracker.finish()
     body = bytes(kept) if kept else b""
+    if budget is not None and budget.cut is not None:
+        counted = budget.charged(usage)
+        return Relayed(response, counted, body, True, usage_format, produced, counted is not usage)
     return Relayed(response, usage, body, True, usage_format, produced)
 
 
@@ -392,7 +427,10 @@ async def _drain(
     tracker: UsageTracker,
     kept: bytearray | None,
     produced: Produced | None,
+    budget: StreamBudget | None = None,
 ) -> None:
+    if budget is not None and budget.cut is not None:
+        return  # the stream was ended at the limits: its upstream is closed
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             async for chunk in content.iter_any():
@@ -401,5 +439,11 @@ async def _drain(
                     produced.add(chunk)
                 if kept is not None and len(kept) < MAX_KEPT_STREAM:
                     kept += chunk
+                # The client left, the limits still hold: the upstream is not read (and
+                # charged) past them (compatibility C79).
+                if budget is not None:
+                    budget.take(chunk)
+                    if budget.due and not await budget.extend():
+                        return
     except (TimeoutError, aiohttp.ClientError):
         pass

@@ -13,6 +13,7 @@
 --       23 TTL of the keys (seconds)
 --       24-26 the ends of the day, week and month (epoch seconds)   27 now (epoch seconds)
 --
+-- A kind the extension adds nothing to is not checked (it cannot cross a limit of it).
 -- Returns 0 when extended (the reservation released where it was held and added at now, grown
 -- by the extension), else {kind, {used per window, the reservation counted as held now},
 -- {exceeded windows}, {live slots of the minute window as slot, count, ...}}. No request is
@@ -92,14 +93,14 @@ local function refuse(kind, used, hit, w)
   return {kind, used, hit, live}
 end
 
-if token_limited then
+if token_limited and tokens ~= 0 then
   local used = counted(t, held_tokens)
   local hit = exceeded(used, token_limits, tokens)
   if #hit > 0 then
     return refuse('token', used, hit, t.m)
   end
 end
-if cost_limited then
+if cost_limited and cost ~= 0 then
   local used = counted(c, held_cost)
   local hit = exceeded(used, cost_limits, cost)
   if #hit > 0 then
