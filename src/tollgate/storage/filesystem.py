@@ -1,0 +1,339 @@
+"""`storage.provider: filesystem`: objects as files under one folder (compatibility C80).
+
+The layout is jclouds' filesystem provider's, which DIAL uses: `<folder>/<bucket>/[<prefix>/]<key>`,
+one file per object, folders as directories (they exist while they hold an object; a delete
+removes the directories it empties). Several instances may share the folder over a mount.
+
+- **Atomic**: a write goes to a temporary file in the object's own directory, is fsynced and
+  then renamed over the object (`os.replace`), and the directory is fsynced; a reader holds the
+  old file or the new one, never part of either.
+- **Conditional**: the compare (the current ETag) and the rename happen under a lock that
+  holds across threads (a lock per shard) and processes (an `fcntl` record lock on one of 256
+  lock files, `<root>/.tollgate-locks/<xx>`, chosen by the key's SHA-256), which POSIX
+  systems and NFS (v4, or v3 with lockd) honour. The lock is held only around compare and
+  rename, never while the data is written.
+- **ETag**: the lowercase hex MD5 of the content, DIAL's rule (compatibility C80) and S3's for
+  a single-part upload, so an object keeps its ETag when it moves between providers. Writing
+  the same bytes again keeps the ETag: a compare-and-set then succeeds against content equal to
+  what the writer read, which loses nothing.
+- **Safe paths**: keys are checked by `check_key` (no `..`, no absolute paths, NUL or
+  backslashes) before they become paths, so no key reaches outside the root.
+
+Every file operation runs in a worker thread (`asyncio.to_thread`): a slow disk never stalls
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tollgate.storage.store import (
+    DEFAULT_PAGE_SIZE,
+    RESERVED_SEGMENT_PREFIX,
+    Blob,
+    InvalidKey,
+    NotFound,
+    ObjectInfo,
+    Page,
+    PreconditionFailed,
+    ResourceStore,
+    StoreUnavailable,
+    check_folder,
+    check_key,
+    page_of,
+)
+
+LOCK_SHARDS = 256
+LOCKS_DIR = RESERVED_SEGMENT_PREFIX + "locks"
+TEMP_PREFIX = RESERVED_SEGMENT_PREFIX + "tmp-"
+FILE_MODE = 0o600  # objects hold key hashes and users' files: the instance's user only
+_MAKEDIRS_TRIES = 8  # a concurrent delete may remove an emptied directory under a write
+
+
+def etag_of(data: bytes) -> str:
+    """DIAL's ETag: the lowercase hex MD5 of the bytes (not a security digest)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _modified(stat: os.stat_result) -> datetime:
+    return datetime.fromtimestamp(stat.st_mtime_ns / 1e9, UTC)
+
+
+class FilesystemStore(ResourceStore):
+    """Objects under `root` (the bucket's folder, with `storage.prefix` already joined)."""
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        root = Path(os.path.abspath(root))
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            elif not root.is_dir():
+                raise StoreUnavailable(f"storage folder {root} does not exist")
+            (root / LOCKS_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"storage folder {root}: {exc.strerror}") from None
+        self._root = root
+        self._thread_locks = [threading.Lock() for _ in range(LOCK_SHARDS)]
+        self._lock_fds: dict[int, int] = {}
+        self._fds_guard = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FilesystemStore({str(self._root)!r})"
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    # --- the interface: each call in a worker thread ----------------------------------------
+
+    async def get(self, key: str) -> Blob | None:
+        path = self._path(key)
+        return await asyncio.to_thread(self._get, key, path)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        blob = await self.get(key)
+        if blob is None:
+            return None
+        return ObjectInfo(key, blob.size, blob.last_modified, blob.etag)
+
+    async def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        path = self._path(key)
+        return await asyncio.to_thread(self._put, key, path, bytes(data), if_match, if_none_match)
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        path = self._path(key)
+        await asyncio.to_thread(self._delete, key, path, if_match)
+
+    async def list(
+        self,
+        folder: str = "",
+        *,
+        recursive: bool = True,
+        limit: int = DEFAULT_PAGE_SIZE,
+        token: str | None = None,
+    ) -> Page:
+        folder = check_folder(folder)
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        return await asyncio.to_thread(self._list, folder, recursive, limit, token)
+
+    async def close(self) -> None:
+        with self._fds_guard:
+            for fd in self._lock_fds.values():
+                os.close(fd)
+            self._lock_fds.clear()
+
+    # --- blocking parts -------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        # check_key leaves only plain segments: the joined path cannot leave the root.
+        return self._root.joinpath(*check_key(key).split("/"))
+
+    def _get(self, key: str, path: Path) -> Blob | None:
+        try:
+            with open(path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                data = file.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key!r}: {exc.strerror}") from None
+        return Blob(key, data, etag_of(data), _modified(stat))
+
+    def _current_etag(self, path: Path) -> str | None:
+        try:
+            with open(path, "rb") as file:
+                digest = hashlib.md5(usedforsecurity=False)
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+                return digest.hexdigest()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def _put(
+        self, key: str, path: Path, data: bytes, if_match: str | None, if_none_match: bool
+    ) -> str:
+        temp: Path | None
+        try:
+            temp = self._write_temp(path.parent, data)
+        except NotADirectoryError:
+            raise InvalidKey(f"a parent of {key!r} is an object, not a folder") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {key!r}: {exc.strerror}") from None
+        try:
+            with self._lock(key):
+                if if_none_match and os.path.lexists(path):
+                    raise PreconditionFailed(f"{key!r} already exists")
+                if if_match is not None:
+                    current = self._current_etag(path)
+                    if current is None or (if_match != "*" and current != if_match):
+                        raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
+                try:
+                    os.replace(temp, path)
+                except IsADirectoryError:
+                    raise InvalidKey(f"{key!r} is a folder") from None
+                temp = None
+            self._sync_dir(path.parent)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {key!r}: {exc.strerror}") from None
+        finally:
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+        return etag_of(data)
+
+    def _write_temp(self, directory: Path, data: bytes) -> Path:
+        """`data` in a new fsynced file beside the object, ready to be renamed over it."""
+        temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        for attempt in range(_MAKEDIRS_TRIES):
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                break
+            except FileNotFoundError:
+                # A delete pruned the directory we just made: make it again.
+                if attempt == _MAKEDIRS_TRIES - 1:
+                    raise
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    def _delete(self, key: str, path: Path, if_match: str | None) -> None:
+        try:
+            with self._lock(key):
+                if if_match is not None:
+                    current = self._current_etag(path)
+                    if current is None:
+                        raise NotFound(key)
+                    if if_match != "*" and current != if_match:
+                        raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
+                try:
+                    os.unlink(path)
+                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    raise NotFound(key) from None
+            self._sync_dir(path.parent)
+            self._prune(path.parent)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot delete {key!r}: {exc.strerror}") from None
+
+    def _prune(self, directory: Path) -> None:
+        """Remove the directories a delete emptied (folders are virtual, as in DIAL)."""
+        while directory != self._root and self._root in directory.parents:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return  # not empty (or already gone): a folder that still holds objects
+            directory = directory.parent
+
+    @staticmethod
+    def _sync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some filesystems (and mounts) cannot fsync a directory
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """Hold the key's shard: against other threads here, and other processes (fcntl)."""
+        shard = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[0]
+        with self._thread_locks[shard]:
+            fd = self._lock_fd(shard)
+            # POSIX record locks belong to the process: the thread lock above keeps two threads
+            # of this process from both "holding" it.
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def _lock_fd(self, shard: int) -> int:
+        with self._fds_guard:
+            fd = self._lock_fds.get(shard)
+            if fd is None:
+                path = self._root / LOCKS_DIR / f"{shard:02x}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+                self._lock_fds[shard] = fd
+            return fd
+
+    def _list(self, folder: str, recursive: bool, limit: int, token: str | None) -> Page:
+        directory = (
+            self._root.joinpath(*folder.removesuffix("/").split("/")) if folder else self._root
+        )
+        entries: list[tuple[str, ObjectInfo | None]] = []
+        try:
+            walk = self._walk(directory, folder, token or "", recursive)
+            for entry in walk:
+                entries.append(entry)
+                if len(entries) > limit:
+                    break
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot list {folder!r}: {exc.strerror}") from None
+        return page_of(entries, limit)
+
+    def _walk(
+        self, directory: Path, prefix: str, after: str, recursive: bool
+    ) -> Iterator[tuple[str, ObjectInfo | None]]:
+        """Objects (and, not recursive, folders) below `directory` in key order, after `after`.
+
+        A directory's entries sort as `name/` and files as `name`, which is the order of the
+        keys they hold; a sub-tree wholly before `after` is skipped without being read.
+        """
+        try:
+            with os.scandir(directory) as scan:
+                items = [
+                    (entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name, entry)
+                    for entry in scan
+                    if not entry.name.startswith(RESERVED_SEGMENT_PREFIX)
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        items.sort(key=lambda item: item[0])
+        for name, entry in items:
+            key = prefix + name
+            if name.endswith("/"):
+                if after and key < after and not after.startswith(key):
+                    continue  # every key below sorts before `after`
+                if recursive:
+                    yield from self._walk(Path(entry.path), key, after, recursive)
+                elif key > after and self._holds_objects(Path(entry.path)):
+                    yield key, None
+            elif key > after:
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield key, ObjectInfo(key, stat.st_size, _modified(stat), None)
+
+    @staticmethod
+    def _holds_objects(directory: Path) -> bool:
+        try:
+            with os.scandir(directory) as scan:
+                return any(not e.name.startswith(RESERVED_SEGMENT_PREFIX) for e in scan)
+        except OSError:
+            return False

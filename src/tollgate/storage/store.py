@@ -1,0 +1,176 @@
+"""The resource store: a small async interface over a folder or an object store (compatibility C80).
+
+A key is a `/`-separated path (`Users/alice/files/report.pdf`, DIAL's storage key without
+`storage.prefix`, which the store adds itself). Every write is atomic (a reader sees the old
+object or the new one, never part of one) and may be conditional on the ETag the writer read,
+so two instances never lose each other's update: `put(..., if_match=etag)` replaces only that
+version, `put(..., if_none_match=True)` only creates, and a lost race raises
+`PreconditionFailed`. ETags are opaque strings compared for equality (the hex MD5 of the content
+on the filesystem and on S3; the provider's own tag on Azure, the object's generation on GCS).
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+from dataclasses import dataclass, field
+from datetime import datetime
+
+MAX_KEY_BYTES = 1024  # S3's and GCS's limit on an object name, UTF-8
+# Segments Tollgate keeps for itself on the filesystem (temporary files, lock files): never a key.
+RESERVED_SEGMENT_PREFIX = ".tollgate-"
+DEFAULT_PAGE_SIZE = 1000
+
+
+class StorageError(Exception):
+    """A store operation that failed; subclasses say why."""
+
+
+class InvalidKey(StorageError, ValueError):
+    """A key or folder that does not name a place inside the store (`..`, `/x`, NUL, `\\`...)."""
+
+
+class NotFound(StorageError):
+    """The object does not exist (a delete of a missing key)."""
+
+
+class PreconditionFailed(StorageError):
+    """An `if_match` / `if_none_match` condition did not hold: another writer got there first."""
+
+
+class StoreUnavailable(StorageError):
+    """The store cannot be reached or refused the operation (network, disk, credentials)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """An object's metadata: what a listing or `head` gives."""
+
+    key: str
+    size: int
+    last_modified: datetime  # UTC
+    etag: str | None  # None where a listing does not carry it (the filesystem's)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """An object as read: its bytes and the ETag a conditional write names."""
+
+    key: str
+    data: bytes = field(repr=False)
+    etag: str
+    last_modified: datetime  # UTC
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing, in key order: objects, sub-folders (non-recursive listings only,
+    each ending in `/`), and the token of the next page (None on the last)."""
+
+    objects: tuple[ObjectInfo, ...]
+    folders: tuple[str, ...] = ()
+    next_token: str | None = None
+
+
+def check_key(key: str) -> str:
+    """`key` if it names an object inside the store, else `InvalidKey`.
+
+    Refused: empty keys and segments (`a//b`, a trailing `/`), `.` and `..`, a leading `/`,
+    NUL and other control characters, backslashes (a path separator on Windows and a way round
+    a check of `/`), Tollgate's reserved `.tollgate-*` names, and more than 1024 UTF-8 bytes.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidKey("empty key")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"key longer than {MAX_KEY_BYTES} bytes")
+    if "\\" in key or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise InvalidKey(f"key with a backslash or a control character: {key!r}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidKey(f"key with an empty, '.' or '..' segment: {key!r}")
+        if segment.startswith(RESERVED_SEGMENT_PREFIX):
+            raise InvalidKey(f"key with a reserved segment: {key!r}")
+    return key
+
+
+def check_folder(folder: str) -> str:
+    """A folder to list: `""` (the root) or a valid key followed by `/` (added when missing)."""
+    if folder == "":
+        return folder
+    if not isinstance(folder, str):
+        raise InvalidKey("folder must be a string")
+    check_key(folder.removesuffix("/"))
+    return folder if folder.endswith("/") else folder + "/"
+
+
+class ResourceStore(abc.ABC):
+    """A key-value store of bytes with ETags, atomic and conditional writes, paged listings."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> Blob | None:
+        """The object, or None if there is none."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """The object's metadata with its ETag, or None if there is none."""
+
+    @abc.abstractmethod
+    async def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Store `data` at `key` atomically and return its new ETag.
+
+        `if_match`: only if the object exists with that ETag. `if_none_match`: only if no object
+        exists. Either condition failing (a missing object for `if_match` included) raises
+        `PreconditionFailed` and writes nothing.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove the object; `NotFound` if there is none, `PreconditionFailed` if `if_match`
+        names another version."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        folder: str = "",
+        *,
+        recursive: bool = True,
+        limit: int = DEFAULT_PAGE_SIZE,
+        token: str | None = None,
+    ) -> Page:
+        """A page of the objects under `folder` (`""` or `a/b/`), in key order, after `token`
+        (the previous page's `next_token`). Recursive: every object below; otherwise the
+        objects in the folder and its sub-folders' names (each counts towards `limit`)."""
+
+    async def close(self) -> None:  # noqa: B027 (a store without resources needs no close)
+        """Release connections and threads."""
+
+    async def list_all(
+        self, folder: str = "", *, limit: int = DEFAULT_PAGE_SIZE
+    ) -> builtins.list[ObjectInfo]:
+        """Every object below `folder`, page after page."""
+        objects: builtins.list[ObjectInfo] = []
+        token: str | None = None
+        while True:
+            page = await self.list(folder, recursive=True, limit=limit, token=token)
+            objects.extend(page.objects)
+            if page.next_token is None:
+                return objects
+            token = page.next_token
+
+
+def page_of(entries: list[tuple[str, ObjectInfo | None]], limit: int) -> Page:
+    """A page from up to `limit + 1` entries in key order: `(key, info)` for an object,
+    `(folder/, None)` for a sub-folder; the extra entry only says that more follow."""
+    if limit < 1:
+        raise ValueError("limit must be positive")
+    more = len(entries) > limit
+    entries = entries[:limit]
+    objects = tuple(info for _, info in entries if info is not None)
+    folders = tuple(name for name, info in entries if info is None)
+    return Page(objects, folders, entries[-1][0] if more and entries else None)
