@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from harness import free_port
 from redis_server import RedisServer, start_redis_server, stop_redis_server
 from tollgate.config.schema import UNLIMITED, UNLIMITED_COST
 from tollgate.limits.ledger import Ask, Charge, Refusal
@@ -715,3 +716,43 @@ async def test_a_late_charge_for_an_ended_period_leaves_the_current_one_alone(st
     assert usage.entities["m"].requests == (1, 1)
     assert usage.cost_nano == (10, 7, 10, 7)
     await memory.close()
+
+
+@pytest.mark.parametrize("on_failure", ["local", "closed"])
+async def test_resilient_extend_where_the_reservation_is_held(
+    redis_server: RedisServer, on_failure: str
+) -> None:
+    """A reservation Redis holds grows in Redis; with Redis gone, `local` lets the stream go on
+    unreserved and `closed` ends it with 503 (compatibility C79, C59)."""
+    from tollgate.errors import GatewayError
+    from tollgate.limits.resilient import ResilientLedger
+
+    connection = PipelinedRedis("127.0.0.1", redis_server.port)
+    shared = RedisLedger(connection, prefix=fresh_prefix())
+    local = MemoryLedger(path=None)
+    ledger = ResilientLedger(shared, local, on_failure, ping=connection.ping)
+    now = instant(1_780_000_000_000)
+    ask = Ask("Keys/p", "m", limits(minute=1_000), now)
+    try:
+        assert await ledger.admit(ask) is None and not ask.local
+        assert await ledger.extend(ask, 600, 0, now) is None
+        assert ask.tokens == 600
+        assert (await shared.usage("Keys/p", None, now)).entities["m"].tokens[0] == 600
+        assert (await ledger.extend(ask, 401, 0, now)) is not None  # Redis says no
+        await connection.aclose()  # the store goes away
+        broken = RedisLedger(PipelinedRedis("127.0.0.1", free_port()), prefix="x")
+        ledger.shared = broken
+        if on_failure == "closed":
+            with pytest.raises(GatewayError) as refused:
+                await ledger.extend(ask, 10, 0, now)
+            assert (refused.value.status, refused.value.message) == (
+                503,
+                "Limits store is unavailable",
+            )
+        else:
+            assert await ledger.extend(ask, 10, 0, now) is None
+            assert ask.tokens == 600  # nothing reserved anywhere: the ticket is unchanged
+            assert (await local.usage("Keys/p", None, now)).entities == {}
+        assert not ledger.healthy
+    finally:
+        await ledger.close()
