@@ -43,6 +43,8 @@ def counted_usage(call: Call) -> Usage | None:
     if relayed is None:
         return None
     usage = relayed.usage
+    if relayed.estimated and call.note is not None:  # a stream cut by its budget (C79)
+        call.note.usage_estimated = True
     deployment = call.deployment
     if (
         usage is not None
