@@ -1,8 +1,9 @@
 """`storage.provider: aws-s3 | s3 | google-cloud-storage | azureblob` through `obstore`.
 
-One library speaks all three object stores (Rust's `object_store` under a typed Python API, with
-async calls that do not hold the event loop). Writes are single requests, atomic by the store's
-own guarantee; conditional writes use the store's preconditions (obstore's `PutMode`):
+One library speaks all three object stores (Rust's `object_store` under a typed Python API); its
+blocking calls run in a thread pool, so the event loop never waits on the network. Writes are
+single requests, atomic by the store's own guarantee; conditional writes use the store's
+preconditions (obstore's `PutMode`):
 `create` (`If-None-Match: *`) and an update of one version (S3 and Azure: `If-Match` with the
 ETag; GCS: `x-goog-if-generation-match` with the object's generation, which is therefore the
 ETag Tollgate reports on GCS). ETags are given without quotes; on S3 a single-part upload's ETag
@@ -14,9 +15,14 @@ delete, so a write landing between the two is removed with it (compatibility C80
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import obstore
 from obstore import exceptions as obstore_errors
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
 CLIENT_OPTIONS = {"connect_timeout": "5s", "timeout": "60s"}
 RETRY_CONFIG: Any = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
 OBSTORE_OVERRIDE = "obstore."
+THREADS = 32  # object-store calls in flight at once per store (each waits on the network)
+_T = TypeVar("_T")
 _LIST_CHUNK = 1000  # objects per listing request (S3's maximum)
 # obstore raises Python's FileNotFoundError for a missing object (its NotFoundError elsewhere).
 _MISSING = (obstore_errors.NotFoundError, FileNotFoundError)
@@ -62,6 +70,17 @@ class CloudStore(ResourceStore):
         self._store = store
         self._name = name
         self._generation_tags = generation_tags
+        # obstore's blocking calls, each in a thread of this pool: its async calls complete
+        # Python futures from Rust threads, which can abort the interpreter at exit (seen in
+        # 3 of 40 runs of a short script); blocking calls never call back into Python.
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="tollgate-storage")
+
+    async def _run(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, partial(function, *args, **kwargs))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
 
     def __repr__(self) -> str:  # never the store's credentials
         return f"CloudStore({self._name!r})"
@@ -78,19 +97,21 @@ class CloudStore(ResourceStore):
     async def get(self, key: str) -> Blob | None:
         check_key(key)
         try:
-            result = await obstore.get_async(self._store, key)
-            data = bytes(await result.bytes_async())
+            data, meta = await self._run(self._get, key)
         except _MISSING:
             return None
         except (obstore_errors.BaseError, OSError) as exc:
             raise _unavailable("get", key, exc) from None
-        meta = result.meta
         return Blob(key, data, self._etag(meta), meta["last_modified"])
+
+    def _get(self, key: str) -> tuple[bytes, ObjectMeta]:
+        result = obstore.get(self._store, key)
+        return bytes(result.bytes()), result.meta
 
     async def head(self, key: str) -> ObjectInfo | None:
         check_key(key)
         try:
-            meta = await obstore.head_async(self._store, key)
+            meta = await self._run(obstore.head, self._store, key)
         except _MISSING:
             return None
         except (obstore_errors.BaseError, OSError) as exc:
@@ -115,8 +136,8 @@ class CloudStore(ResourceStore):
             mode = {"version": if_match} if self._generation_tags else {"e_tag": f'"{if_match}"'}
         try:
             # One request, never a multipart upload: atomic, and the ETag stays the MD5 on S3.
-            result = await obstore.put_async(
-                self._store, key, bytes(data), mode=mode, use_multipart=False
+            result = await self._run(
+                obstore.put, self._store, key, bytes(data), mode=mode, use_multipart=False
             )
         except (obstore_errors.AlreadyExistsError, obstore_errors.PreconditionError):
             raise PreconditionFailed(f"{key!r}: the condition did not hold") from None
@@ -134,7 +155,7 @@ class CloudStore(ResourceStore):
         if if_match is not None and if_match != "*" and current.etag != if_match:
             raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
         try:
-            await obstore.delete_async(self._store, key)
+            await self._run(obstore.delete, self._store, key)
         except _MISSING:
             raise NotFound(key) from None
         except (obstore_errors.BaseError, OSError) as exc:
@@ -152,26 +173,28 @@ class CloudStore(ResourceStore):
         if limit < 1:
             raise ValueError("limit must be positive")
         prefix = folder.removesuffix("/") or None
-        entries: list[tuple[str, ObjectInfo | None]] = []
         try:
-            if recursive:
-                stream = obstore.list(
-                    self._store, prefix, offset=token, chunk_size=min(limit + 1, _LIST_CHUNK)
-                )
-                async for chunk in stream:
-                    entries.extend((meta["path"], self._info(meta)) for meta in chunk)
-                    if len(entries) > limit:
-                        break
-                entries.sort(key=lambda entry: entry[0])
-            else:
-                # One folder: obstore reads every page of it (folders are small next to buckets).
-                result = await obstore.list_with_delimiter_async(self._store, prefix)
-                entries = [(meta["path"], self._info(meta)) for meta in result["objects"]]
-                entries += [(name.rstrip("/") + "/", None) for name in result["common_prefixes"]]
-                entries = sorted(e for e in entries if token is None or e[0] > token)
+            entries = await self._run(self._list, prefix, recursive, limit, token)
         except (obstore_errors.BaseError, OSError) as exc:
             raise _unavailable("list", folder, exc) from None
         return page_of(entries[: limit + 1], limit)
+
+    def _list(
+        self, prefix: str | None, recursive: bool, limit: int, token: str | None
+    ) -> builtins.list[tuple[str, ObjectInfo | None]]:
+        entries: builtins.list[tuple[str, ObjectInfo | None]] = []
+        if recursive:
+            chunk_size = min(limit + 1, _LIST_CHUNK)
+            for chunk in obstore.list(self._store, prefix, offset=token, chunk_size=chunk_size):
+                entries.extend((meta["path"], self._info(meta)) for meta in chunk)
+                if len(entries) > limit:
+                    break
+            return sorted(entries, key=lambda entry: entry[0])
+        # One folder: obstore reads every page of it (folders are small next to buckets).
+        result = obstore.list_with_delimiter(self._store, prefix)
+        entries = [(meta["path"], self._info(meta)) for meta in result["objects"]]
+        entries += [(name.rstrip("/") + "/", None) for name in result["common_prefixes"]]
+        return sorted(e for e in entries if token is None or e[0] > token)
 
 
 def _unavailable(operation: str, key: str, exc: BaseException) -> StoreUnavailable:
