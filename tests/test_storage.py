@@ -5,6 +5,7 @@ over a private redis-server. No part of a store is mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -665,3 +666,36 @@ def test_change_notice_json_round_trip() -> None:
     assert Change.from_json(change.to_json()) == change
     with pytest.raises(ValueError):
         Change.from_json(b'{"key": "k", "action": "EXPLODE"}')
+
+
+@pytest.mark.redis
+async def test_redis_subscription_survives_a_redis_restart(tmp_path: Path) -> None:
+    from harness import free_port
+
+    port = free_port()
+    server = start_redis_server(tmp_path / "r", port=port)
+    redis = RedisSettings.model_validate(
+        {"singleServerConfig": {"address": f"redis://127.0.0.1:{port}"}}
+    )
+    storage = StorageSettings.from_raw({})
+    listener, writer = build_notices(redis, storage, "a"), build_notices(redis, storage, "b")
+    subscription = await listener.subscribe()
+    try:
+        stop_redis_server(server)
+        server = start_redis_server(tmp_path / "r", port=port)
+        sent = writer.change("keys/platform/k", "UPDATE", "e2")
+        # The listener resubscribes on its own; publish until it hears (a notice sent while it
+        # was away is lost by design: the next scan catches it).
+        deadline = time.monotonic() + 10
+        received = None
+        while received is None and time.monotonic() < deadline:
+            with contextlib.suppress(StoreUnavailable):
+                await writer.publish(sent)
+            with contextlib.suppress(TimeoutError):
+                received = await _next(subscription, 0.5)
+        assert received == sent
+    finally:
+        await subscription.aclose()
+        await listener.close()
+        await writer.close()
+        stop_redis_server(server)
