@@ -29,7 +29,7 @@ OUT = Path(__file__).parent / "out"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--mode", choices=("chat", "stream"), default="chat")
+    parser.add_argument("--mode", choices=tuple(run.ALL_MODES), default="chat")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--src", type=Path, default=None, help="another tree's src/ to profile")
     parser.add_argument(
