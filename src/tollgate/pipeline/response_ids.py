@@ -30,6 +30,8 @@ from tollgate.limits.usage import line_cut
 PREFIX: Final = "resp_dial_"
 VERSION: Final = "d1"
 SAFE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,256}")
+# The response's id where OpenAI puts it, first in a stream event's `response` object.
+RESPONSE_ID: Final = re.compile(rb'"response":\{"id":"([A-Za-z0-9_-]{1,256})"')
 MAX_ID: Final = 4096
 # A line longer than this is passed on as it comes, not held for its end (and not rewritten).
 MAX_HELD_LINE: Final = 8 * 1024 * 1024
@@ -82,6 +84,9 @@ def upstream_id_of(body: bytes) -> str | None:
 
 def _event_response_id(line: bytes) -> str | None:
     """`response.id` of a stream event's `data:` line, or None."""
+    quick = RESPONSE_ID.search(line)
+    if quick is not None:  # `"response":{"id":"..."`, as OpenAI writes it: no parse
+        return quick[1].decode()
     stripped = line.strip()
     if not stripped.startswith(b"data:"):
         return None
@@ -130,6 +135,11 @@ class IdRewrite:
         return body.replace(self._from, self._to)
 
     def filter(self, chunk: bytes) -> bytes:
+        found = self._from
+        if found is not None and not self._carry and chunk.endswith(b"\n"):
+            # Whole lines once the id is known (nearly every chunk): one substring search,
+            # and a replacement in the few events that carry the response.
+            return chunk.replace(found, self._to) if found in chunk else chunk
         data = self._carry + chunk if self._carry else chunk
         cut = line_cut(data)
         if cut < len(data) and len(data) - cut <= MAX_HELD_LINE:
