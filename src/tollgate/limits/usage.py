@@ -183,6 +183,10 @@ class StreamUsage:
         self._usage_block = b""
 
     def feed(self, chunk: bytes) -> None:
+        if not self._carry and chunk.endswith(b"\n"):  # whole lines: nearly every chunk
+            if USAGE in chunk:
+                self._lines(chunk)
+            return
         data = self._carry + chunk if self._carry else chunk
         cut = line_cut(data)
         self._carry = data[cut:] if len(data) - cut <= MAX_CARRY else b""
