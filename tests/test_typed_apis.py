@@ -324,6 +324,18 @@ async def test_a_streamed_message_is_relayed_and_charged(
     ) + (usage.cache_creation_input_tokens or 0)
 
 
+async def test_a_client_cannot_name_another_deployment_to_the_adapter(
+    aclient: httpx.AsyncClient, afake: InProcessFake
+) -> None:
+    answer = await aclient.post(
+        "/anthropic/v1/messages",
+        headers={"x-api-key": KEY, "X-DIAL-DEPLOYMENT-ID": "claude-hidden"},
+        json={"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert header(afake.last(), "X-DIAL-DEPLOYMENT-ID") == ["claude"]
+
+
 async def test_count_tokens_is_relayed_and_not_charged(
     agateway: InProcessGateway, aclient: httpx.AsyncClient, afake: InProcessFake
 ) -> None:

@@ -249,7 +249,9 @@ class DeploymentCalls:
                 with_default_headers(headers, request.headers, default_headers)
             if api.startswith("anthropic/"):
                 # The body's `model` is now the upstream's name; the adapter learns the
-                # deployment the client asked for from this header (compatibility C76).
+                # deployment the client asked for from this header, which only Tollgate sets
+                # (compatibility C76).
+                headers[:] = [h for h in headers if h[0].lower() != "x-dial-deployment-id"]
                 headers.append(("X-DIAL-DEPLOYMENT-ID", call.raw_id))
             with_hop_key(headers, hop_key.key)
             if hop_key.publishing is not None:
