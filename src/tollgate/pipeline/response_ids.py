@@ -135,11 +135,11 @@ class IdRewrite:
         return body.replace(self._from, self._to)
 
     def filter(self, chunk: bytes) -> bytes:
-        found = self._from
-        if found is not None and not self._carry and chunk.endswith(b"\n"):
+        known = self._from
+        if known is not None and not self._carry and chunk.endswith(b"\n"):
             # Whole lines once the id is known (nearly every chunk): one substring search,
             # and a replacement in the few events that carry the response.
-            return chunk.replace(found, self._to) if found in chunk else chunk
+            return chunk.replace(known, self._to) if known in chunk else chunk
         data = self._carry + chunk if self._carry else chunk
         cut = line_cut(data)
         if cut < len(data) and len(data) - cut <= MAX_HELD_LINE:
