@@ -4,11 +4,11 @@
     .venv/bin/python bench/ab.py /tmp/base [--rounds 5] [--duration 5]
     .venv/bin/python bench/ab.py --stream-usage [--rounds 5]
 
-With `--stream-usage` both gateways are this checkout's, each on its own fake model: `base`
-on one that puts usage into every stream unasked (the fake's default) with
-`includeStreamUsage: false`, `this` on one that reports stream usage only when asked (as
-OpenAI does), so that it asks and hides the usage from the client. Both count the same usage;
-the difference is what asking and hiding cost (compatibility C70).
+With `--stream-usage` both gateways are this checkout's, on one fake model that reports stream
+usage only when asked (as OpenAI does), so both relay the same upstream stream: `base` serves a
+client that asks for usage itself (`stream_options.include_usage`, so Tollgate adds and hides
+nothing), `this` one that does not ask (Tollgate asks for it and hides it). The difference is
+what asking and hiding cost (compatibility C70).
 
 Both gateways run the `tollgate-limits` target of `run.py` (embedded limits on every call,
 metrics and the access log on) against one fake model, each from its own `src/`. Each round
@@ -77,17 +77,9 @@ def main() -> int:
             servers["fake"] = run.start("fake", fake, port, tmpdir)
             run.wait_healthy(servers["fake"])
             fake_urls = {name: servers["fake"].url for name in trees}
-            if args.stream_usage:  # base: a fake that reports usage unasked
-                port = run.free_port()
-                fake = [py, "-m", "tollgate.fake_model", "--no-record", "--port", str(port)]
-                servers["fake-base"] = run.start("fake-base", fake, port, tmpdir)
-                run.wait_healthy(servers["fake-base"])
-                fake_urls["base"] = servers["fake-base"].url
             for name, src in trees.items():
                 config = tmpdir / f"{name}.json"
                 tollgate_config = run.tollgate_config(fake_urls[name], True)
-                if args.stream_usage and name == "base":
-                    tollgate_config["models"][run.MODEL]["includeStreamUsage"] = False
                 config.write_text(json.dumps(tollgate_config))
                 settings = {"limits.embedded.file": str(tmpdir / f"{name}.sqlite")}
                 port = run.free_port()
@@ -105,8 +97,16 @@ def main() -> int:
                 for index, (mode, conc) in enumerate(scenarios):
                     for name in run.rotated(list(trees), rnd + index):
                         # measure() reads servers[target]: the gateway under test.
+                        # --stream-usage: base's client asks for usage itself.
+                        asking = args.stream_usage and name == "base" and mode == "stream"
                         result = run.measure(
-                            name, urls[name], mode, conc, rnd + 1, args.duration, servers
+                            name,
+                            urls[name],
+                            "stream-asking" if asking else mode,
+                            conc,
+                            rnd + 1,
+                            args.duration,
+                            servers,
                         )
                         runs.setdefault((name, mode, conc), []).append(result)
                         print(
@@ -119,7 +119,7 @@ def main() -> int:
         finally:
             for server in reversed(servers.values()):
                 run.stop(server)
-    what = "includeStreamUsage: false" if args.stream_usage else args.base
+    what = "a client that asks for stream usage itself" if args.stream_usage else args.base
     print(f"\nmedians over {args.rounds} rounds; base = {what}")
     print("| scenario | base req/s | this req/s | this/base | base CPU µs/req | this CPU µs/req |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -51,6 +51,9 @@ ALL_MODES = {
     "anthropic-stream": "anthropic_stream.lua",
 }
 MODES = dict(ALL_MODES)  # the scenarios of this run (`--modes`)
+# Scripts that are no scenario of their own: a client that asks for stream usage itself
+# (bench/ab.py --stream-usage).
+EXTRA_SCRIPTS = {"stream-asking": "chat_stream_asking.lua"}
 WRK_SHAPE = {1: (1, 1), 64: (2, 64)}  # concurrency -> (wrk threads, connections)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -329,7 +332,7 @@ def run_wrk(url: str, mode: str, concurrency: int, seconds: float) -> dict[str, 
         "--timeout",
         "10s",
         "-s",
-        str(WRK_DIR / MODES[mode]),
+        str(WRK_DIR / (MODES.get(mode) or EXTRA_SCRIPTS[mode])),
         url,
     ]
     env = dict(os.environ, BENCH_API_KEY=API_KEY)
