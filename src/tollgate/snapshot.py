@@ -93,6 +93,8 @@ class Deployment:
     targets: Mapping[str, Target] = field(default_factory=dict)
     # `defaultHeaders`: added to the upstream request when the client did not send them.
     default_headers: tuple[tuple[str, str], ...] = ()
+    # A model upstream without an `id`: the Responses API cannot serve it (compatibility C76).
+    anonymous_upstreams: bool = False
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
@@ -143,6 +145,7 @@ def _deployment(
         ),
         targets=interfaces.targets(spec),
         default_headers=tuple(spec.default_headers.items()),
+        anonymous_upstreams=model is not None and any(u.id is None for u in model.upstreams),
     )
 
 

@@ -34,10 +34,12 @@ from tollgate.limits.usage import (
     WHOLE_PARSE_LIMIT,
     StreamUsage,
     Usage,
-    _object_at,
     body_usage,
     clamp,
+    last_usage_object,
     line_cut,
+    line_end,
+    top_level_usage_object,
 )
 
 
@@ -211,31 +213,12 @@ def _data_payload(line: bytes) -> object:
         return None
 
 
-def _last_usage_object(data: bytes) -> dict[str, Any] | None:
-    """The last `"usage": {...}` object in `data`, unparsed fields and all."""
-    position = len(data)
-    while True:
-        position = data.rfind(USAGE, 0, position)
-        if position < 0:
-            return None
-        head = USAGE_HEAD.match(data, position)
-        if head is not None:
-            found = _object_at(data, head.end() - 1)
-            if found is not None:
-                return found
-
-
 def _body_usage_object(body: bytes) -> dict[str, Any] | None:
     if len(body) <= WHOLE_PARSE_LIMIT:
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            document = None
-        if type(document) is dict:
-            usage = document.get("usage")
-            if type(usage) is dict:
-                return usage
-    return _last_usage_object(body)
+        found = top_level_usage_object(body)
+        if found is not None:
+            return found
+    return last_usage_object(body)
 
 
 def _last_event_usage(
@@ -251,19 +234,10 @@ def _last_event_usage(
         if USAGE_HEAD.match(block, position) is None:
             continue
         start = max(block.rfind(b"\n", 0, position), block.rfind(b"\r", 0, position)) + 1
-        end = _line_end(block, position)
+        end = line_end(block, position)
         line = block[start:end]
         found = pick(_data_payload(line))
-        return found if found is not None else _last_usage_object(line)
-
-
-def _line_end(data: bytes, position: int) -> int:
-    """The index of the first CR or LF at or after `position`, or `len(data)`."""
-    lf = data.find(b"\n", position)
-    cr = data.find(b"\r", position, len(data) if lf < 0 else lf)
-    if cr >= 0:
-        return cr
-    return len(data) if lf < 0 else lf
+        return found if found is not None else last_usage_object(line)
 
 
 # --- Text produced so far --------------------------------------------------------------------

@@ -99,8 +99,9 @@ def _object_at(data: bytes, start: int) -> dict[str, Any] | None:
     return None
 
 
-def last_usage(data: bytes) -> Usage | None:
-    """The last `"usage": {...}` in `data`; `"usage": null` and `usage_per_model` are skipped."""
+def last_usage_object(data: bytes) -> dict[str, Any] | None:
+    """The last `"usage": {...}` object in `data`, as parsed (every API family's fields);
+    `"usage": null` and `usage_per_model` are skipped."""
     position = len(data)
     while True:
         position = data.rfind(USAGE, 0, position)
@@ -110,7 +111,13 @@ def last_usage(data: bytes) -> Usage | None:
         if head is not None:
             found = _object_at(data, head.end() - 1)
             if found is not None:
-                return Usage.from_object(found)
+                return found
+
+
+def last_usage(data: bytes) -> Usage | None:
+    """The last `"usage": {...}` in `data`, as OpenAI-style usage."""
+    found = last_usage_object(data)
+    return None if found is None else Usage.from_object(found)
 
 
 def body_usage(body: bytes) -> Usage | None:
@@ -126,8 +133,8 @@ def body_usage(body: bytes) -> Usage | None:
     return last_usage(body)
 
 
-def _top_level_usage(document: bytes) -> Usage | None:
-    """The `usage` object at the top of a JSON document, if it is one."""
+def top_level_usage_object(document: bytes) -> dict[str, Any] | None:
+    """The `usage` object at the top of a JSON document, if it is one, as parsed."""
     try:
         value = orjson.loads(document)
     except orjson.JSONDecodeError:
@@ -135,8 +142,13 @@ def _top_level_usage(document: bytes) -> Usage | None:
     if type(value) is dict:
         usage = value.get("usage")
         if type(usage) is dict:
-            return Usage.from_object(usage)
+            return usage
     return None
+
+
+def _top_level_usage(document: bytes) -> Usage | None:
+    found = top_level_usage_object(document)
+    return None if found is None else Usage.from_object(found)
 
 
 def _event_usage(block: bytes) -> Usage | None:
@@ -156,6 +168,15 @@ def _event_usage(block: bytes) -> Usage | None:
         line = block[start : len(block) if end < 0 else end].strip()
         found = _top_level_usage(line[5:]) if line.startswith(b"data:") else None
         return found if found is not None else last_usage(block)
+
+
+def line_end(data: bytes, position: int) -> int:
+    """The index of the first CR or LF at or after `position`, or `len(data)`."""
+    lf = data.find(b"\n", position)
+    cr = data.find(b"\r", position, len(data) if lf < 0 else lf)
+    if cr >= 0:
+        return cr
+    return len(data) if lf < 0 else lf
 
 
 def line_cut(data: bytes) -> int:

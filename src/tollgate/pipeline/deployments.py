@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 from yarl import URL
 
-from tollgate.config.schema import Model
+from tollgate.config.schema import INTERFACE_TYPES
 from tollgate.errors import GatewayError, unknown_application
 from tollgate.limits.api_usage import ANTHROPIC, OPENAI, RESPONSES
 from tollgate.observability.calls import Observer
@@ -65,6 +65,9 @@ def _interface_headers(
         headers.extend(upstream.headers_of(interface))
 
     return add
+
+
+INTERFACE_HEADERS: Final = {name: _interface_headers(name) for name in INTERFACE_TYPES}
 
 
 def _noting_upstream(
@@ -192,8 +195,7 @@ class DeploymentCalls:
             for field in ("previous_response_id", "conversation"):
                 if parsed.get(field) is not None:
                     raise GatewayError(400, f"{field} is not supported")
-            spec = deployment.spec
-            if isinstance(spec, Model) and any(u.id is None for u in spec.upstreams):
+            if deployment.anonymous_upstreams:
                 # Follow-up calls go to the upstream that made the response: it needs an id.
                 raise GatewayError(503, "Upstream is missing required id")
         return await self._forward(call, deployment, target)
@@ -264,16 +266,13 @@ class DeploymentCalls:
                 url = upstream_url(deployment, raw_query)
                 per_upstream = _with_upstream_headers
             else:
-                url = URL(
-                    target.url(
-                        api,
-                        request.raw_path.partition("?")[0],
-                        raw_query,
-                        deployment.override_name or deployment.name,
-                    ),
-                    encoded=True,
+                url = target.upstream_url(
+                    api,
+                    request.raw_path.partition("?")[0],
+                    raw_query,
+                    deployment.override_name or deployment.name,
                 )
-                per_upstream = _interface_headers(target.interface)
+                per_upstream = INTERFACE_HEADERS[target.interface]
             rewrite = None
             if api == "responses":
                 # The client gets ids that lead a follow-up back here (compatibility C78).

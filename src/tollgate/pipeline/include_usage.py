@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from tollgate.limits.usage import USAGE, Usage
+from tollgate.limits.usage import USAGE, Usage, line_end
 
 INCLUDE_USAGE: Final = b'"stream_options":{"include_usage":true},'
 # An event longer than this is passed on as it comes: no OpenAI chunk is near it, and holding it
@@ -291,7 +291,7 @@ class HideUsage:
         hit = event.find(USAGE)
         while hit >= 0:
             start = max(event.rfind(b"\n", 0, hit), event.rfind(b"\r", 0, hit)) + 1
-            end = _line_end(event, hit)
+            end = line_end(event, hit)
             rewritten = self._rewrite_line(event[start:end])
             if rewritten == DROP:  # a rewritten line is never empty: it starts with `data:`
                 return DROP
@@ -425,12 +425,3 @@ def _blank_line_before(data: bytes, position: int, floor: int) -> int:
         return floor
     end = last + 2
     return end + 1 if data[end - 1 : end + 1] == b"\r\n" else end
-
-
-def _line_end(data: bytes, position: int) -> int:
-    """The index of the first CR or LF at or after `position`, or `len(data)`."""
-    lf = data.find(b"\n", position)
-    cr = data.find(b"\r", position, len(data) if lf < 0 else lf)
-    if cr >= 0:
-        return cr
-    return len(data) if lf < 0 else lf

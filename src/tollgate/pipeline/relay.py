@@ -263,25 +263,17 @@ async def relay_stream(
     hide: ChunkFilter | None = None  # what changes the bytes the client gets
     produced: Produced | None = None
     chunks: list[bytes] | None = None  # produced.chunks, appended to inline: the cheapest way
+    event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
     if upstream.status == 200 and (usage_format is not None or hide_usage):
-        event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
         if usage_format is not None:
             tracker = usage_format.stream() if event_stream else TailUsage(usage_format.body)
             produced = Produced(usage_format, event_stream)
             chunks = produced.chunks
         if hide_usage and event_stream:
             hide = HideUsage()
-    if (
-        rewrite is not None
-        and 200 <= upstream.status < 300
-        and headers.get("Content-Type", "").startswith("text/event-stream")
-    ):
+    if rewrite is not None and 200 <= upstream.status < 300 and event_stream:
         hide = rewrite
-    if budget is not None and (
-        upstream.status != 200
-        or usage_format is None
-        or not headers.get("Content-Type", "").startswith("text/event-stream")
-    ):
+    if budget is not None and (upstream.status != 200 or usage_format is None or not event_stream):
         budget = None  # only a 200 event stream is counted as it goes
     kept = bytearray() if keep else None
     kept_size = 0  # bytes in `chunks`

@@ -11,9 +11,11 @@ API. Built once per snapshot; pure.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
+
+from yarl import URL
 
 from tollgate.config.schema import (
     ANTHROPIC_MESSAGES,
@@ -43,6 +45,7 @@ INTERFACE_OF: Final = {
     "anthropic/messages": ANTHROPIC_MESSAGES,
     "anthropic/messages/count_tokens": ANTHROPIC_MESSAGES,
 }
+MAX_CACHED_URLS: Final = 64
 # The vendor API path an upstream's `baseUrl` is completed with (its `X-UPSTREAM-ENDPOINT`).
 VENDOR_PATHS: Final = {RESPONSES: "/v1/responses", ANTHROPIC_MESSAGES: "/v1/messages"}
 
@@ -63,6 +66,20 @@ class Target:
     # The entry's `defaults`: declared, they replace the deployment's (None: the deployment's).
     defaults: Mapping[str, Any] | None = None
     override_paths: Mapping[str, str] | None = None
+    # URLs already built, by (API, ingress path, query): a deployment's clients repeat the
+    # same few. Bounded in `upstream_url`.
+    urls: dict[tuple[str, str, str], URL] = field(default_factory=dict, compare=False, repr=False)
+
+    def upstream_url(self, api: str, ingress: str, raw_query: str, upstream_name: str) -> URL:
+        """`url`, parsed once per distinct call shape (`upstream_name` is the deployment's)."""
+        key = (api, ingress, raw_query)
+        found = self.urls.get(key)
+        if found is None:
+            # encoded=True: yarl takes the text as it is, neither re-quoting nor normalising it.
+            found = URL(self.url(api, ingress, raw_query, upstream_name), encoded=True)
+            if len(self.urls) < MAX_CACHED_URLS:
+                self.urls[key] = found
+        return found
 
     def url(self, api: str, ingress: str, raw_query: str, upstream_name: str) -> str:
         """The upstream URL of a call to `api` that came in on the raw path `ingress`.

@@ -38,7 +38,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tollgate.storage.store import (
-    DEFAULT_PAGE_SIZE,
     RESERVED_SEGMENT_PREFIX,
     Blob,
     InvalidKey,
@@ -48,7 +47,6 @@ from tollgate.storage.store import (
     PreconditionFailed,
     ResourceStore,
     StoreUnavailable,
-    check_folder,
     check_key,
     page_of,
 )
@@ -116,17 +114,7 @@ class FilesystemStore(ResourceStore):
         path = self._path(key)
         await asyncio.to_thread(self._delete, key, path, if_match)
 
-    async def list(
-        self,
-        folder: str = "",
-        *,
-        recursive: bool = True,
-        limit: int = DEFAULT_PAGE_SIZE,
-        token: str | None = None,
-    ) -> Page:
-        folder = check_folder(folder)
-        if limit < 1:
-            raise ValueError("limit must be positive")
+    async def _page(self, folder: str, recursive: bool, limit: int, token: str | None) -> Page:
         return await asyncio.to_thread(self._list, folder, recursive, limit, token)
 
     async def close(self) -> None:

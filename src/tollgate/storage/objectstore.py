@@ -29,7 +29,6 @@ from obstore import exceptions as obstore_errors
 
 from tollgate.storage.settings import StorageSettings
 from tollgate.storage.store import (
-    DEFAULT_PAGE_SIZE,
     Blob,
     NotFound,
     ObjectInfo,
@@ -37,7 +36,6 @@ from tollgate.storage.store import (
     PreconditionFailed,
     ResourceStore,
     StoreUnavailable,
-    check_folder,
     check_key,
     page_of,
 )
@@ -161,17 +159,7 @@ class CloudStore(ResourceStore):
         except (obstore_errors.BaseError, OSError) as exc:
             raise _unavailable("delete", key, exc) from None
 
-    async def list(
-        self,
-        folder: str = "",
-        *,
-        recursive: bool = True,
-        limit: int = DEFAULT_PAGE_SIZE,
-        token: str | None = None,
-    ) -> Page:
-        folder = check_folder(folder)
-        if limit < 1:
-            raise ValueError("limit must be positive")
+    async def _page(self, folder: str, recursive: bool, limit: int, token: str | None) -> Page:
         prefix = folder.removesuffix("/") or None
         try:
             entries = await self._run(self._list, prefix, recursive, limit, token)

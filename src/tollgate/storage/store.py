@@ -134,7 +134,6 @@ class ResourceStore(abc.ABC):
         """Remove the object; `NotFound` if there is none, `PreconditionFailed` if `if_match`
         names another version."""
 
-    @abc.abstractmethod
     async def list(
         self,
         folder: str = "",
@@ -146,6 +145,14 @@ class ResourceStore(abc.ABC):
         """A page of the objects under `folder` (`""` or `a/b/`), in key order, after `token`
         (the previous page's `next_token`). Recursive: every object below; otherwise the
         objects in the folder and its sub-folders' names (each counts towards `limit`)."""
+        folder = check_folder(folder)
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        return await self._page(folder, recursive, limit, token)
+
+    @abc.abstractmethod
+    async def _page(self, folder: str, recursive: bool, limit: int, token: str | None) -> Page:
+        """`list` of a checked folder (`""` or ending in `/`) and a positive limit."""
 
     async def close(self) -> None:  # noqa: B027 (a store without resources needs no close)
         """Release connections and threads."""
