@@ -311,7 +311,12 @@ async def test_compare_and_set_across_processes(
     assert blob is not None and int(blob.data) == 2 * times
 
 
-async def test_readers_never_see_a_partial_object(store: ResourceStore) -> None:
+@pytest.mark.parametrize("provider", ["filesystem"])
+async def test_readers_never_see_a_partial_object(store: ResourceStore, provider: str) -> None:
+    """Tollgate's own atomic write (the filesystem provider). An object store's writes are the
+    service's: S3 never shows part of an object, but the S3-protocol test server (moto) does,
+    for a GET during a PUT (an empty body, or the ETag of no bytes, about 1 run in 8), so
+    against it this would test moto, not Tollgate."""
     size = 8 * 1024 * 1024
     versions = [bytes([65 + n]) * size for n in range(3)]
     tags = {md5(v): v[:1] for v in versions}
