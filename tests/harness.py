@@ -131,7 +131,8 @@ def start_gateway(
     args += ["--host", "127.0.0.1", "--port", str(port)]
     for file in files:
         args += ["--config", str(file)]
-    if settings is not None:
+    if settings is not None or "AIDIAL_SETTINGS" not in (env or {}):
+        settings = own_storage(settings, work_dir / f"storage-{port}")
         args += ["--settings", str(write_json(work_dir / f"settings-{port}.json", settings))]
     args += list(extra_args)
     log = work_dir / f"gateway-{port}.log"
@@ -143,6 +144,15 @@ def start_gateway(
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=process_env)
     _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
     return Gateway(port, process, log, files)
+
+
+def own_storage(settings: Mapping[str, Any] | None, folder: Path) -> dict[str, Any]:
+    """`settings` with a resource store of the gateway's own (`folder`), unless they name
+    one: gateways of one test session must not share API-managed keys by accident."""
+    tree = dict(settings or {})
+    if "storage" not in tree:
+        tree["storage"] = {"overrides": {"jclouds.filesystem.basedir": str(folder)}}
+    return tree
 
 
 def run_gateway_expecting_exit(

@@ -272,10 +272,13 @@ def _settings_for(
     # As harness.start_gateway: each gateway counts usage in a file of its own.
     environ = {"aidial.limits.embedded.file": str(work_dir / f"usage-{tag}.sqlite")}
     environ.update(env or {})
-    overrides = {
+    overrides: dict[str, Any] = {
         "config": {"files": [str(f) for f in files]},
         "server": {"host": "127.0.0.1", "port": 0},
     }
+    if settings is None or "storage" not in settings:  # a resource store of its own
+        storage = str(work_dir / f"storage-{tag}")
+        overrides["storage"] = {"overrides": {"jclouds.filesystem.basedir": storage}}
     return load_settings(settings_file, environ=environ, overrides=overrides)
 
 

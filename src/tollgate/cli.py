@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tollgate.http.app import Gateway
     from tollgate.observability.logs import configure as configure_logging
     from tollgate.settings import SettingsError, load_settings
+    from tollgate.storage.settings import StorageSettings
 
     overrides: dict[str, Any] = {}
     if args.config:
@@ -46,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         }
     try:
         settings = load_settings(args.settings, overrides=overrides)
+        StorageSettings.from_raw(settings.raw)  # `storage.*` (compatibility C80)
         if settings.tracing is not None:
             _require_tracing(settings.tracing.source)
         configure_logging(settings.log_level, settings.log_format)

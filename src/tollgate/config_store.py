@@ -17,9 +17,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from tollgate.config.load import ConfigError, files_digest, load_config
+from tollgate.config.schema import Config, Role
 from tollgate.limits import tokens
 from tollgate.routing.balancer import Balancers
 from tollgate.snapshot import Kind, Snapshot, prepare_snapshot, take_apart
@@ -55,6 +56,15 @@ def _quick_switches() -> Iterator[None]:
                 sys.setswitchinterval(_interval)
 
 
+def with_api_roles(config: Config, api_roles: Mapping[str, Role]) -> Config:
+    """The files' config with the roles managed through the Configuration API laid over it:
+    a role defined in both is the API's, and deleting it there reveals the file's again
+    (compatibility C81, as DIAL's merge)."""
+    if not api_roles:
+        return config
+    return config.model_copy(update={"roles": {**config.roles, **api_roles}})
+
+
 def load_snapshot(
     paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers | None = None
 ) -> Snapshot:
@@ -62,7 +72,13 @@ def load_snapshot(
     return prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
 
 
-def build(paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers) -> Snapshot:
+def build(
+    paths: Sequence[str],
+    *,
+    overwrite_arrays: bool,
+    balancers: Balancers,
+    api_roles: Mapping[str, Role] | None = None,
+) -> Snapshot:
     """What a reload does in its worker thread: read, validate and build, in small steps, and
     last carry the balancer state over (`Balancers.sync`, once per successful build).
 
@@ -73,7 +89,8 @@ def build(paths: Sequence[str], *, overwrite_arrays: bool, balancers: Balancers)
     the balancers of its snapshot; the reload lock keeps two syncs from overlapping.
     """
     loaded = load_config(paths, overwrite_arrays=overwrite_arrays, in_steps=True)
-    return prepare_snapshot(loaded.config, loaded.digest).finish(balancers)
+    config = with_api_roles(loaded.config, api_roles or {})
+    return prepare_snapshot(config, loaded.digest).finish(balancers)
 
 
 def preload_tokenizers(snapshot: Snapshot) -> None:
@@ -132,6 +149,12 @@ class ConfigStore:
         self._background: set[asyncio.Task[None]] = set()
         self._closing = threading.Event()
         self._freezing = False  # whether the process keeps its heap out of the collector
+        # Roles managed through the Configuration API, laid over the files' (`set_api_roles`);
+        # a version is counted up on each change, and the snapshot says which it was built
+        # with, so a reload with unchanged files still rebuilds for a changed role.
+        self.api_roles: Mapping[str, Role] = {}
+        self._roles_version = 0
+        self._built_roles_version = 0
 
     async def reload(self, *, periodic: bool = False) -> bool:
         """Re-read the files; on any problem keep serving the previous config and log why.
@@ -165,12 +188,14 @@ class ConfigStore:
             try:
                 with _quick_switches():
                     digest = await asyncio.to_thread(files_digest, self.paths)
-                if digest == self.current.digest:
+                roles_version = self._roles_version
+                if digest == self.current.digest and roles_version == self._built_roles_version:
                     self._refused = None  # back to the bytes that serve
                     return False
                 if self._refused is not None and self._refused[0] == digest:
                     raise self._refused[1]  # the same bytes give the same problems
                 snapshot = await self._build()
+                self._built_roles_version = roles_version
             except ConfigError as exc:
                 self.failed_reloads += 1
                 if digest is not None:  # None: a file could not be read
@@ -201,6 +226,7 @@ class ConfigStore:
                     self.paths,
                     overwrite_arrays=self.overwrite_arrays,
                     balancers=self.balancers,
+                    api_roles=self.api_roles,
                 )
             if collecting and self._freezing:
                 gc.freeze()
@@ -208,6 +234,14 @@ class ConfigStore:
         finally:
             if collecting:
                 gc.enable()
+
+    async def set_api_roles(self, roles: Mapping[str, Role]) -> None:
+        """Serve with these API roles over the files' from now on: the snapshot is rebuilt
+        (the files are read again); a file that cannot be used keeps the current snapshot,
+        and the roles apply with the next good reload."""
+        self.api_roles = dict(roles)
+        self._roles_version += 1
+        await self.reload()
 
     def _retire(self, snapshot: Snapshot) -> None:
         """Release a replaced snapshot in a worker thread once no call holds it any more."""

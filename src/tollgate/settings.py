@@ -345,6 +345,7 @@ SECTIONS = (
     "telemetry",
     "access",
     "redis",
+    "storage",
 )
 
 

@@ -178,7 +178,8 @@ def _key_table(config: Config) -> KeyTable:
             allowed_ips = ip_ranges.get(tuple(ranges))
             if allowed_ips is None:
                 allowed_ips = ip_ranges[tuple(ranges)] = IpRanges(ranges)
-        entries[digest] = ProjectKey(principal, allowed_ips)  # the later of two names wins
+        # The later of two names wins.
+        entries[digest] = ProjectKey(principal, allowed_ips, key.expires_at)
     return KeyTable(entries)
 
 
@@ -236,6 +237,8 @@ class SnapshotParts:
     interceptors: Mapping[str, Deployment]
     # What `Balancers.sync` is given: each deployment's and each route's upstreams.
     upstream_sets: Mapping[str, UpstreamSet]
+    # Roles a key may hold: defined in `roles` or listed in a `userRoles` (`known_roles`).
+    role_names: frozenset[str]
 
     def finish(self, balancers: Balancers | None = None) -> Snapshot:
         """The snapshot, with balancers taken from the registry `balancers`.
@@ -263,6 +266,22 @@ class Snapshot(SnapshotParts):
 
     def resolve(self, deployment_id: str) -> Deployment | None:
         return self.deployments.get(deployment_id)
+
+
+def known_roles(snapshot: Snapshot) -> frozenset[str]:
+    """Roles a key may hold: those `roles` defines and those a `userRoles` lists (what
+    `tollgate config check` accepts without a warning)."""
+    return snapshot.role_names
+
+
+def _role_names(config: Config, deployments: Iterable[Deployment]) -> frozenset[str]:
+    names = set(config.roles)
+    for deployment in deployments:
+        if deployment.user_roles is not None:
+            names |= deployment.user_roles
+    for route in config.routes.values():
+        names |= set(route.user_roles or ())
+    return frozenset(names)
 
 
 def take_apart(snapshot: Snapshot) -> None:
@@ -312,7 +331,10 @@ def prepare_snapshot(config: Config, digest: str = "") -> SnapshotParts:
         deployments[name] = _deployment(
             name, Kind.APPLICATION, application, application.endpoint, chain
         )
-
+    interceptors = {
+        name: _deployment(name, Kind.INTERCEPTOR, interceptor, interceptor.endpoint)
+        for name, interceptor in config.interceptors.items()
+    }
     return SnapshotParts(
         config=config,
         digest=digest,
@@ -334,14 +356,12 @@ def prepare_snapshot(config: Config, digest: str = "") -> SnapshotParts:
         limit_policy=LimitPolicy(config),
         clock=Clock(Schedule.of(config.rate_limit_schedule)),
         retriable=retriable_statuses(config.retriable_error_codes),
-        interceptors={
-            name: _deployment(name, Kind.INTERCEPTOR, interceptor, interceptor.endpoint)
-            for name, interceptor in config.interceptors.items()
-        },
+        interceptors=interceptors,
         upstream_sets={
             **{name: UpstreamSet.of(d.spec, d.endpoint) for name, d in deployments.items()},
             # Routes have entries of their own, so their upstreams' health survives
             # reloads too (compatibility C32).
             **routes.upstream_sets(config.routes),
         },
+        role_names=_role_names(config, (*deployments.values(), *interceptors.values())),
     )

@@ -309,6 +309,29 @@ class Route(DialModel):
         return upstreams
 
 
+def epoch_ms(value: Any) -> int | None:
+    """An ISO 8601 date and time with its offset (`2027-01-31T00:00:00Z`), or epoch
+    milliseconds (DIAL Admin's form), as epoch milliseconds; None for null."""
+    from datetime import datetime
+
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < 253402300800000:  # up to the year 9999
+            raise ValueError(f"{value} is not a time in epoch milliseconds")
+        return value
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return int(moment.timestamp() * 1000)
+    raise ValueError(
+        "expected an ISO 8601 date and time with its offset, such as 2027-01-31T00:00:00Z"
+    )
+
+
 def _validate_cidr(text: str) -> str:
     """DIAL's IP range rules and messages (compatibility C11)."""
     if "/" not in text:
@@ -336,6 +359,9 @@ class Key(DialModel):
     secured: bool = False
     allowed_ip_address_ranges: list[str] | None = None
     key: str | None = Field(default=None, repr=False)
+    # Tollgate extension (compatibility C81): when the key stops working, ISO 8601 with its
+    # offset or epoch milliseconds; kept as epoch milliseconds.
+    expires_at: Annotated[int | None, BeforeValidator(lambda v: epoch_ms(v))] = None
     # Tollgate extension: a key for demonstrations and tests, whose strength `tollgate config
     # check` does not judge (docs/configuration.md). It authenticates like any other.
     demo: bool = False

@@ -23,18 +23,20 @@ from tollgate import __version__
 from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError, no_route
 from tollgate.http import anthropic, catalog, protocol_errors
+from tollgate.http.config_api import ConfigApi
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.openapi import openapi_response
 from tollgate.http.ops import Ops, metrics_app
 from tollgate.http.responses import error_response
 from tollgate.limits.ledger import Ask, Refusal
 from tollgate.limits.store import build_ledger, describe, redis_client
+from tollgate.managed.registry import ManagedConfig
 from tollgate.observability.calls import Observer
 from tollgate.observability.logs import AccessLog
 from tollgate.observability.metrics import Metrics, StoreView
 from tollgate.pipeline import features, response_items
 from tollgate.pipeline.admit import Admission, wall_clock_ms
-from tollgate.pipeline.authenticate import Authenticator
+from tollgate.pipeline.authenticate import Authenticator, KeyRefused
 from tollgate.pipeline.call import Call
 from tollgate.pipeline.deployments import DeploymentCalls
 from tollgate.pipeline.hop import HopEngine, Timeouts
@@ -49,7 +51,9 @@ from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import SharedKeys
 from tollgate.settings import Settings
-from tollgate.snapshot import Snapshot
+from tollgate.snapshot import Snapshot, known_roles
+from tollgate.storage.build import build_notices, build_store
+from tollgate.storage.settings import StorageSettings
 
 if TYPE_CHECKING:  # the optional `otel` extra: imported only when tracing is configured
     from tollgate.observability.tracing import Tracing
@@ -98,8 +102,23 @@ class Gateway:
                 store_healthy=lambda: getattr(self.ledger, "healthy", True),
             )
         )
+        # Keys and roles of the Configuration API, in the resource store (compatibility C81).
+        storage = StorageSettings.from_raw(settings.raw)  # `tollgate serve` checked it
+        self.managed = ManagedConfig(
+            build_store(storage),
+            build_notices(settings.redis, storage),
+            now_ms=now_ms,
+            rescan_every_s=settings.reload_ms / 1000,
+            file_key=lambda digest: store.current.keys.lookup_digest(digest) is not None,
+            known_roles=lambda: known_roles(store.current),
+            roles_changed=store.set_api_roles,
+        )
         self.authenticator = Authenticator(
-            self.per_request_keys, settings.proxy_count, self.shared_keys
+            self.per_request_keys,
+            settings.proxy_count,
+            self.shared_keys,
+            self.managed,
+            now_ms,
         )
         self.admission = Admission(
             self.ledger,
@@ -136,7 +155,11 @@ class Gateway:
         )
         if self.metrics is not None:
             self.admission.on_refusal = self._count_refusal
-        self.ops = Ops(store, AdminRules.from_settings(settings.raw), self.metrics)
+        admins = AdminRules.from_settings(settings)
+        self.ops = Ops(store, admins, self.metrics)
+        self.config_api = ConfigApi(
+            self.managed, admins, settings.body_read_timeout_s, settings.max_body_size
+        )
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
@@ -178,6 +201,7 @@ class Gateway:
         )
         self.engine.start(self._client)
         await self.ledger.start()
+        await self.managed.start()  # the store unreachable: logged, file keys serve meanwhile
         self.store.start(asyncio.get_running_loop())
         port = self.settings.metrics_port
         if self.metrics is not None and port is not None:
@@ -195,6 +219,7 @@ class Gateway:
         self.engine.stalls.stop()
         await self.settler.drain()  # calls that finished before the stop are charged
         await self.ledger.close()
+        await self.managed.close()
         if self.access_log is not None:
             self.access_log.flush()
         if self.shared_keys is not None:
@@ -242,7 +267,7 @@ class Gateway:
             if isinstance(routed, AsyncAnswer) and routed.counted and self.metrics is not None:
                 self.metrics.endpoint(*routed.counted, error.status)
             if routed is None and self.observer is not None:
-                self._observe_refusal(request, error.status, self.observer)
+                self._observe_refusal(request, error, self.observer)
         except Exception:
             # A bug must still answer in DIAL's error shape, and must not log request data.
             log.exception("unexpected error on %s %s", request.method, request.path)
@@ -251,20 +276,28 @@ class Gateway:
             response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
-    def _observe_refusal(self, request: web.Request, status: int, observer: Observer) -> None:
-        """A deployment call refused before its caller was known (401, 400, 413...)."""
+    def _observe_refusal(
+        self, request: web.Request, error: GatewayError, observer: Observer
+    ) -> None:
+        """A deployment call refused before its caller was known (401, 400, 413...); a known
+        key refused (expired) is named, with the reason."""
         if request.method != "POST":
             return
         path = request.raw_path.partition("?")[0]
+        principal, reason = (
+            (error.principal, error.reason) if isinstance(error, KeyRefused) else (None, None)
+        )
         call = DEPLOYMENT_CALL.fullmatch(path)
         if call is not None:
-            note = observer.begin(request.headers, None, call[2])
-            observer.end(note, request.headers, None, call[1], status, timed=False)
-            return
-        typed = TYPED_CALL.fullmatch(path)
-        if typed is not None:  # its deployment is in a body that was not read
-            note = observer.begin(request.headers, None, TYPED_APIS[typed[1]])
-            observer.end(note, request.headers, None, "", status, timed=False)
+            api, raw_id = call[2], call[1]
+        else:
+            typed = TYPED_CALL.fullmatch(path)
+            if typed is None:
+                return
+            api, raw_id = TYPED_APIS[typed[1]], ""  # its deployment is in a body not read
+        note = observer.begin(request.headers, principal, api)
+        note.reason = reason
+        observer.end(note, request.headers, principal, raw_id, error.status, timed=False)
 
     def _count_refusal(self, ask: Ask, refusal: Refusal) -> None:
         assert self.metrics is not None
@@ -298,8 +331,15 @@ class Gateway:
             path = request.raw_path.partition("?")[0]
             if path == "/health":
                 store = describe(self.ledger)
-                status = "ok" if store["healthy"] else "degraded"
-                return web.json_response({"status": status, "limits": store})
+                resources = self.managed.describe()
+                healthy = store["healthy"] and resources["healthy"]
+                return web.json_response(
+                    {
+                        "status": "ok" if healthy else "degraded",
+                        "limits": store,
+                        "resources": resources,
+                    }
+                )
             if path == "/version":
                 return web.Response(text=__version__)
             if path == "/openapi.json":  # public, like /health: it names no secret
@@ -324,6 +364,8 @@ class Gateway:
                 return AsyncAnswer(self.ops.reload(principal), "POST config reload")
         elif method == "GET" and path == "/metrics" and self._metrics_here:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
+        if self.config_api.handles(path):  # keys and roles at run time (compatibility C81)
+            return AsyncAnswer(self.config_api.handle(request, principal, path), f"{method} config")
         if method in ("GET", "DELETE", "POST"):
             item = RESPONSE_ITEM.fullmatch(path)
             if item is not None:  # a follow-up on a stored response (compatibility C78)

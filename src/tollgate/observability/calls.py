@@ -35,6 +35,7 @@ class CallNote:
         "cost_nano",
         "deployment",
         "metrics",
+        "reason",
         "started",
         "trace",
         "upstream",
@@ -53,6 +54,7 @@ class CallNote:
         self.usage_estimated = False
         self.cost_nano: int | None = None  # None: not charged (not a model, or not settled)
         self.trace: CallTrace | None = None  # when tracing is on
+        self.reason: str | None = None  # why a known caller was refused (`key_expired`)
 
     def attempt(self, state: UpstreamState, outcome: str, ttfb_s: float | None) -> None:
         """One upstream attempt ended: `outcome` is its status, or why it got no answer."""
@@ -172,4 +174,5 @@ def _access_fields(
         # The call's own trace when traced (it may continue a per-request key's hop).
         trace.trace_id if trace is not None else _trace_id_of(traceparent),
         note.usage_estimated,
+        note.reason,
     )

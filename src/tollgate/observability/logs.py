@@ -180,6 +180,7 @@ class AccessLog:
         duration_ms: float | None,
         trace_id: str | None,
         usage_estimated: bool = False,
+        reason: str | None = None,
     ) -> bytes:
         prompt, completion, total = tokens
         cost_usd = None if cost_nano is None else plain_usd(cost_nano)
@@ -209,6 +210,8 @@ class AccessLog:
                     del entry[name]
             if usage_estimated:  # the tokens are Tollgate's count (compatibility C71)
                 entry["usage_estimated"] = True
+            if reason is not None:  # why a known key was refused (compatibility C81)
+                entry["reason"] = reason
             return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
         q = _text_value
         return (
@@ -224,7 +227,8 @@ class AccessLog:
             f"{'' if upstream is None else ' upstream=' + q(upstream)}"
             f" attempts={attempts}"
             f"{'' if duration_ms is None else f' duration_ms={duration_ms}'}"
-            f"{'' if trace_id is None else ' trace_id=' + trace_id}\n"
+            f"{'' if trace_id is None else ' trace_id=' + trace_id}"
+            f"{'' if reason is None else ' reason=' + reason}\n"
         ).encode()
 
     def flush(self) -> None:

@@ -7,7 +7,9 @@ key: a project key from the config or a live per-request key.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import logging
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from multidict import CIMultiDictProxy
@@ -19,15 +21,39 @@ from tollgate.errors import (
     unknown_api_key,
 )
 from tollgate.security.ip_ranges import client_address, forwarded_for
-from tollgate.security.keys import digest_of
+from tollgate.security.keys import ProjectKey, digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
 from tollgate.security.shared_keys import SharedKeys
 from tollgate.snapshot import Snapshot
 
+log = logging.getLogger("tollgate.keys")
+
 # What `authenticate` returns for a key that may have been minted by another instance: the
 # lookup in the shared store, to await.
 RemoteLookup = Coroutine[Any, Any, Principal]
+
+
+class ManagedKeys(Protocol):
+    """The API-managed keys (`managed.registry.ManagedConfig`): looked up after the files'."""
+
+    def lookup(self, digest: bytes) -> ProjectKey | None: ...
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class KeyRefused(GatewayError):
+    """A known key refused (expired): DIAL's 401 `Unknown api key` to the caller, and for the
+    access log, the key and why (compatibility C81)."""
+
+    __slots__ = ("principal", "reason")
+
+    def __init__(self, principal: Principal, reason: str) -> None:
+        super().__init__(401, "Unknown api key")
+        self.principal = principal
+        self.reason = reason
 
 
 class Peer(Protocol):
@@ -45,17 +71,29 @@ class Authenticator:
     await (`RemoteLookup`), which raises 401 if the store does not know the key either.
     """
 
-    __slots__ = ("_per_request", "_proxy_count", "_shared")
+    __slots__ = (
+        "_expired_logged",
+        "_managed",
+        "_now_ms",
+        "_per_request",
+        "_proxy_count",
+        "_shared",
+    )
 
     def __init__(
         self,
         per_request_keys: PerRequestKeys,
         proxy_count: int,
         shared: SharedKeys | None = None,
+        managed: ManagedKeys | None = None,
+        now_ms: Callable[[], int] = _wall_ms,
     ) -> None:
         self._per_request = per_request_keys
         self._proxy_count = proxy_count
         self._shared = shared  # per-request keys may have been minted by another instance
+        self._managed = managed
+        self._now_ms = now_ms  # the clock `expiresAt` is checked by
+        self._expired_logged: set[tuple[str, int]] = set()
 
     def authenticate(
         self, headers: CIMultiDictProxy[str], peer: Peer, snapshot: Snapshot
@@ -88,7 +126,9 @@ class Authenticator:
         principal = self._per_request.resolve_digest(digest)
         if principal is not None:
             return principal
-        if snapshot.keys.lookup_digest(digest) is not None:
+        if snapshot.keys.lookup_digest(digest) is not None or (
+            self._managed is not None and self._managed.lookup(digest) is not None
+        ):
             raise GatewayError(400, "Provided API key is not per request key")
         if self._shared is not None:
             return _remote(self._shared, digest)
@@ -99,7 +139,11 @@ class Authenticator:
     ) -> Principal | RemoteLookup:
         digest = digest_of(secret)
         key = snapshot.keys.lookup_digest(digest)
+        if key is None and self._managed is not None:
+            key = self._managed.lookup(digest)
         if key is not None:
+            if key.expires_at_ms is not None and self._now_ms() >= key.expires_at_ms:
+                raise self._expired(key)
             if key.allowed_ips is not None:
                 address = client_address(peer.remote, forwarded_for(headers), self._proxy_count)
                 if not key.allowed_ips.admits(address):
@@ -111,6 +155,24 @@ class Authenticator:
                 return _remote(self._shared, digest)
             raise unknown_api_key()
         return principal
+
+    def _expired(self, key: ProjectKey) -> KeyRefused:
+        """DIAL's 401 for a key past its `expiresAt` (or an old secret past its grace), logged
+        once per key and expiry; the access log names the reason on every call."""
+        assert key.expires_at_ms is not None
+        seen = (key.principal.key_fingerprint, key.expires_at_ms)
+        if seen not in self._expired_logged:
+            if len(self._expired_logged) > 10_000:
+                self._expired_logged.clear()
+            self._expired_logged.add(seen)
+            log.warning(
+                "refused key %s of project %s%s: expired at %s",
+                key.principal.key_fingerprint,
+                key.principal.project,
+                "" if key.name is None else f" ({key.name})",
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at_ms / 1000)),
+            )
+        return KeyRefused(key.principal, "key_expired")
 
 
 def _one(headers: CIMultiDictProxy[str], name: str) -> str | None:

@@ -41,6 +41,10 @@ class ProjectKey:
 
     principal: Principal
     allowed_ips: IpRanges | None  # None: any address (compatibility C11)
+    # Epoch ms from which the key is refused (`expiresAt`, compatibility C81); None: never.
+    expires_at_ms: int | None = None
+    # The key's entity name when it is API-managed (logs name it); None for a file key.
+    name: str | None = None
 
 
 class KeyTable:
