@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,8 @@ import httpx
 import pytest
 
 from gateway_config import chat, error_of
+from harness import FakeModel, start_gateway, stop
 from inprocess import Gateways, InProcessFake, InProcessGateway
-
-pytestmark = pytest.mark.inprocess
 
 ADMIN_KEY = "config-api-admin-key-0123456789abcdef"
 USER_KEY = "config-api-user-key-0123456789abcdef"
@@ -33,7 +33,7 @@ def config(fake: InProcessFake) -> dict[str, Any]:
             "limited": {"endpoint": fake.endpoint("limited"), "userRoles": ["metered"]},
         },
         "keys": {
-            ADMIN_KEY: {"project": "ops", "role": "admin"},
+            ADMIN_KEY: {"project": "ops", "roles": ["admin", "basic"]},
             USER_KEY: {"project": "users", "role": "basic"},
         },
         "roles": {"basic": {"limits": {}}, "admin": {}},
@@ -479,3 +479,208 @@ async def test_the_store_unreachable_keeps_serving_and_refuses_changes(
         assert made.status_code == 200
         health = (await client.get(f"{gw.url}/health")).json()
         assert health["resources"]["healthy"] is True and health["resources"]["keys"] == 2
+
+
+async def test_api_roles_shadow_file_roles_and_a_file_reload_keeps_them(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    """A role defined in the files and through the API is the API's; deleting it there
+    reveals the file's again; a reload of changed files keeps API keys and roles."""
+    gw = await start(gateways, afake, folder)
+    async with httpx.AsyncClient() as client:
+        made = await client.put(
+            f"{gw.url}/v1/keys/platform/shadowed",
+            headers=ADMIN,
+            json={"project": "shadow", "role": "basic"},
+        )
+        secret = made.json()["key"]
+        assert (await call(client, gw, secret)).status_code == 200  # the file's `basic`: no limit
+        shadow = await client.put(
+            f"{gw.url}/v1/roles/platform/basic",
+            headers=ADMIN,
+            json={"limits": {"m": {"requestDay": 2}}},
+        )
+        assert shadow.status_code == 200
+        assert (await call(client, gw, secret)).status_code == 200
+        assert (await call(client, gw, secret)).status_code == 429  # the API's `basic`
+
+        # The files change (a new model): the reload keeps the API key and the API role.
+        changed = config(afake)
+        changed["models"]["extra"] = {"endpoint": afake.endpoint("extra")}
+        gw.config_files[0].write_text(json.dumps(changed))
+        assert await gw.store.reload_now() is True
+        assert "extra" in gw.store.current.deployments
+        assert (await call(client, gw, secret)).status_code == 429
+
+        deleted = await client.delete(f"{gw.url}/v1/roles/platform/basic", headers=ADMIN)
+        assert deleted.status_code == 204
+        assert (await call(client, gw, secret)).status_code == 200  # the file's `basic` again
+
+
+async def test_bulk_validate_and_apply_as_dial(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    gw = await start(gateways, afake, folder)
+    manifests = [
+        {
+            "kind": "Key",
+            "name": "keys/platform/bulk-key",
+            "spec": {"project": "b", "roles": ["bulk", "basic"]},
+        },
+        {"kind": "Role", "name": "roles/platform/bulk", "spec": {"limits": {}}},
+    ]
+    async with httpx.AsyncClient() as client:
+        checked = await client.post(
+            f"{gw.url}/v1/admin/validate", headers=ADMIN, json={"manifests": manifests}
+        )
+        assert checked.status_code == 200, checked.text
+        # Applied in DIAL's order (roles before keys), so the key may use the batch's role.
+        assert checked.json() == {
+            "valid": 2,
+            "failed": 0,
+            "results": [
+                {"entityId": "roles/platform/bulk", "status": "VALID"},
+                {"entityId": "keys/platform/bulk-key", "status": "VALID"},
+            ],
+        }
+        assert (
+            await client.get(f"{gw.url}/v1/roles/platform/bulk", headers=ADMIN)
+        ).status_code == 404
+
+        bad = [
+            *manifests,
+            {"kind": "Key", "name": "keys/public/x", "spec": {"project": "b", "role": "bulk"}},
+            {"kind": "Model", "name": "models/platform/m2", "spec": {}},
+            {"kind": "Gadget", "name": "x/platform/y", "spec": {}},
+        ]
+        refused = await client.post(
+            f"{gw.url}/v1/admin/apply", headers=ADMIN, json={"manifests": bad}
+        )
+        assert refused.status_code == 422
+        results = {r["entityId"]: r for r in refused.json()["results"]}
+        assert (
+            results["keys/public/x"]["error"]
+            == "'name' bucket segment must be 'platform', got 'public'"
+        )
+        assert results["models/platform/m2"]["status"] == "FAILED"
+        assert results["x/platform/y"]["error"] == "Unknown kind: Gadget"
+        assert results["roles/platform/bulk"]["status"] == "SKIPPED"
+        assert (
+            await client.get(f"{gw.url}/v1/roles/platform/bulk", headers=ADMIN)
+        ).status_code == 404
+
+        applied = await client.post(
+            f"{gw.url}/v1/admin/apply", headers=ADMIN, json={"manifests": manifests}
+        )
+        assert applied.status_code == 200
+        body = applied.json()
+        assert body["applied"] == 2 and body["failed"] == 0
+        secret = body["results"][1]["key"]  # made for the new key, shown once
+        assert (await call(client, gw, secret)).status_code == 200
+
+        for raw, message in (
+            (b"{", "Invalid JSON at line 1, column 2"),
+            (b"{}", "Missing or invalid 'manifests' array"),
+            (b'{"manifests": [{"name": "x"}]}', "manifests[0].kind must be a string"),
+            (
+                b'{"manifests": [{"kind": "Bundle"}]}',
+                "Bundle kind is not allowed in /v1/admin/apply",
+            ),
+        ):
+            answer = await client.post(f"{gw.url}/v1/admin/apply", headers=ADMIN, content=raw)
+            assert error_of(answer) == (400, message)
+
+
+async def test_a_per_request_key_is_never_an_administrator_of_keys(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    gw = await start(gateways, afake, folder)
+    headers = {**ADMIN, "X-Fake-Chunks": "4", "X-Fake-Chunk-Delay-Ms": "300"}
+    body = {"stream": True, **chat()}
+    afake.clear()
+    async with httpx.AsyncClient() as client:
+        async with client.stream(
+            "POST", f"{gw.url}/openai/deployments/m/chat/completions", headers=headers, json=body
+        ) as stream:
+            chunks = stream.aiter_raw()
+            await chunks.__anext__()
+            hop_key = dict(afake.last()["headers"])["Api-Key"]
+            assert hop_key != ADMIN_KEY
+            refused = await client.put(
+                f"{gw.url}/v1/keys/platform/from-hop",
+                headers={"Api-Key": hop_key},
+                json={"project": "p", "role": "basic"},
+            )
+            assert error_of(refused) == (403, "User must be admin")
+            async for _ in chunks:
+                pass
+
+
+async def test_listing_pages_and_item_metadata(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    gw = await start(gateways, afake, folder)
+    async with httpx.AsyncClient() as client:
+        for index in range(5):
+            await client.put(
+                f"{gw.url}/v1/keys/platform/page-{index}",
+                headers=ADMIN,
+                json={"project": "p", "role": "basic"},
+            )
+        url = f"{gw.url}/v1/metadata/keys/platform/"
+        first = (await client.get(url, headers=ADMIN, params={"limit": 2})).json()
+        assert [i["name"] for i in first["items"]] == ["page-0", "page-1"]
+        second = (
+            await client.get(url, headers=ADMIN, params={"limit": 2, "token": first["nextToken"]})
+        ).json()
+        assert [i["name"] for i in second["items"]] == ["page-2", "page-3"]
+        last = (
+            await client.get(url, headers=ADMIN, params={"limit": 2, "token": second["nextToken"]})
+        ).json()
+        assert [i["name"] for i in last["items"]] == ["page-4"] and "nextToken" not in last
+        item = await client.get(url + "page-3", headers=ADMIN)
+        assert item.json()["name"] == "page-3" and item.json()["etag"]
+        missing = await client.get(url + "nope", headers=ADMIN)
+        assert error_of(missing) == (404, "Not found: keys/platform/nope")
+        for params in ({"limit": "1001"}, {"limit": "x"}, {"recursive": "maybe"}):
+            bad = await client.get(url, headers=ADMIN, params=params)
+            assert error_of(bad) == (
+                400,
+                "Bad query parameters. Limit must be in [0, 1000] range. "
+                "Recursive must be true/false",
+            )
+        roles = (await client.get(f"{gw.url}/v1/metadata/roles/platform/", headers=ADMIN)).json()
+        assert roles["items"] == [] and roles["resourceType"] == "ROLE"
+
+
+def test_a_file_key_past_its_expiry_is_refused_and_the_access_log_says_why(
+    work_dir: Path, fake_model: FakeModel
+) -> None:
+    """`expiresAt` works on keys of the config files too; the refused call's access line
+    names the key, its project and the reason, never the secret."""
+    expired = "config-api-expired-file-key-0123456789"
+    current = "config-api-current-file-key-0123456789"
+    gw = start_gateway(
+        work_dir,
+        [
+            {
+                "models": {"m": {"endpoint": fake_model.endpoint("m")}},
+                "keys": {
+                    expired: {"project": "old", "role": "r", "expiresAt": "2020-01-01T00:00:00Z"},
+                    current: {"project": "new", "role": "r", "expiresAt": "2999-01-01T00:00:00Z"},
+                },
+            }
+        ],
+    )
+    try:
+        url = f"{gw.url}/openai/deployments/m/chat/completions"
+        refused = httpx.post(url, headers={"Api-Key": expired}, json=chat())
+        assert error_of(refused) == (401, "Unknown api key")
+        assert httpx.post(url, headers={"Api-Key": current}, json=chat()).status_code == 200
+    finally:
+        stop(gw.process)
+    log = gw.log.read_text()
+    fingerprint = hashlib.sha256(expired.encode()).hexdigest()[:8]
+    line = next(line for line in log.splitlines() if "status=401" in line)
+    assert f"key={fingerprint}" in line and "project=old" in line and "reason=key_expired" in line
+    assert expired not in log and current not in log

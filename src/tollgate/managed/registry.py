@@ -387,6 +387,18 @@ class ManagedConfig:
             self._event(until, "grace-end", name, version)
         self._digests[name] = tuple(digests)
 
+    def _drop_ended(self, name: str, record: KeyRecord, now_ms: int) -> None:
+        """Leave the old secrets whose grace period has ended out of the lookup (they were
+        refused already: their `expires_at_ms` has passed)."""
+        live = {digest for digest, _ in record.live_previous(now_ms)} | {record.digest}
+        kept = []
+        for digest in self._digests.get(name, ()):
+            if digest in live:
+                kept.append(digest)
+            else:
+                self._by_digest.pop(digest, None)
+        self._digests[name] = tuple(kept)
+
     def _event(self, at_ms: int, action: str, name: str, version: int) -> None:
         heapq.heappush(self._events, (at_ms, next(self._seq), action, name, version))
 
@@ -403,7 +415,7 @@ class ManagedConfig:
                 if record is None or record.updated_at != version:
                     continue  # changed since: its own events were queued
                 if action == "grace-end":
-                    self._apply_key(name, record)  # the ended secret is left out now
+                    self._drop_ended(name, record, now)
                     changes = {"previousKeyExpiresAt": iso(at)}
                 else:
                     changes = {"expiresAt": iso(at)}
