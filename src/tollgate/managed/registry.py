@@ -52,11 +52,7 @@ from tollgate.security.ip_ranges import IpRanges
 from tollgate.security.keys import ProjectKey
 from tollgate.security.principal import Principal
 from tollgate.storage.notices import ChangeNotices, Subscription
-from tollgate.storage.store import (
-    PreconditionFailed,
-    ResourceStore,
-    StorageError,
-)
+from tollgate.storage.store import NotFound, PreconditionFailed, ResourceStore, StorageError
 
 log = logging.getLogger("tollgate.keys")
 Record = TypeVar("Record", KeyRecord, RoleRecord)
@@ -95,14 +91,20 @@ class Conditions:
             else frozenset(tag.strip().strip('"') for tag in if_match.split(",") if tag.strip())
         )
 
+    def failed(self, etag: str | None = None) -> GatewayError:
+        """The 412 of a condition that did not hold."""
+        if self.if_none_match:
+            return GatewayError(412, "Resource already exists")
+        return GatewayError(412, f"ETag {self.raw_match or etag} is rejected")
+
     def check(self, etag: str | None) -> None:
         """`etag`: the entity's current version, None when there is none."""
         if self.if_none_match and etag is not None:
-            raise GatewayError(412, "Resource already exists")
+            raise self.failed()
         if self.if_match is not None and (
             etag is None or ("*" not in self.if_match and etag not in self.if_match)
         ):
-            raise GatewayError(412, f"ETag {self.raw_match} is rejected")
+            raise self.failed()
 
 
 def actor_of(principal: Principal) -> dict[str, str]:
@@ -472,6 +474,38 @@ class ManagedConfig:
         except StorageError as exc:  # the others find it at their next rescan
             log.warning("change notice for %s not sent: %s", key, exc)
 
+    async def _compare_and_set(
+        self,
+        folder: str,
+        name: str,
+        conditions: Conditions,
+        build: Callable[[Any], Record],
+    ) -> tuple[Record, Any]:
+        """Read the entity, check the client's conditions, `build(blob)` the new record (it may
+        refuse with a GatewayError), and write it only over the version read; a write that
+        lost a race with another instance reads again. Applied here before it returns. Returns
+        the record written and the blob it replaced (None: a new entity)."""
+        key = store_key(folder, name)
+        async with self._writing:
+            for _ in range(WRITE_RETRIES):
+                blob = await self._read(folder, name)
+                etag = None if blob is None else blob.etag
+                conditions.check(etag)
+                record = build(blob)
+                try:
+                    new_etag = await self._write(key, record.to_json(), etag)
+                except PreconditionFailed:
+                    if conditions.if_match is not None or conditions.if_none_match:
+                        raise conditions.failed() from None
+                    continue  # another instance wrote it meanwhile: read it again
+                record = dataclasses.replace(record, etag=new_etag)
+                self._apply(folder, name, record)
+                break
+            else:
+                raise GatewayError(409, "The entity changed too often meanwhile; try again")
+        await self._publish(key, "CREATE" if blob is None else "UPDATE", new_etag)
+        return record, blob
+
     async def put_key(
         self, name: str, body: Mapping[str, Any], conditions: Conditions, actor: Mapping[str, str]
     ) -> tuple[KeyRecord, str | None]:
@@ -485,66 +519,55 @@ class ManagedConfig:
                     400, f'Role "{role}" is not defined in roles and no userRoles lists it'
                 )
         wanted = None if key_value is None else secret_digest(key_value)
-        key = store_key(KEYS_FOLDER, name)
-        async with self._writing:
-            for _ in range(WRITE_RETRIES):
-                blob = await self._read(KEYS_FOLDER, name)
-                current = None if blob is None else KeyRecord.from_json(name, blob.data, blob.etag)
-                conditions.check(None if blob is None else blob.etag)
-                now = self._now_ms()
-                expires = spec.get("expiresAt")
-                if (
-                    expires is not None
-                    and expires <= now
-                    and (current is None or current.expires_at != expires)
-                ):
-                    raise GatewayError(
-                        400, f"expiresAt: {iso(expires)} is not later than the current time"
-                    )
-                secret = None
-                if wanted is None and current is None:
-                    secret = new_secret()
-                    digest = digest_of(secret)
-                else:
-                    digest = wanted if wanted is not None else current.digest  # type: ignore[union-attr]
-                self._check_unique(digest, name)
-                same_secret = current is not None and digest == current.digest
-                record = KeyRecord(
-                    name=name,
-                    spec=spec,
-                    digest=digest,
-                    # A new secret given in a PUT replaces the old at once (as DIAL); a
-                    # rotation keeps it for a grace period.
-                    previous=current.previous if same_secret and current else (),
-                    created_at=current.created_at if current else now,
-                    updated_at=max(now, current.updated_at + 1) if current else now,
-                    key_generated_at=current.key_generated_at if same_secret and current else now,
-                    author=author_of(actor),
+        made: list[str] = []
+
+        def build(blob: Any) -> KeyRecord:
+            current = None if blob is None else KeyRecord.from_json(name, blob.data, blob.etag)
+            now = self._now_ms()
+            expires = spec.get("expiresAt")
+            if (
+                expires is not None
+                and expires <= now
+                and (current is None or current.expires_at != expires)
+            ):
+                raise GatewayError(
+                    400, f"expiresAt: {iso(expires)} is not later than the current time"
                 )
-                try:
-                    etag = await self._write(
-                        key, record.to_json(), None if blob is None else blob.etag
-                    )
-                except PreconditionFailed:
-                    if conditions.if_match is not None or conditions.if_none_match:
-                        raise GatewayError(
-                            412,
-                            "Resource already exists"
-                            if conditions.if_none_match
-                            else f"ETag {conditions.raw_match} is rejected",
-                        ) from None
-                    continue  # another instance wrote it meanwhile: read it again
-                record = _with_etag(record, etag)
-                self._apply(KEYS_FOLDER, name, record)
-                break
+            made.clear()
+            if wanted is not None:
+                digest = wanted
+            elif current is not None:
+                digest = current.digest
             else:
-                raise GatewayError(409, "The key changed too often meanwhile; try again")
-        await self._publish(key, "CREATE" if current is None else "UPDATE", etag)
-        changes = _key_changes(current, record)
+                made.append(new_secret())
+                digest = digest_of(made[0])
+            self._check_unique(digest, name)
+            kept = current is not None and digest == current.digest
+            return KeyRecord(
+                name=name,
+                spec=spec,
+                digest=digest,
+                # A new secret given in a PUT replaces the old at once (as DIAL); a rotation
+                # keeps it for a grace period.
+                previous=current.previous if kept and current else (),
+                created_at=current.created_at if current else now,
+                updated_at=max(now, current.updated_at + 1) if current else now,
+                key_generated_at=current.key_generated_at if kept and current else now,
+                author=author_of(actor),
+            )
+
+        record, blob = await self._compare_and_set(KEYS_FOLDER, name, conditions, build)
+        current = None if blob is None else KeyRecord.from_json(name, blob.data, blob.etag)
         await self.audit.record(
-            self.audit.entry("create" if current is None else "update", "key", name, actor, changes)
+            self.audit.entry(
+                "create" if current is None else "update",
+                "key",
+                name,
+                actor,
+                _key_changes(current, record),
+            )
         )
-        return record, secret
+        return record, made[0] if made else None
 
     def _check_unique(self, digest: bytes, name: str) -> None:
         owner = self.owner_of(digest)
@@ -565,57 +588,46 @@ class ManagedConfig:
                 400, f"gracePeriodSeconds: expected 0 to {MAX_GRACE_S} seconds, got {grace_s}"
             )
         wanted = None if key_value is None else secret_digest(key_value)
-        key = store_key(KEYS_FOLDER, name)
-        async with self._writing:
-            for _ in range(WRITE_RETRIES):
-                blob = await self._read(KEYS_FOLDER, name)
-                if blob is None:
-                    raise not_found("keys", name)
-                current = KeyRecord.from_json(name, blob.data, blob.etag)
-                conditions.check(blob.etag)
-                now = self._now_ms()
-                secret = None
-                if wanted is None:
-                    secret = new_secret()
-                    digest = digest_of(secret)
-                else:
-                    digest = wanted
-                if digest == current.digest:
-                    raise GatewayError(400, "key: the new secret must differ from the current one")
-                self._check_unique(digest, name)
-                previous = current.live_previous(now)
-                if grace_s > 0:
-                    previous = ((current.digest, now + grace_s * 1000), *previous)
-                record = KeyRecord(
-                    name=name,
-                    spec=current.spec,
-                    digest=digest,
-                    previous=previous[:MAX_PREVIOUS],
-                    created_at=current.created_at,
-                    updated_at=max(now, current.updated_at + 1),
-                    key_generated_at=now,
-                    author=author_of(actor),
-                )
-                try:
-                    etag = await self._write(key, record.to_json(), blob.etag)
-                except PreconditionFailed:
-                    if conditions.if_match is not None:
-                        raise GatewayError(
-                            412, f"ETag {conditions.raw_match} is rejected"
-                        ) from None
-                    continue
-                record = _with_etag(record, etag)
-                self._apply(KEYS_FOLDER, name, record)
-                break
+        made: list[str] = []
+
+        def build(blob: Any) -> KeyRecord:
+            if blob is None:
+                raise not_found("keys", name)
+            current = KeyRecord.from_json(name, blob.data, blob.etag)
+            now = self._now_ms()
+            made.clear()
+            if wanted is not None:
+                digest = wanted
             else:
-                raise GatewayError(409, "The key changed too often meanwhile; try again")
-        await self._publish(key, "UPDATE", etag)
+                made.append(new_secret())
+                digest = digest_of(made[0])
+            if digest == current.digest:
+                raise GatewayError(400, "key: the new secret must differ from the current one")
+            self._check_unique(digest, name)
+            previous = current.live_previous(now)
+            if grace_s > 0:
+                previous = ((current.digest, now + grace_s * 1000), *previous)
+            return KeyRecord(
+                name=name,
+                spec=current.spec,
+                digest=digest,
+                previous=previous[:MAX_PREVIOUS],
+                created_at=current.created_at,
+                updated_at=max(now, current.updated_at + 1),
+                key_generated_at=now,
+                author=author_of(actor),
+            )
+
+        if conditions.if_none_match:
+            raise GatewayError(400, "If-None-Match does not apply to a rotation")
+        record, blob = await self._compare_and_set(KEYS_FOLDER, name, conditions, build)
+        before = KeyRecord.from_json(name, blob.data, blob.etag)
         changes: dict[str, Any] = {
-            "key": {"from": current.fingerprint, "to": record.fingerprint},
+            "key": {"from": before.fingerprint, "to": record.fingerprint},
             "gracePeriodSeconds": grace_s,
         }
         await self.audit.record(self.audit.entry("rotate", "key", name, actor, changes))
-        return record, secret
+        return record, made[0] if made else None
 
     async def delete(
         self, folder: str, name: str, conditions: Conditions, actor: Mapping[str, str]
@@ -630,12 +642,10 @@ class ManagedConfig:
             try:
                 await self.store.delete(key, if_match=blob.etag)
             except PreconditionFailed:
-                raise GatewayError(
-                    412, f"ETag {conditions.raw_match or blob.etag} is rejected"
-                ) from None
+                raise conditions.failed(blob.etag) from None
+            except NotFound:
+                raise not_found(kind, name) from None
             except StorageError as exc:
-                if type(exc).__name__ == "NotFound":
-                    raise not_found(kind, name) from None
                 self._failed("delete an entity", exc)
                 raise store_unavailable() from None
             self._answered()
@@ -650,54 +660,29 @@ class ManagedConfig:
         self, name: str, body: Mapping[str, Any], conditions: Conditions, actor: Mapping[str, str]
     ) -> RoleRecord:
         spec, role = role_spec(body)
-        key = store_key(ROLES_FOLDER, name)
-        async with self._writing:
-            for _ in range(WRITE_RETRIES):
-                blob = await self._read(ROLES_FOLDER, name)
-                current = None if blob is None else RoleRecord.from_json(name, blob.data, blob.etag)
-                conditions.check(None if blob is None else blob.etag)
-                now = self._now_ms()
-                record = RoleRecord(
-                    name=name,
-                    spec=spec,
-                    role=role,
-                    created_at=current.created_at if current else now,
-                    updated_at=max(now, current.updated_at + 1) if current else now,
-                    author=author_of(actor),
-                )
-                try:
-                    etag = await self._write(
-                        key, record.to_json(), None if blob is None else blob.etag
-                    )
-                except PreconditionFailed:
-                    if conditions.if_match is not None or conditions.if_none_match:
-                        raise GatewayError(
-                            412,
-                            "Resource already exists"
-                            if conditions.if_none_match
-                            else f"ETag {conditions.raw_match} is rejected",
-                        ) from None
-                    continue
-                record = _with_etag(record, etag)
-                self._apply(ROLES_FOLDER, name, record)
-                break
-            else:
-                raise GatewayError(409, "The role changed too often meanwhile; try again")
-        await self._publish(key, "CREATE" if current is None else "UPDATE", etag)
+
+        def build(blob: Any) -> RoleRecord:
+            current = None if blob is None else RoleRecord.from_json(name, blob.data, blob.etag)
+            now = self._now_ms()
+            return RoleRecord(
+                name=name,
+                spec=spec,
+                role=role,
+                created_at=current.created_at if current else now,
+                updated_at=max(now, current.updated_at + 1) if current else now,
+                author=author_of(actor),
+            )
+
+        record, blob = await self._compare_and_set(ROLES_FOLDER, name, conditions, build)
         await self._roles_changed(self.api_roles())
+        before = {} if blob is None else dict(RoleRecord.from_json(name, blob.data, None).spec)
         changes = {
-            field: {"from": None if current is None else current.spec.get(field), "to": value}
-            for field, value in spec.items()
-            if current is None or current.spec.get(field) != value
+            field: {"from": before.get(field), "to": spec.get(field)}
+            for field in sorted(set(before) | set(spec))
+            if before.get(field) != spec.get(field)
         }
-        if current is not None:
-            changes.update(
-                {f: {"from": v, "to": None} for f, v in current.spec.items() if f not in spec}
-            )
         await self.audit.record(
-            self.audit.entry(
-                "create" if current is None else "update", "role", name, actor, changes
-            )
+            self.audit.entry("create" if blob is None else "update", "role", name, actor, changes)
         )
         return record
 
@@ -707,10 +692,6 @@ def _folder_of(key: str) -> str | None:
         if key.startswith(folder) and "/" not in key[len(folder) :]:
             return folder
     return None
-
-
-def _with_etag(record: Record, etag: str) -> Record:
-    return dataclasses.replace(record, etag=etag)
 
 
 def _key_changes(old: KeyRecord | None, new: KeyRecord) -> dict[str, Any]:
