@@ -249,7 +249,7 @@ def _not_empty(text: str) -> str:
 def _add_operator_commands(commands: Any) -> None:
     from tollgate.security.key_generator import DEFAULT_PROJECT, DEFAULT_ROLE
 
-    keys = commands.add_parser("keys", help="make project API keys")
+    keys = commands.add_parser("keys", help="make API keys; manage those of a running Tollgate")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser(
         "new",
@@ -274,6 +274,9 @@ def _add_operator_commands(commands: Any) -> None:
         "falls back to for limits)",
     )
     new.add_argument("--json", action="store_true", help="print one JSON object")
+    from tollgate.cli_keys import add_commands  # keys create|list|show|rotate|revoke, audit
+
+    add_commands(keys_commands, commands)
 
     config = commands.add_parser("config", help="work with aidial.config.json files")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -384,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fake_model(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "run", None) is not None:  # a Configuration API command (cli_keys)
+        return int(args.run(args))
     if args.command == "keys":
         return _keys_new(args)
     if args.command == "config":
