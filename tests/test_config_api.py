@@ -598,22 +598,23 @@ async def test_a_per_request_key_is_never_an_administrator_of_keys(
     headers = {**ADMIN, "X-Fake-Chunks": "4", "X-Fake-Chunk-Delay-Ms": "300"}
     body = {"stream": True, **chat()}
     afake.clear()
-    async with httpx.AsyncClient() as client:
-        async with client.stream(
-            "POST", f"{gw.url}/openai/deployments/m/chat/completions", headers=headers, json=body
-        ) as stream:
-            chunks = stream.aiter_raw()
-            await chunks.__anext__()
-            hop_key = dict(afake.last()["headers"])["Api-Key"]
-            assert hop_key != ADMIN_KEY
-            refused = await client.put(
-                f"{gw.url}/v1/keys/platform/from-hop",
-                headers={"Api-Key": hop_key},
-                json={"project": "p", "role": "basic"},
-            )
-            assert error_of(refused) == (403, "User must be admin")
-            async for _ in chunks:
-                pass
+    url = f"{gw.url}/openai/deployments/m/chat/completions"
+    async with (
+        httpx.AsyncClient() as client,
+        client.stream("POST", url, headers=headers, json=body) as stream,
+    ):
+        chunks = stream.aiter_raw()
+        await chunks.__anext__()
+        hop_key = dict(afake.last()["headers"])["Api-Key"]
+        assert hop_key != ADMIN_KEY
+        refused = await client.put(
+            f"{gw.url}/v1/keys/platform/from-hop",
+            headers={"Api-Key": hop_key},
+            json={"project": "p", "role": "basic"},
+        )
+        assert error_of(refused) == (403, "User must be admin")
+        async for _ in chunks:
+            pass
 
 
 async def test_listing_pages_and_item_metadata(
@@ -684,3 +685,27 @@ def test_a_file_key_past_its_expiry_is_refused_and_the_access_log_says_why(
     line = next(line for line in log.splitlines() if "status=401" in line)
     assert f"key={fingerprint}" in line and "project=old" in line and "reason=key_expired" in line
     assert expired not in log and current not in log
+
+
+async def test_a_rotation_without_grace_ends_every_old_secret(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    """A leaked key: `gracePeriodSeconds: 0` refuses at once the secret it replaces and those
+    earlier rotations left in their grace period."""
+    gw = await start(gateways, afake, folder)
+    async with httpx.AsyncClient() as client:
+        made = await client.put(
+            f"{gw.url}/v1/keys/platform/leaky",
+            headers=ADMIN,
+            json={"project": "l", "role": "basic"},
+        )
+        secrets = [made.json()["key"]]
+        rotate = f"{gw.url}/v1/ops/keys/leaky/rotate"
+        for _ in range(2):
+            answer = await client.post(rotate, headers=ADMIN, json={"gracePeriodSeconds": 3600})
+            secrets.append(answer.json()["key"])
+        assert [(await call(client, gw, s)).status_code for s in secrets] == [200, 200, 200]
+        last = await client.post(rotate, headers=ADMIN, json={"gracePeriodSeconds": 0})
+        assert "previousKeyExpiresAt" not in last.json()
+        assert [(await call(client, gw, s)).status_code for s in secrets] == [401, 401, 401]
+        assert (await call(client, gw, last.json()["key"])).status_code == 200

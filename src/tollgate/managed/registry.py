@@ -604,9 +604,10 @@ class ManagedConfig:
             if digest == current.digest:
                 raise GatewayError(400, "key: the new secret must differ from the current one")
             self._check_unique(digest, name)
-            previous = current.live_previous(now)
+            # No grace (a leaked key): every old secret ends now, an earlier rotation's too.
+            previous: tuple[tuple[bytes, int], ...] = ()
             if grace_s > 0:
-                previous = ((current.digest, now + grace_s * 1000), *previous)
+                previous = ((current.digest, now + grace_s * 1000), *current.live_previous(now))
             return KeyRecord(
                 name=name,
                 spec=current.spec,
