@@ -60,7 +60,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tollgate: cannot start: invalid configuration\n{exc}", file=sys.stderr)
         return 1
 
-    gateway = Gateway(settings, store)
+    try:
+        gateway = Gateway(settings, store)
+    except Exception as exc:  # e.g. an object store its client cannot open (bad endpoint)
+        print(f"tollgate: cannot start: {exc}", file=sys.stderr)
+        return 1
     _tune_garbage_collector()
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
@@ -122,7 +126,8 @@ async def _run(gateway: Gateway) -> int:
         )
         print(
             f"Tollgate {__version__} listening on http://{settings.host}:{settings.port} "
-            f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys{stored})",
+            f"({len(snapshot.deployments)} deployments, {len(snapshot.keys)} keys, "
+            f"{len(gateway.managed)} API keys{stored})",
             flush=True,
         )
         await stopping.wait()
