@@ -709,3 +709,26 @@ async def test_a_rotation_without_grace_ends_every_old_secret(
         assert "previousKeyExpiresAt" not in last.json()
         assert [(await call(client, gw, s)).status_code for s in secrets] == [401, 401, 401]
         assert (await call(client, gw, last.json()["key"])).status_code == 200
+
+
+async def test_instances_on_one_folder_without_redis_catch_up_on_a_reload(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    """Without Redis nobody tells the other instance: it finds the change at its next rescan,
+    or at once on `POST /v1/ops/config/reload` (which rescans the store, as DIAL's does)."""
+    first = await start(gateways, afake, folder)
+    second = await start(gateways, afake, folder)
+    async with httpx.AsyncClient() as client:
+        made = await client.put(
+            f"{first.url}/v1/keys/platform/shared",
+            headers=ADMIN,
+            json={"project": "s", "role": "basic"},
+        )
+        secret = made.json()["key"]
+        assert error_of(await call(client, second, secret)) == (401, "Unknown api key")
+        reloaded = await client.post(f"{second.url}/v1/ops/config/reload", headers=ADMIN)
+        assert reloaded.status_code == 200
+        assert (await call(client, second, secret)).status_code == 200
+        await client.delete(f"{first.url}/v1/keys/platform/shared", headers=ADMIN)
+        await client.post(f"{second.url}/v1/ops/config/reload", headers=ADMIN)
+        assert error_of(await call(client, second, secret)) == (401, "Unknown api key")

@@ -156,7 +156,7 @@ class Gateway:
         if self.metrics is not None:
             self.admission.on_refusal = self._count_refusal
         admins = AdminRules.from_settings(settings)
-        self.ops = Ops(store, admins, self.metrics)
+        self.ops = Ops(store, admins, self.metrics, self.managed.rescan)
         self.config_api = ConfigApi(
             self.managed, admins, settings.body_read_timeout_s, settings.max_body_size
         )

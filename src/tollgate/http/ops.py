@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -42,10 +42,18 @@ def not_admin() -> GatewayError:
 
 
 class Ops:
-    def __init__(self, store: ConfigStore, admins: AdminRules, metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        store: ConfigStore,
+        admins: AdminRules,
+        metrics: Metrics | None,
+        rescan: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """`rescan`: read the API-managed keys and roles from the resource store again."""
         self.store = store
         self.admins = admins
         self.metrics = metrics
+        self.rescan = rescan
 
     async def reload(self, principal: Principal) -> web.Response:
         """Re-read the config files now. 200: the config now serving, without secrets; a file
@@ -53,6 +61,8 @@ class Ops:
         Both the reload and the answer (the whole config) are made off the event loop."""
         if not self.admins.allows(principal):
             raise not_admin()
+        if self.rescan is not None:  # as DIAL's reload: the stored entities too (C81)
+            await self.rescan()
         try:
             await self.store.reload_now()
         except ConfigError as exc:

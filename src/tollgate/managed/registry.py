@@ -239,6 +239,11 @@ class ManagedConfig:
         self.healthy = True
         self.last_error = None
 
+    async def rescan(self) -> bool:
+        """Read every key and role from the store again now (`POST /v1/ops/config/reload`);
+        False if the store did not answer."""
+        return await self._load()
+
     async def _load(self) -> bool:
         """A full scan: every key and role read, every change since applied, every entity gone
         from the store dropped. False if the store failed (nothing is dropped then)."""
