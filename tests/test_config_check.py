@@ -548,3 +548,18 @@ class TestCommand:
         assert tollgate("config", "check", "--settings", good).returncode == 0
         # The settings the environment names are read too, as `serve` reads them.
         assert tollgate("config", "check", env={"AIDIAL_SETTINGS": settings}).returncode == 1
+
+
+def test_the_storage_settings_are_checked_as_serve_checks_them(tmp_path: Path) -> None:
+    """`storage.*` (the resource store of API-managed keys) is refused by `config check` with
+    the message `tollgate serve` stops with."""
+    from tollgate.config_check import check_settings
+
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"storage": {"provider": "ftp"}}')
+    loaded, problems = check_settings(str(settings))
+    assert loaded is None
+    assert [p.message for p in problems] == [
+        "setting storage.provider: expected one of filesystem, s3, aws-s3, "
+        "google-cloud-storage, azureblob, got 'ftp'"
+    ]

@@ -47,6 +47,7 @@ from tollgate.security.admin import AdminRule
 from tollgate.security.keys import HASHED_NAME, digest_of_name
 from tollgate.settings import AdminRuleSetting, Settings, SettingsError, load_settings
 from tollgate.snapshot import BASE_ASSISTANT, build_snapshot
+from tollgate.storage.settings import StorageSettings
 
 Severity = Literal["error", "warning"]
 Loc = tuple[int | str, ...]
@@ -146,7 +147,9 @@ def check_settings(
     env = os.environ if environ is None else environ
     overrides = {"config": {"files": list(config_files)}} if config_files else None
     try:
-        return load_settings(settings_file, env, overrides), []
+        settings = load_settings(settings_file, env, overrides)
+        StorageSettings.from_raw(settings.raw)  # `storage.*`, as `tollgate serve` checks it
+        return settings, []
     except SettingsError as exc:
         return None, [_settings_problem(exc, settings_file or env.get("AIDIAL_SETTINGS"))]
 
