@@ -39,6 +39,7 @@ from tollgate.limits.usage import (
     last_usage_object,
     line_cut,
     line_end,
+    line_start,
     top_level_usage_object,
 )
 
@@ -162,6 +163,10 @@ class AnthropicStreamUsage(StreamUsage):
     `message_delta` carries the cumulative `output_tokens` and may repeat the others. A count
     an event leaves out keeps its last value; a count it has replaces the last, never adds.
     Only the few events with a `"usage": {` are parsed, as they pass.
+
+    A block is not split into lines: the `"usage"` in it are found in C, and only the line
+    around each is cut out and parsed, so the other events of a stream (`ping`, the content
+    blocks and their deltas) cost nothing but that search.
     """
 
     __slots__ = ("_counters",)
@@ -171,12 +176,16 @@ class AnthropicStreamUsage(StreamUsage):
         self._counters: dict[str, Any] | None = None
 
     def _lines(self, block: bytes) -> None:
-        for line in block.splitlines():
-            if USAGE not in line or USAGE_HEAD.search(line) is None:
+        position = block.find(USAGE)
+        while position >= 0:
+            if USAGE_HEAD.match(block, position) is None:  # "usage": null and the like
+                position = block.find(USAGE, position + len(USAGE))
                 continue
-            usage = _event_usage_object(_data_payload(line))
+            end = line_end(block, position)
+            usage = _event_usage_object(_data_payload(block[line_start(block, position) : end]))
             if usage is not None:
                 self._merge(usage)
+            position = block.find(USAGE, end)  # on the next line: each line is parsed once
 
     def _merge(self, usage: dict[str, Any]) -> None:
         counters = self._counters
@@ -233,9 +242,7 @@ def _last_event_usage(
             return None
         if USAGE_HEAD.match(block, position) is None:
             continue
-        start = max(block.rfind(b"\n", 0, position), block.rfind(b"\r", 0, position)) + 1
-        end = line_end(block, position)
-        line = block[start:end]
+        line = block[line_start(block, position) : line_end(block, position)]
         found = pick(_data_payload(line))
         return found if found is not None else last_usage_object(line)
 

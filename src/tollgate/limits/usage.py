@@ -179,6 +179,12 @@ def line_end(data: bytes, position: int) -> int:
     return len(data) if lf < 0 else lf
 
 
+def line_start(data: bytes, position: int) -> int:
+    """The index just after the last CR or LF before `position`, or 0."""
+    lf = data.rfind(b"\n", 0, position)
+    return max(lf, data.rfind(b"\r", lf + 1, position)) + 1
+
+
 def line_cut(data: bytes) -> int:
     """Where the complete lines of `data` end (after its last LF or CR)."""
     if data.endswith(b"\n"):
