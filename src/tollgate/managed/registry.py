@@ -59,7 +59,7 @@ Record = TypeVar("Record", KeyRecord, RoleRecord)
 
 DEFAULT_GRACE_S = 86_400  # a rotated key's old secret keeps working for a day by default
 MAX_GRACE_S = 30 * 86_400
-READ_CONCURRENCY = 32  # objects read at once when loading or rescanning
+READ_BATCH = 256  # objects read at once when loading or rescanning
 # Objects listed per page when scanning: large, since a filesystem page walks the folder.
 LIST_PAGE = 50_000
 WRITE_RETRIES = 5  # a write that lost a race with another instance is tried again
@@ -151,6 +151,9 @@ class ManagedConfig:
         self._seq = itertools.count()
         self._sorted: dict[str, list[str]] = {}  # sorted names per folder, until a change
         self._writing = asyncio.Lock()
+        # Applies counted, and each name's last: a rescan leaves alone what changed meanwhile.
+        self._applied = 0
+        self._applied_seq: dict[str, int] = {}
         self.healthy = True
         self.loaded = False
         self.last_error: str | None = None
@@ -247,6 +250,7 @@ class ManagedConfig:
     async def _load(self) -> bool:
         """A full scan: every key and role read, every change since applied, every entity gone
         from the store dropped. False if the store failed (nothing is dropped then)."""
+        started = self._applied
         try:
             roles_changed = False
             for folder in (ROLES_FOLDER, KEYS_FOLDER):
@@ -263,7 +267,14 @@ class ManagedConfig:
                 for key, blob in records.items():
                     roles_changed |= self._apply_blob(key, blob)
                 known = self.keys if folder == KEYS_FOLDER else self.roles
-                for name in [n for n in known if store_key(folder, n) not in present]:
+                gone = [
+                    name
+                    for name in known
+                    if store_key(folder, name) not in present
+                    # made here after the listing began: not gone, just not listed yet
+                    and self._applied_seq.get(folder + name, 0) <= started
+                ]
+                for name in gone:
                     roles_changed |= self._apply(folder, name, None)
                     self._seen.pop(store_key(folder, name), None)
         except StorageError as exc:
@@ -277,14 +288,13 @@ class ManagedConfig:
         return True
 
     async def _read_many(self, keys: list[str]) -> dict[str, Any]:
-        """The objects at `keys`, READ_CONCURRENCY at a time (a batch waits for its slowest
-        read; batches keep 100,000 reads from being 100,000 tasks at once)."""
+        """The objects at `keys`, READ_BATCH at a time (`ResourceStore.get_many`: one worker
+        call per batch on the filesystem; batches keep 100,000 reads from being 100,000 tasks
+        at once)."""
         found: dict[str, Any] = {}
-        for start in range(0, len(keys), READ_CONCURRENCY):
-            batch = keys[start : start + READ_CONCURRENCY]
-            for key, blob in zip(
-                batch, await asyncio.gather(*(self.store.get(k) for k in batch)), strict=True
-            ):
+        for start in range(0, len(keys), READ_BATCH):
+            batch = keys[start : start + READ_BATCH]
+            for key, blob in zip(batch, await self.store.get_many(batch), strict=True):
                 found[key] = blob
         return found
 
@@ -308,18 +318,21 @@ class ManagedConfig:
             folder = _folder_of(change.key)
             if folder is None:
                 continue
-            try:
-                blob = await self.store.get(change.key)
-            except StorageError as exc:
-                self._failed("read a changed entity", exc)
-                self._rescan_soon.set()
-                continue
-            self._answered()
-            if blob is None:
-                changed = self._apply(folder, name_of(change.key), None)
-            else:
-                changed = self._apply_blob(change.key, blob)
-            self._seen[change.key] = None
+            # Under the write lock: a write of this instance's own cannot land between the read
+            # and the apply (a late read of an older version would undo it).
+            async with self._writing:
+                try:
+                    blob = await self.store.get(change.key)
+                except StorageError as exc:
+                    self._failed("read a changed entity", exc)
+                    self._rescan_soon.set()
+                    continue
+                self._answered()
+                if blob is None:
+                    changed = self._apply(folder, name_of(change.key), None)
+                else:
+                    changed = self._apply_blob(change.key, blob)
+                self._seen[change.key] = None
             if changed:
                 await self._roles_changed(self.api_roles())
 
@@ -344,10 +357,14 @@ class ManagedConfig:
         except ValueError as exc:
             log.error("skipped %s: %s", key, exc)
             return False
+        if current is not None and record.updated_at < current.updated_at:
+            return False  # read before a newer write of ours: every write moves it forward
         return self._apply(folder, name, record)
 
     def _apply(self, folder: str, name: str, record: KeyRecord | RoleRecord | None) -> bool:
         self._sorted.pop(folder, None)
+        self._applied += 1
+        self._applied_seq[folder + name] = self._applied
         if folder == ROLES_FOLDER:
             assert record is None or isinstance(record, RoleRecord)
             if record is None:

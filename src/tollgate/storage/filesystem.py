@@ -98,6 +98,12 @@ class FilesystemStore(ResourceStore):
         path = self._path(key)
         return await asyncio.to_thread(self._get, key, path)
 
+    async def get_many(self, keys: list[str]) -> list[Blob | None]:
+        """The objects in one worker-thread call: a scan of many small objects (100,000 keys
+        at start-up) pays one thread hop per batch, not per object."""
+        paths = [(key, self._path(key)) for key in keys]
+        return await asyncio.to_thread(lambda: [self._get(key, path) for key, path in paths])
+
     async def head(self, key: str) -> ObjectInfo | None:
         blob = await self.get(key)
         if blob is None:

@@ -12,6 +12,7 @@ on the filesystem and on S3; the provider's own tag on Azure, the object's gener
 from __future__ import annotations
 
 import abc
+import asyncio
 import builtins
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -113,6 +114,10 @@ class ResourceStore(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str) -> Blob | None:
         """The object, or None if there is none."""
+
+    async def get_many(self, keys: builtins.list[str]) -> builtins.list[Blob | None]:
+        """`get` of each key, in order (a provider may read them in one go)."""
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
