@@ -1,5 +1,6 @@
-"""The Anthropic stream usage parser's scan (issue 12): only the lines around a `"usage": {`
-are cut out and parsed, and it reads what the line-by-line parser it replaced read."""
+"""The stream usage parsers' scans (issue 12): the Anthropic parser cuts out and parses only
+the lines around a `"usage": {`, the OpenAI and Responses trackers look for one from a block's
+end; each reads what the parser it replaced read."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ from tollgate.limits.api_usage import (
     ANTHROPIC_COUNTERS,
     THINKING,
     AnthropicStreamUsage,
+    ResponsesStreamUsage,
     _data_payload,
     _event_usage_object,
     anthropic_usage,
 )
-from tollgate.limits.usage import USAGE, USAGE_HEAD, Usage, line_cut, line_start
+from tollgate.limits.usage import (
+    NULL_USAGE,
+    USAGE,
+    USAGE_HEAD,
+    StreamUsage,
+    Usage,
+    line_cut,
+    line_start,
+)
 
 
 class LineByLine(AnthropicStreamUsage):
@@ -85,7 +95,7 @@ START_USAGE = {
 }
 
 
-def feed(tracker: AnthropicStreamUsage, data: bytes, cuts: list[int]) -> Usage | None:
+def feed(tracker: StreamUsage, data: bytes, cuts: list[int]) -> Usage | None:
     for start, end in itertools.pairwise([0, *cuts, len(data)]):
         tracker.feed(data[start:end])
     return tracker.finish()
@@ -238,3 +248,81 @@ def test_the_fake_models_stream_in_one_chunk_and_event_by_event() -> None:
     assert both(data) == expected
     ends = list(itertools.accumulate(len(part.encode()) for part in events))[:-1]
     assert both(data, ends) == expected
+
+
+# --- OpenAI and Responses: the block holding the last usage ---------------------------------
+
+
+def counted_then_searched(tracker: StreamUsage, block: bytes) -> None:
+    """`StreamUsage._lines` as it was: `"usage":null` counted, then the whole block searched."""
+    nulls = block.count(NULL_USAGE)
+    if nulls and nulls == block.count(USAGE):
+        return
+    if USAGE_HEAD.search(block) is not None:
+        tracker._usage_block = block
+
+
+class CountedOpenAI(StreamUsage):
+    __slots__ = ()
+    _lines = counted_then_searched
+
+
+class CountedResponses(ResponsesStreamUsage):
+    __slots__ = ()
+    _lines = counted_then_searched
+
+
+def chat_event(rng: random.Random) -> str:
+    usage = rng.choice(
+        [
+            '"usage":null',
+            '"usage": null',
+            '"usage":{"prompt_tokens":' + str(rng.randrange(9)) + ',"completion_tokens":3}',
+            '"usage" :\n{"prompt_tokens":1}',  # the pattern across a line end: no usage
+            '"usage":[1]',
+            '"usage_per_model":{"a":1}',
+            '"text":"\\"usage\\": {\\"prompt_tokens\\": 50}"',  # escaped: no usage
+        ]
+    )
+    return f'data: {{"choices":[{{"delta":{{"content":"x"}}}}],{usage}}}\n\n'
+
+
+def responses_event(rng: random.Random) -> str:
+    usage = rng.choice(["null", '{"input_tokens":' + str(rng.randrange(9)) + ',"output_tokens":2}'])
+    kind = rng.choice(["response.created", "response.output_text.delta", "response.completed"])
+    return f'event: {kind}\ndata: {{"type":"{kind}","response":{{"usage":{usage}}}}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("tracker", "reference", "make"),
+    [
+        (StreamUsage, CountedOpenAI, chat_event),
+        (ResponsesStreamUsage, CountedResponses, responses_event),
+    ],
+)
+def test_the_last_usage_block_is_the_one_the_counting_tracker_kept(
+    tracker: type[StreamUsage], reference: type[StreamUsage], make: Any
+) -> None:
+    rng = random.Random(70)
+    for _ in range(400):
+        text = "".join(make(rng) for _ in range(rng.randrange(1, 8)))
+        if rng.random() < 0.3:
+            text = text.replace("\n", "\r\n")
+        data = text.encode()
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randrange(min(10, len(data) - 1))))
+        for split in ([], cuts):
+            found = feed(tracker(), data, split)
+            assert found == feed(reference(), data, split), (data, split)
+
+
+def test_a_block_of_nulls_before_the_usage_object_keeps_the_block() -> None:
+    block = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\n\n'
+        + b'data: {"choices":[],"usage":null}\n\n' * 3
+    )
+    tracker = StreamUsage()
+    tracker.feed(block)
+    assert tracker.finish() == Usage(4, 2, 6)
+    only_nulls = StreamUsage()
+    only_nulls.feed(b'data: {"usage":null}\n\ndata: {"usage": null}\n\n')
+    assert only_nulls.finish() is None

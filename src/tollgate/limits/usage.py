@@ -222,12 +222,22 @@ class StreamUsage:
 
     def _lines(self, block: bytes) -> None:
         """Complete lines with a `"usage"` in them: the last block holding a usage object is
-        kept, to be parsed once by `finish`."""
-        nulls = block.count(NULL_USAGE)
-        if nulls and nulls == block.count(USAGE):
-            return  # only OpenAI's `"usage":null` members (compatibility C70): no regex
-        if USAGE_HEAD.search(block) is not None:
-            self._usage_block = block
+        kept, to be parsed once by `finish`.
+
+        The `"usage"` are looked for from the block's end, where a stream's usage is (its
+        last events), so a block that has one is searched no further; OpenAI's
+        `"usage":null` members (compatibility C70) are passed over without the pattern.
+        """
+        position = len(block)
+        while True:
+            position = block.rfind(USAGE, 0, position)
+            if position < 0:
+                return
+            if block.startswith(NULL_USAGE, position):
+                continue
+            if USAGE_HEAD.match(block, position) is not None:
+                self._usage_block = block
+                return
 
     def finish(self) -> Usage | None:
         """The last usage seen; call once, when the stream has ended."""
