@@ -21,6 +21,24 @@ removes the directories it empties). Several instances may share the folder over
 
 Every file operation runs in a worker thread (`asyncio.to_thread`): a slow disk never stalls
 the event loop.
+
+**Streams** (`put_stream`, `get_stream`): a streamed write runs in one worker thread that
+writes the chunks the event loop hands it a batch (up to 1 MiB) at a time into the temporary
+file, hashing them on the way, then fsyncs, takes the key's lock, checks the condition and
+renames, exactly as `put`; a failure, `max_bytes` or a cancellation before the rename unlinks
+the temporary file (a killed process leaves one, under the reserved `.tollgate-tmp-` name that
+no listing shows). A read holds one open file (one inode: the version it started with, even if
+a write replaces it meanwhile) and reads it a batch per worker-thread call.
+
+**Metadata** lives in the object file's extended attributes, set on the temporary file before
+the rename, so they are atomic with the content, never listed, and deleted with the file:
+`user.tollgate.content_type`, `user.tollgate.created_at` (ISO 8601, UTC; kept from the object
+a `put_stream` replaces: its own `created_at`, or its modification time if it has none) and
+`user.tollgate.etag` (`<md5> <size> <mtime_ns>`: the MD5 computed while writing, trusted only
+while the file's size and mtime still match, so `head` and `get_stream` of a large file need
+not read it twice). A plain `put` writes a new file without attributes (its metadata is None,
+its ETag computed from the content, as before). On a filesystem without user xattrs (some NFS
+and FUSE mounts) the content is stored all the same and the metadata is None.
 """
 
 from __future__ import annotations
@@ -31,15 +49,17 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat as stat_module
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tollgate.storage.store import (
     RESERVED_SEGMENT_PREFIX,
     Blob,
+    ChunkPull,
     InvalidKey,
     NotFound,
     ObjectInfo,
@@ -47,8 +67,10 @@ from tollgate.storage.store import (
     PreconditionFailed,
     ResourceStore,
     StoreUnavailable,
+    StreamedObject,
     check_key,
     page_of,
+    run_stream_write,
 )
 
 LOCK_SHARDS = 256
@@ -56,6 +78,11 @@ LOCKS_DIR = RESERVED_SEGMENT_PREFIX + "locks"
 TEMP_PREFIX = RESERVED_SEGMENT_PREFIX + "tmp-"
 FILE_MODE = 0o600  # objects hold key hashes and users' files: the instance's user only
 _MAKEDIRS_TRIES = 8  # a concurrent delete may remove an emptied directory under a write
+XATTR_CONTENT_TYPE = "user.tollgate.content_type"
+XATTR_CREATED_AT = "user.tollgate.created_at"
+XATTR_ETAG = "user.tollgate.etag"
+READ_BATCH_BYTES = 1 << 20  # bytes a streamed read takes from the file per worker-thread call
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSPC, errno.E2BIG)
 
 
 def etag_of(data: bytes) -> str:
@@ -65,6 +92,108 @@ def etag_of(data: bytes) -> str:
 
 def _modified(stat: os.stat_result) -> datetime:
     return datetime.fromtimestamp(stat.st_mtime_ns / 1e9, UTC)
+
+
+def _get_xattr(fd: int, name: str) -> str | None:
+    try:
+        return os.getxattr(fd, name).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None  # ENODATA (none), ENOTSUP (a filesystem without xattrs)
+
+
+def _set_xattr(fd: int, name: str, value: str) -> bool:
+    """Whether the attribute was set (False: the filesystem keeps no user xattrs)."""
+    try:
+        os.setxattr(fd, name, value.encode("utf-8"))
+    except OSError as exc:
+        if exc.errno not in _NO_XATTRS:
+            raise
+        return False
+    return True
+
+
+def _created_at(fd: int) -> datetime | None:
+    text = _get_xattr(fd, XATTR_CREATED_AT)
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _file_etag(fd: int, stat: os.stat_result) -> str:
+    """The open file's ETag: the cached MD5 while size and mtime match, else read it."""
+    cached = _get_xattr(fd, XATTR_ETAG)
+    if cached is not None:
+        parts = cached.split(" ")
+        if len(parts) == 3 and parts[1:] == [str(stat.st_size), str(stat.st_mtime_ns)]:
+            return parts[0]
+    digest = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while chunk := os.pread(fd, READ_BATCH_BYTES, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def _info_of(key: str, fd: int) -> ObjectInfo:
+    stat = os.fstat(fd)
+    return ObjectInfo(
+        key,
+        stat.st_size,
+        _modified(stat),
+        _file_etag(fd, stat),
+        _get_xattr(fd, XATTR_CONTENT_TYPE),
+        _created_at(fd),
+    )
+
+
+class _FileChunks:
+    """A streamed read's chunks: batches read in worker threads, handed out `chunk_size` at a
+    time; the file is closed when the end is reached, on `aclose()`, or when collected."""
+
+    def __init__(self, fd: int, chunk_size: int) -> None:
+        self._fd: int | None = fd
+        self._chunk_size = chunk_size
+        self._batch = b""
+        self._at = 0
+        self._offset = 0
+
+    def __aiter__(self) -> _FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._at >= len(self._batch):
+            fd = self._fd
+            if fd is None:
+                raise StopAsyncIteration
+            size = max(READ_BATCH_BYTES // self._chunk_size, 1) * self._chunk_size
+            try:
+                self._batch = await asyncio.to_thread(os.pread, fd, size, self._offset)
+            except OSError as exc:
+                await self.aclose()
+                raise StoreUnavailable(f"cannot read: {exc.strerror}") from None
+            self._at = 0
+            if not self._batch:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._offset += len(self._batch)
+        chunk = self._batch[self._at : self._at + self._chunk_size]
+        self._at += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        fd, self._fd = self._fd, None
+        self._batch = b""
+        if fd is not None:
+            await asyncio.to_thread(os.close, fd)
+
+    def __del__(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class FilesystemStore(ResourceStore):
@@ -105,10 +234,38 @@ class FilesystemStore(ResourceStore):
         return await asyncio.to_thread(lambda: [self._get(key, path) for key, path in paths])
 
     async def head(self, key: str) -> ObjectInfo | None:
-        blob = await self.get(key)
-        if blob is None:
+        """The object's info, its ETag read in 1 MiB steps (or cached): never whole in memory."""
+        path = self._path(key)
+        return await asyncio.to_thread(self._head, key, path)
+
+    async def get_stream(self, key: str, *, chunk_size: int = 65536) -> StreamedObject | None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        path = self._path(key)
+        opened = await asyncio.to_thread(self._open_for_stream, key, path)
+        if opened is None:
             return None
-        return ObjectInfo(key, blob.size, blob.last_modified, blob.etag)
+        info, fd = opened
+        return StreamedObject(info, _FileChunks(fd, chunk_size))
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        max_bytes: int | None = None,
+    ) -> ObjectInfo:
+        path = self._path(key)
+        pull = ChunkPull(chunks, asyncio.get_running_loop(), max_bytes=max_bytes)
+        return await run_stream_write(
+            pull,
+            lambda: asyncio.to_thread(
+                self._put_stream, key, path, pull, content_type, if_match, if_none_match
+            ),
+        )
 
     async def put(
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
@@ -149,12 +306,114 @@ class FilesystemStore(ResourceStore):
     def _current_etag(self, path: Path) -> str | None:
         try:
             with open(path, "rb") as file:
-                digest = hashlib.md5(usedforsecurity=False)
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-                return digest.hexdigest()
+                return _file_etag(file.fileno(), os.fstat(file.fileno()))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+    def _head(self, key: str, path: Path) -> ObjectInfo | None:
+        opened = self._open_for_stream(key, path)
+        if opened is None:
+            return None
+        info, fd = opened
+        os.close(fd)
+        return info
+
+    def _open_for_stream(self, key: str, path: Path) -> tuple[ObjectInfo, int] | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key!r}: {exc.strerror}") from None
+        try:
+            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return None  # a folder
+            return _info_of(key, fd), fd
+        except OSError as exc:
+            os.close(fd)
+            raise StoreUnavailable(f"cannot read {key!r}: {exc.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _put_stream(
+        self,
+        key: str,
+        path: Path,
+        pull: ChunkPull,
+        content_type: str | None,
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> ObjectInfo:
+        temp: Path | None
+        try:
+            temp, fd = self._open_temp(path.parent)
+        except NotADirectoryError:
+            raise InvalidKey(f"a parent of {key!r} is an object, not a folder") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {key!r}: {exc.strerror}") from None
+        try:
+            digest = hashlib.md5(usedforsecurity=False)
+            for batch in pull.batches():
+                view = memoryview(batch)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                digest.update(batch)
+            os.fsync(fd)
+            stat = os.fstat(fd)
+            etag = digest.hexdigest()
+            has_xattrs = _set_xattr(fd, XATTR_ETAG, f"{etag} {stat.st_size} {stat.st_mtime_ns}")
+            if content_type is not None:
+                _set_xattr(fd, XATTR_CONTENT_TYPE, content_type)
+            with self._lock(key):
+                if if_none_match and os.path.lexists(path):
+                    raise PreconditionFailed(f"{key!r} already exists")
+                created_at = self._replaced_created_at(path)
+                if if_match is not None:
+                    current = self._current_etag(path)
+                    if current is None or (if_match != "*" and current != if_match):
+                        raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
+                if created_at is None:
+                    created_at = datetime.now(UTC)
+                _set_xattr(fd, XATTR_CREATED_AT, created_at.isoformat())
+                if pull.aborted:
+                    raise asyncio.CancelledError("streamed write cancelled")
+                try:
+                    os.replace(temp, path)
+                except IsADirectoryError:
+                    raise InvalidKey(f"{key!r} is a folder") from None
+                temp = None
+            self._sync_dir(path.parent)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {key!r}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+        return ObjectInfo(
+            key,
+            stat.st_size,
+            _modified(stat),
+            etag,
+            content_type if has_xattrs else None,
+            created_at if has_xattrs else None,
+        )
+
+    @staticmethod
+    def _replaced_created_at(path: Path) -> datetime | None:
+        """The `created_at` a write over `path` keeps: the object's own, else its mtime."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            stat = os.fstat(fd)
+            return _created_at(fd) or _modified(stat)
+        finally:
+            os.close(fd)
 
     def _put(
         self, key: str, path: Path, data: bytes, if_match: str | None, if_none_match: bool
@@ -188,18 +447,23 @@ class FilesystemStore(ResourceStore):
                     os.unlink(temp)
         return etag_of(data)
 
-    def _write_temp(self, directory: Path, data: bytes) -> Path:
-        """`data` in a new fsynced file beside the object, ready to be renamed over it."""
+    def _open_temp(self, directory: Path) -> tuple[Path, int]:
+        """A new temporary file beside the object, open for writing."""
         temp = directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
         for attempt in range(_MAKEDIRS_TRIES):
             directory.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                break
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                return temp, fd
             except FileNotFoundError:
                 # A delete pruned the directory we just made: make it again.
                 if attempt == _MAKEDIRS_TRIES - 1:
                     raise
+        raise AssertionError("unreachable")
+
+    def _write_temp(self, directory: Path, data: bytes) -> Path:
+        """`data` in a new fsynced file beside the object, ready to be renamed over it."""
+        temp, fd = self._open_temp(directory)
         try:
             view = memoryview(data)
             while view:

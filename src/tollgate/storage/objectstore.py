@@ -11,16 +11,44 @@ is the hex MD5 of the content, as on the filesystem provider.
 
 A delete with `if_match` reads the object's ETag and then deletes: obstore has no conditional
 delete, so a write landing between the two is removed with it (compatibility C80).
+
+**Streams.** `put_stream` collects up to `SINGLE_PART_BYTES` (8 MiB) first. An object that
+ends within them goes up as `put` does: one request, atomic and conditional by the store
+itself (`If-None-Match` / `If-Match`), its ETag the MD5 on S3. A larger one cannot: obstore
+performs a conditional put only as a single request (its multipart upload is unconditional,
+and a multipart object's S3 ETag is not the MD5 of its bytes). It is uploaded in 5 MiB parts
+(at most 4 in flight: about 25 MB of buffers whatever its size) to a temporary key,
+`.tollgate-tmp/<uuid>` under the store's prefix (a reserved segment: never a key, never
+listed; an unfinished multipart upload is invisible), then copied server-side onto the key
+(S3's CopyObject makes a single-part object: its ETag is the MD5 again, and it keeps the
+Content-Type and user metadata) and the temporary object deleted. The copy is atomic (a
+reader sees the old object or the whole new one); the condition, though, is checked
+(`head`) before the upload starts and again just before the copy, not by the store during
+it: two large writes with `if_none_match`/`if_match` that both pass the second check within
+the few milliseconds before either copy lands can both succeed, the later one winning
+(compatibility C80; small objects have no such window). An iterator's exception, `max_bytes`
+or a cancellation before the copy abort the upload (and delete the temporary object); a
+process killed after the upload and before the delete leaves a `.tollgate-tmp/` object (and a
+killed multipart upload its parts): a lifecycle rule on that prefix and on incomplete
+multipart uploads removes them. `created_at` is read from the replaced object before the
+write (a check-then-write: a write landing in between may lose its `created_at`).
+
+Metadata: the Content-Type attribute and the user metadata `created_at` (`x-amz-meta-created_at`
+on S3); `head` and `get_stream` read them (`head` as a HEAD request through obstore's `get`),
+a listing leaves them None.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import hashlib
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,15 +57,19 @@ from obstore import exceptions as obstore_errors
 
 from tollgate.storage.settings import StorageSettings
 from tollgate.storage.store import (
+    RESERVED_SEGMENT_PREFIX,
     Blob,
+    ChunkPull,
     NotFound,
     ObjectInfo,
     Page,
     PreconditionFailed,
     ResourceStore,
     StoreUnavailable,
+    StreamedObject,
     check_key,
     page_of,
+    run_stream_write,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +85,64 @@ _T = TypeVar("_T")
 _LIST_CHUNK = 1000  # objects per listing request (S3's maximum)
 # obstore raises Python's FileNotFoundError for a missing object (its NotFoundError elsewhere).
 _MISSING = (obstore_errors.NotFoundError, FileNotFoundError)
+SINGLE_PART_BYTES = 8 << 20  # a streamed write up to this size is one conditional request
+PART_BYTES = 5 << 20  # S3's smallest part
+PARTS_IN_FLIGHT = 4
+READ_CHUNK_BYTES = 1 << 20  # bytes obstore gathers per worker-thread call of a streamed read
+TEMP_FOLDER = RESERVED_SEGMENT_PREFIX + "tmp"
+META_CREATED_AT = "created_at"
+
+
+def _reserved(key: str) -> bool:
+    return any(segment.startswith(RESERVED_SEGMENT_PREFIX) for segment in key.split("/"))
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+class _CloudChunks:
+    """A streamed read's chunks: obstore's stream, a batch per worker-thread call, handed out
+    `chunk_size` at a time; dropping the stream (end, `aclose()`) closes the connection."""
+
+    def __init__(self, owner: CloudStore, stream: Any, chunk_size: int) -> None:
+        self._owner = owner
+        self._stream: Any = stream
+        self._chunk_size = chunk_size
+        self._batch = b""
+        self._at = 0
+
+    def __aiter__(self) -> _CloudChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._at >= len(self._batch):
+            stream = self._stream
+            if stream is None:
+                raise StopAsyncIteration
+            try:
+                batch = await self._owner._run(next, stream, None)
+            except (obstore_errors.BaseError, OSError) as exc:
+                self._stream = None
+                raise _unavailable("get", "stream", exc) from None
+            if batch is None:
+                self._stream = None
+                raise StopAsyncIteration
+            self._batch, self._at = bytes(batch), 0
+            if not self._batch:
+                return await self.__anext__()
+        chunk = self._batch[self._at : self._at + self._chunk_size]
+        self._at += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._stream = None  # obstore's stream (and its connection) goes with the last reference
+        self._batch = b""
 
 
 def _unquote(tag: str) -> str:
@@ -109,12 +199,183 @@ class CloudStore(ResourceStore):
     async def head(self, key: str) -> ObjectInfo | None:
         check_key(key)
         try:
-            meta = await self._run(obstore.head, self._store, key)
+            return await self._run(self._head, key)
         except _MISSING:
             return None
         except (obstore_errors.BaseError, OSError) as exc:
             raise _unavailable("head", key, exc) from None
-        return ObjectInfo(key, meta["size"], meta["last_modified"], self._etag(meta))
+
+    def _head(self, key: str) -> ObjectInfo:
+        """A HEAD request (obstore's `head` gives no attributes; `get` with `head` does)."""
+        result = obstore.get(self._store, key, options={"head": True})
+        return self._full_info(key, result.meta, result.attributes)
+
+    def _full_info(self, key: str, meta: Any, attributes: Any) -> ObjectInfo:
+        content_type = attributes.get("Content-Type")
+        return ObjectInfo(
+            key,
+            meta["size"],
+            meta["last_modified"],
+            self._etag(meta),
+            content_type if isinstance(content_type, str) else None,
+            _parse_time(attributes.get(META_CREATED_AT)),
+        )
+
+    def _head_or_none(self, key: str) -> ObjectInfo | None:
+        try:
+            return self._head(key)
+        except _MISSING:
+            return None
+
+    async def get_stream(self, key: str, *, chunk_size: int = 65536) -> StreamedObject | None:
+        check_key(key)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        try:
+            info, stream = await self._run(self._open_stream, key, chunk_size)
+        except _MISSING:
+            return None
+        except (obstore_errors.BaseError, OSError) as exc:
+            raise _unavailable("get", key, exc) from None
+        return StreamedObject(info, _CloudChunks(self, stream, chunk_size))
+
+    def _open_stream(self, key: str, chunk_size: int) -> tuple[ObjectInfo, Any]:
+        result = obstore.get(self._store, key)
+        info = self._full_info(key, result.meta, result.attributes)
+        return info, result.stream(min_chunk_size=max(chunk_size, READ_CHUNK_BYTES))
+
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        max_bytes: int | None = None,
+    ) -> ObjectInfo:
+        check_key(key)
+        if if_match is not None and if_none_match:
+            raise ValueError("if_match and if_none_match exclude each other")
+        pull = ChunkPull(chunks, asyncio.get_running_loop(), max_bytes=max_bytes)
+        try:
+            return await run_stream_write(
+                pull,
+                lambda: self._run(
+                    self._put_stream, key, pull, content_type, if_match, if_none_match
+                ),
+            )
+        except (obstore_errors.AlreadyExistsError, obstore_errors.PreconditionError):
+            raise PreconditionFailed(f"{key!r}: the condition did not hold") from None
+        except (obstore_errors.BaseError, OSError) as exc:
+            raise _unavailable("put", key, exc) from None
+
+    def _check(self, key: str, if_match: str | None, if_none_match: bool) -> ObjectInfo | None:
+        """The object there now, if the condition holds for it; else `PreconditionFailed`."""
+        current = self._head_or_none(key)
+        if if_none_match and current is not None:
+            raise PreconditionFailed(f"{key!r} already exists")
+        if if_match is not None and (
+            current is None or (if_match != "*" and current.etag != if_match)
+        ):
+            raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
+        return current
+
+    def _put_stream(
+        self,
+        key: str,
+        pull: ChunkPull,
+        content_type: str | None,
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> ObjectInfo:
+        current = self._check(key, if_match, if_none_match)  # fail before uploading anything
+        created_at = current.created_at or current.last_modified if current else None
+        attributes: Any = {META_CREATED_AT: (created_at or datetime.now(UTC)).isoformat()}
+        if content_type is not None:
+            attributes["Content-Type"] = content_type
+        digest = hashlib.md5(usedforsecurity=False)
+        batches = pull.batches()
+        head: builtins.list[bytes] = []
+        held = 0
+        for batch in batches:
+            head.append(batch)
+            held += len(batch)
+            if held > SINGLE_PART_BYTES:
+                break
+        if held <= SINGLE_PART_BYTES:
+            data = b"".join(head)
+            del head
+            if pull.aborted:
+                raise asyncio.CancelledError("streamed write cancelled")
+            return self._put_small(key, data, attributes, if_match, if_none_match, current)
+
+        def hashed(parts: Iterator[bytes]) -> Iterator[bytes]:
+            for part in parts:
+                digest.update(part)
+                yield part
+
+        def upload_parts() -> Iterator[bytes]:
+            yield from hashed(iter(head))
+            head.clear()
+            yield from hashed(batches)
+
+        temp = f"{TEMP_FOLDER}/{uuid.uuid4().hex}"
+        uploaded = False
+        try:
+            obstore.put(
+                self._store,
+                temp,
+                upload_parts(),
+                attributes=attributes,
+                use_multipart=True,
+                chunk_size=PART_BYTES,
+                max_concurrency=PARTS_IN_FLIGHT,
+            )
+            uploaded = True
+            self._check(key, if_match, if_none_match)  # again: the store checks nothing below
+            if pull.aborted:
+                raise asyncio.CancelledError("streamed write cancelled")
+            obstore.copy(self._store, temp, key)
+        finally:
+            if uploaded:
+                # If this fails, the lifecycle rule on the temporary prefix removes it.
+                with contextlib.suppress(obstore_errors.BaseError, OSError):
+                    obstore.delete(self._store, temp)
+        info = self._head(key)
+        return info
+
+    def _put_small(
+        self,
+        key: str,
+        data: bytes,
+        attributes: Any,
+        if_match: str | None,
+        if_none_match: bool,
+        current: ObjectInfo | None,
+    ) -> ObjectInfo:
+        mode: Any = "overwrite"
+        if if_none_match:
+            mode = "create"
+        elif if_match is not None:
+            if if_match == "*":  # the version checked just now
+                assert current is not None and current.etag is not None
+                if_match = current.etag
+            mode = {"version": if_match} if self._generation_tags else {"e_tag": f'"{if_match}"'}
+        try:
+            result = obstore.put(
+                self._store, key, data, mode=mode, attributes=attributes, use_multipart=False
+            )
+        except _MISSING:
+            raise PreconditionFailed(f"{key!r} does not exist") from None
+        return ObjectInfo(
+            key,
+            len(data),
+            datetime.now(UTC),
+            self._etag(result),
+            attributes.get("Content-Type"),
+            _parse_time(attributes[META_CREATED_AT]),
+        )
 
     async def put(
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
@@ -174,7 +435,11 @@ class CloudStore(ResourceStore):
         if recursive:
             chunk_size = min(limit + 1, _LIST_CHUNK)
             for chunk in obstore.list(self._store, prefix, offset=token, chunk_size=chunk_size):
-                entries.extend((meta["path"], self._info(meta)) for meta in chunk)
+                entries.extend(
+                    (meta["path"], self._info(meta))
+                    for meta in chunk
+                    if not _reserved(meta["path"])  # a streamed write's `.tollgate-tmp/`
+                )
                 if len(entries) > limit:
                     break
             return sorted(entries, key=lambda entry: entry[0])
@@ -182,7 +447,7 @@ class CloudStore(ResourceStore):
         result = obstore.list_with_delimiter(self._store, prefix)
         entries = [(meta["path"], self._info(meta)) for meta in result["objects"]]
         entries += [(name.rstrip("/") + "/", None) for name in result["common_prefixes"]]
-        return sorted(e for e in entries if token is None or e[0] > token)
+        return sorted(e for e in entries if (token is None or e[0] > token) and not _reserved(e[0]))
 
 
 def _unavailable(operation: str, key: str, exc: BaseException) -> StoreUnavailable:

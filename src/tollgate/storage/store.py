@@ -14,13 +14,18 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
+import concurrent.futures
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 MAX_KEY_BYTES = 1024  # S3's and GCS's limit on an object name, UTF-8
 # Segments Tollgate keeps for itself on the filesystem (temporary files, lock files): never a key.
 RESERVED_SEGMENT_PREFIX = ".tollgate-"
 DEFAULT_PAGE_SIZE = 1000
+_T = TypeVar("_T")
 
 
 class StorageError(Exception):
@@ -43,6 +48,10 @@ class StoreUnavailable(StorageError):
     """The store cannot be reached or refused the operation (network, disk, credentials)."""
 
 
+class TooLarge(StorageError):
+    """A streamed write went past its `max_bytes`: nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """An object's metadata: what a listing or `head` gives."""
@@ -51,6 +60,10 @@ class ObjectInfo:
     size: int
     last_modified: datetime  # UTC
     etag: str | None  # None where a listing does not carry it (the filesystem's)
+    # What `put_stream` stored: `head` and `get_stream` give them, a listing leaves them None
+    # (as does an object written by `put`, which stores no metadata).
+    content_type: str | None = None
+    created_at: datetime | None = None  # UTC; kept when `put_stream` replaces the object
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,44 @@ class Blob:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedObject:
+    """An object being read: its metadata and an iterator of its bytes in bounded chunks.
+
+    The iterator holds a file or a connection until it is exhausted or closed: read it to the
+    end, or `await obj.aclose()` (or use `async with obj:`) when stopping early.
+    """
+
+    info: ObjectInfo
+    chunks: AsyncIterator[bytes] = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def etag(self) -> str | None:
+        return self.info.etag
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks
+
+    async def aclose(self) -> None:
+        close = getattr(self.chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+    async def __aenter__(self) -> StreamedObject:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +186,33 @@ class ResourceStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def put_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        max_bytes: int | None = None,
+    ) -> ObjectInfo:
+        """Store the bytes `chunks` yields at `key` and return the new object's info (its
+        ETag as `put` gives it, its size, `content_type`, and the `created_at` of the object
+        it replaced, or now for a new one).
+
+        Memory stays bounded whatever the object's size. Atomic as `put` is: an exception from
+        `chunks`, more than `max_bytes` (`TooLarge`), a cancellation or a killed process leave
+        the old object as it was and no part of the new one visible. Conditions as in `put`
+        (what each provider guarantees for large objects: its module's docstring).
+        """
+
+    @abc.abstractmethod
+    async def get_stream(self, key: str, *, chunk_size: int = 65536) -> StreamedObject | None:
+        """The object's info and its bytes in chunks of at most `chunk_size` (the last may be
+        shorter), or None if there is none. The bytes are those of the version the info
+        describes; the iterator releases its file or connection when exhausted or closed."""
+
+    @abc.abstractmethod
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove the object; `NotFound` if there is none, `PreconditionFailed` if `if_match`
         names another version."""
@@ -186,3 +264,99 @@ def page_of(entries: list[tuple[str, ObjectInfo | None]], limit: int) -> Page:
     objects = tuple(info for _, info in entries if info is not None)
     folders = tuple(name for name, info in entries if info is None)
     return Page(objects, folders, entries[-1][0] if more and entries else None)
+
+
+STREAM_BATCH_BYTES = 1 << 20  # bytes handed to a worker thread at once by a streamed write
+
+
+class ChunkPull:
+    """The bytes of an async iterator, pulled from a worker thread in batches.
+
+    A streamed write runs in one worker thread (the file's writes and fsync, obstore's upload);
+    `batches()` hands it the chunks the event loop collects, up to `batch_bytes` at a time (a
+    1 GiB upload is about a thousand thread hops, not a million), counting them against
+    `max_bytes` (`TooLarge`). `abort()` (from the loop, on a cancellation) makes the thread's
+    next or pending pull raise, so the write stops and cleans up after itself.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncIterable[bytes],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_bytes: int | None = None,
+        batch_bytes: int = STREAM_BATCH_BYTES,
+    ) -> None:
+        self._chunks = aiter(chunks)
+        self._loop = loop
+        self._max_bytes = max_bytes
+        self._batch_bytes = batch_bytes
+        self._pending: concurrent.futures.Future[bytes | None] | None = None
+        self._aborted = False
+        self._done = False
+        self.size = 0
+
+    async def _next(self) -> bytes | None:
+        parts: builtins.list[bytes] = []
+        collected = 0
+        while collected < self._batch_bytes:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._done = True
+                break
+            if not chunk:
+                continue
+            collected += len(chunk)
+            if self._max_bytes is not None and self.size + collected > self._max_bytes:
+                raise TooLarge(f"more than {self._max_bytes} bytes")
+            parts.append(bytes(chunk))
+        self.size += collected
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def batches(self) -> Iterator[bytes]:
+        """In the worker thread: the batches, until the iterator ends (or raises)."""
+        while not self._done:
+            if self._aborted:
+                raise asyncio.CancelledError("streamed write cancelled")
+            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            self._pending = future
+            if self._aborted:  # abort() ran before _pending was set
+                future.cancel()
+            try:
+                batch = future.result()
+            except concurrent.futures.CancelledError:
+                raise asyncio.CancelledError("streamed write cancelled") from None
+            finally:
+                self._pending = None
+            if batch is None:
+                return
+            yield batch
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def abort(self) -> None:
+        self._aborted = True
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
+
+
+async def run_stream_write(pull: ChunkPull, run: Callable[[], Awaitable[_T]]) -> _T:
+    """Await the worker-thread write `run()` starts; on a cancellation, abort its pulls and wait
+    for the thread to stop (so nothing is committed after this returns) before re-raising."""
+    future = asyncio.ensure_future(run())
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        pull.abort()
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller sees
+        raise
