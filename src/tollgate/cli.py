@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tollgate.config_store import ConfigStore
     from tollgate.http.app import Gateway
     from tollgate.observability.logs import configure as configure_logging
+    from tollgate.resources.encryption import cipher_from_settings
     from tollgate.settings import SettingsError, load_settings
     from tollgate.storage.settings import StorageSettings
 
@@ -48,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.settings, overrides=overrides)
         StorageSettings.from_raw(settings.raw)  # `storage.*` (compatibility C80)
+        cipher_from_settings(settings.raw)  # `encryption.*` (compatibility C82)
         if settings.tracing is not None:
             _require_tracing(settings.tracing.source)
         configure_logging(settings.log_level, settings.log_format)

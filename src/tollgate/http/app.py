@@ -27,6 +27,7 @@ from tollgate.http.config_api import ConfigApi
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.openapi import openapi_response
 from tollgate.http.ops import Ops, metrics_app
+from tollgate.http.resources_api import ResourcesApi
 from tollgate.http.responses import error_response
 from tollgate.limits.ledger import Ask, Refusal
 from tollgate.limits.store import build_ledger, describe, redis_client
@@ -104,8 +105,10 @@ class Gateway:
         )
         # Keys and roles of the Configuration API, in the resource store (compatibility C81).
         storage = StorageSettings.from_raw(settings.raw)  # `tollgate serve` checked it
+        # One resource store for everything Tollgate keeps: keys, roles, buckets (C80).
+        self.resource_store = build_store(storage)
         self.managed = ManagedConfig(
-            build_store(storage),
+            self.resource_store,
             build_notices(settings.redis, storage),
             now_ms=now_ms,
             rescan_every_s=settings.reload_ms / 1000,
@@ -160,6 +163,7 @@ class Gateway:
         self.config_api = ConfigApi(
             self.managed, admins, settings.body_read_timeout_s, settings.max_body_size
         )
+        self.resources_api = ResourcesApi(self.resource_store, settings.raw)
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
@@ -202,6 +206,7 @@ class Gateway:
         self.engine.start(self._client)
         await self.ledger.start()
         await self.managed.start()  # the store unreachable: logged, file keys serve meanwhile
+        await self.resources_api.start()
         self.store.start(asyncio.get_running_loop())
         port = self.settings.metrics_port
         if self.metrics is not None and port is not None:
@@ -366,6 +371,10 @@ class Gateway:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
         if self.config_api.handles(path):  # keys and roles at run time (compatibility C81)
             return AsyncAnswer(self.config_api.handle(request, principal, path), f"{method} config")
+        if self.resources_api.handles(path):  # buckets (compatibility C83)
+            return AsyncAnswer(
+                self.resources_api.handle(request, principal, path), f"{method} resources"
+            )
         if method in ("GET", "DELETE", "POST"):
             item = RESPONSE_ITEM.fullmatch(path)
             if item is not None:  # a follow-up on a stored response (compatibility C78)
