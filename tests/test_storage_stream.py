@@ -299,3 +299,25 @@ async def test_one_gib_streams_in_bounded_memory(tmp_path: Path) -> None:
     )
     assert grown_mb < 100
     await fs.close()
+
+
+async def test_two_stores_of_one_process_on_one_folder_exclude_each_other(tmp_path: Path) -> None:
+    """Record locks belong to the process: stores on one folder share theirs, so of eight
+    create-only writes from eight stores exactly one wins, and closing one store leaves the
+    others' locks alone."""
+    from tollgate.storage.filesystem import FilesystemStore
+
+    stores = [FilesystemStore(tmp_path / "shared") for _ in range(8)]
+    try:
+        results = await asyncio.gather(
+            *(s.put("race/key", f"{i}".encode(), if_none_match=True) for i, s in enumerate(stores)),
+            return_exceptions=True,
+        )
+        assert sum(1 for r in results if isinstance(r, str)) == 1
+        assert all(isinstance(r, str | PreconditionFailed) for r in results)
+        await stores[0].close()
+        etag = await stores[1].put("race/other", b"x")
+        assert await stores[2].put("race/other", b"y", if_match=etag)
+    finally:
+        for store in stores[1:]:
+            await store.close()

@@ -210,9 +210,8 @@ class FilesystemStore(ResourceStore):
         except OSError as exc:
             raise StoreUnavailable(f"storage folder {root}: {exc.strerror}") from None
         self._root = root
-        self._thread_locks = [threading.Lock() for _ in range(LOCK_SHARDS)]
-        self._lock_fds: dict[int, int] = {}
-        self._fds_guard = threading.Lock()
+        self._locks = _RootLocks.acquire(root)
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"FilesystemStore({str(self._root)!r})"
@@ -281,10 +280,9 @@ class FilesystemStore(ResourceStore):
         return await asyncio.to_thread(self._list, folder, recursive, limit, token)
 
     async def close(self) -> None:
-        with self._fds_guard:
-            for fd in self._lock_fds.values():
-                os.close(fd)
-            self._lock_fds.clear()
+        if not self._closed:
+            self._closed = True
+            self._locks.release()
 
     # --- blocking parts -------------------------------------------------------------------------
 
@@ -520,8 +518,8 @@ class FilesystemStore(ResourceStore):
     def _lock(self, key: str) -> Iterator[None]:
         """Hold the key's shard: against other threads here, and other processes (fcntl)."""
         shard = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[0]
-        with self._thread_locks[shard]:
-            fd = self._lock_fd(shard)
+        with self._locks.threads[shard]:
+            fd = self._locks.fd(shard)
             # POSIX record locks belong to the process: the thread lock above keeps two threads
             # of this process from both "holding" it.
             fcntl.lockf(fd, fcntl.LOCK_EX)
@@ -529,15 +527,6 @@ class FilesystemStore(ResourceStore):
                 yield
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN)
-
-    def _lock_fd(self, shard: int) -> int:
-        with self._fds_guard:
-            fd = self._lock_fds.get(shard)
-            if fd is None:
-                path = self._root / LOCKS_DIR / f"{shard:02x}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-                self._lock_fds[shard] = fd
-            return fd
 
     def _list(self, folder: str, recursive: bool, limit: int, token: str | None) -> Page:
         directory = (
@@ -595,3 +584,53 @@ class FilesystemStore(ResourceStore):
                 return any(not e.name.startswith(RESERVED_SEGMENT_PREFIX) for e in scan)
         except OSError:
             return False
+
+
+class _RootLocks:
+    """The locks of one folder, shared by every store of this process on it.
+
+    POSIX record locks belong to the process, not to a file descriptor: two stores of one
+    process on one folder (two gateways in a test, or the keys and the buckets of one
+    gateway) would both "hold" the same `fcntl` lock, and closing either's descriptor would
+    drop the other's lock. So one set of thread locks and one descriptor per shard serve
+    every store on a folder, and the descriptors are closed with the last store.
+    """
+
+    _registry: dict[Path, _RootLocks] = {}
+    _registry_guard = threading.Lock()
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.threads = [threading.Lock() for _ in range(LOCK_SHARDS)]
+        self._fds: dict[int, int] = {}
+        self._guard = threading.Lock()
+        self._users = 0
+
+    @classmethod
+    def acquire(cls, root: Path) -> _RootLocks:
+        with cls._registry_guard:
+            locks = cls._registry.get(root)
+            if locks is None:
+                locks = cls._registry[root] = cls(root)
+            locks._users += 1
+            return locks
+
+    def release(self) -> None:
+        with self._registry_guard:
+            self._users -= 1
+            if self._users > 0:
+                return
+            del self._registry[self.root]
+        with self._guard:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def fd(self, shard: int) -> int:
+        with self._guard:
+            fd = self._fds.get(shard)
+            if fd is None:
+                path = self.root / LOCKS_DIR / f"{shard:02x}"
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+                self._fds[shard] = fd
+            return fd
