@@ -163,7 +163,13 @@ class Gateway:
         self.config_api = ConfigApi(
             self.managed, admins, settings.body_read_timeout_s, settings.max_body_size
         )
-        self.resources_api = ResourcesApi(self.resource_store, settings.raw)
+        self.resources_api = ResourcesApi(
+            self.resource_store,
+            settings.raw,
+            admins,
+            max_upload_bytes=storage.max_uploaded_file_size,
+            body_timeout_s=settings.body_read_timeout_s,
+        )
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
