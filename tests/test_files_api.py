@@ -20,7 +20,7 @@ import pytest
 from aidial_client import AsyncDial
 
 from gateway_config import error_of
-from harness import Gateway, kill, start_gateway, stop
+from harness import Gateway, eventually, kill, start_gateway, stop
 from inprocess import Gateways, InProcessFake, InProcessGateway
 
 PROJECT_KEY = "files-api-project-key-0123456789"
@@ -683,7 +683,12 @@ def test_killed_mid_upload_keeps_the_old_version(work_dir: Path, tmp_path: Path)
             time.sleep(0.005)
             if sent >= size // 2:
                 break
-        time.sleep(0.3)  # the gateway has taken in (and written out) half the file
+
+        def half_written() -> bool:
+            partial = [p for p in folder.rglob(".tollgate-*") if p.is_file()]
+            return any(p.stat().st_size >= size // 4 for p in partial)
+
+        eventually(half_written)  # the gateway has written a good part of the new version out
         kill(gw.process)
         sock.close()
 
