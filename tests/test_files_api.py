@@ -775,3 +775,22 @@ def test_large_file_in_bounded_memory(work_dir: Path, tmp_path: Path) -> None:
         assert grown_mib < 100
     finally:
         stop(gw.process)
+
+
+async def test_an_upload_larger_than_resources_max_size_is_bounded_by_the_file_limit_only(
+    gateways: Gateways, afake: InProcessFake, tmp_path: Path
+) -> None:
+    """Browsers and DIAL Chat announce an upload's Content-Length: a file above
+    `resources.maxSize` (the bound of every other body) but within
+    `storage.maxUploadedFileSize` is stored; any other body above it is still 413."""
+    tree = settings(tmp_path / "s", maxUploadedFileSize=100_000)
+    tree["resources"] = {"maxSize": 2_000}
+    gw = await gateways.start([config(afake)], settings=tree)
+    async with httpx.AsyncClient() as client:
+        stored = await put(client, gw, f"{MINE}/large", b"L" * 50_000)
+        assert stored.status_code == 200, stored.text
+        assert stored.json()["contentLength"] == 50_000
+        too_big = await client.post(
+            f"{gw.url}/openai/deployments/m/chat/completions", headers=ME, content=b"x" * 5_000
+        )
+        assert error_of(too_big) == (413, "Request body is too large")

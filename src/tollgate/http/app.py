@@ -66,6 +66,7 @@ DEPLOYMENT_CALL = re.compile(
     r"/+openai/deployments/(.+?)/(chat/completions|completions|embeddings)"
 )
 OPS_RELOAD = re.compile(r"/+v1/ops/config/reload")
+FILE_UPLOAD = re.compile(r"/+v1/files/")
 # Calls that name their deployment in the body's `model` (compatibility C76), by API.
 TYPED_CALL = re.compile(r"/+(openai/v1/responses|anthropic/v1/messages(?:/count_tokens)?)")
 RESPONSE_ITEM = re.compile(r"/+openai/v1/responses/([^/]+)(/cancel)?")
@@ -328,7 +329,13 @@ class Gateway:
             raise GatewayError(405, "Method is not allowed")
         headers = request.headers
         length = request.content_length
-        if length is not None and length > self.settings.max_body_size:
+        if (
+            length is not None
+            and length > self.settings.max_body_size
+            # A file upload has a limit of its own (`storage.maxUploadedFileSize`, checked by
+            # the Files API as it streams the body to the store): not `resources.maxSize`.
+            and not (method == "PUT" and FILE_UPLOAD.match(request.raw_path))
+        ):
             raise GatewayError(413, "Request body is too large")
         if "Transfer-Encoding" in headers:
             _check_transfer_coding(headers.getall("Transfer-Encoding"))
