@@ -58,6 +58,7 @@ from pathlib import Path
 
 from tollgate.storage.store import (
     RESERVED_SEGMENT_PREFIX,
+    BatchedChunks,
     Blob,
     ChunkPull,
     InvalidKey,
@@ -149,43 +150,29 @@ def _info_of(key: str, fd: int) -> ObjectInfo:
     )
 
 
-class _FileChunks:
-    """A streamed read's chunks: batches read in worker threads, handed out `chunk_size` at a
-    time; the file is closed when the end is reached, on `aclose()`, or when collected."""
+class _FileChunks(BatchedChunks):
+    """A file's chunks: `os.pread` of about 1 MiB per worker-thread call; the file is closed at
+    the end, on `aclose()`, or when collected."""
 
     def __init__(self, fd: int, chunk_size: int) -> None:
+        super().__init__(chunk_size)
         self._fd: int | None = fd
-        self._chunk_size = chunk_size
-        self._batch = b""
-        self._at = 0
         self._offset = 0
+        self._batch_size = max(READ_BATCH_BYTES // chunk_size, 1) * chunk_size
 
-    def __aiter__(self) -> _FileChunks:
-        return self
+    async def _next_batch(self) -> bytes:
+        fd = self._fd
+        if fd is None:
+            return b""
+        try:
+            batch = await asyncio.to_thread(os.pread, fd, self._batch_size, self._offset)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read: {exc.strerror}") from None
+        self._offset += len(batch)
+        return batch
 
-    async def __anext__(self) -> bytes:
-        if self._at >= len(self._batch):
-            fd = self._fd
-            if fd is None:
-                raise StopAsyncIteration
-            size = max(READ_BATCH_BYTES // self._chunk_size, 1) * self._chunk_size
-            try:
-                self._batch = await asyncio.to_thread(os.pread, fd, size, self._offset)
-            except OSError as exc:
-                await self.aclose()
-                raise StoreUnavailable(f"cannot read: {exc.strerror}") from None
-            self._at = 0
-            if not self._batch:
-                await self.aclose()
-                raise StopAsyncIteration
-            self._offset += len(self._batch)
-        chunk = self._batch[self._at : self._at + self._chunk_size]
-        self._at += len(chunk)
-        return chunk
-
-    async def aclose(self) -> None:
+    async def _release(self) -> None:
         fd, self._fd = self._fd, None
-        self._batch = b""
         if fd is not None:
             await asyncio.to_thread(os.close, fd)
 

@@ -58,6 +58,7 @@ from obstore import exceptions as obstore_errors
 from tollgate.storage.settings import StorageSettings
 from tollgate.storage.store import (
     RESERVED_SEGMENT_PREFIX,
+    BatchedChunks,
     Blob,
     ChunkPull,
     NotFound,
@@ -106,43 +107,29 @@ def _parse_time(text: Any) -> datetime | None:
         return None
 
 
-class _CloudChunks:
-    """A streamed read's chunks: obstore's stream, a batch per worker-thread call, handed out
-    `chunk_size` at a time; dropping the stream (end, `aclose()`) closes the connection."""
+class _CloudChunks(BatchedChunks):
+    """An object's chunks: obstore's stream, a batch per worker-thread call; dropping the
+    stream (end, `aclose()`) closes the connection."""
 
     def __init__(self, owner: CloudStore, stream: Any, chunk_size: int) -> None:
+        super().__init__(chunk_size)
         self._owner = owner
         self._stream: Any = stream
-        self._chunk_size = chunk_size
-        self._batch = b""
-        self._at = 0
 
-    def __aiter__(self) -> _CloudChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._at >= len(self._batch):
-            stream = self._stream
-            if stream is None:
-                raise StopAsyncIteration
+    async def _next_batch(self) -> bytes:
+        while self._stream is not None:
             try:
-                batch = await self._owner._run(next, stream, None)
+                batch = await self._owner._run(next, self._stream, None)
             except (obstore_errors.BaseError, OSError) as exc:
-                self._stream = None
                 raise _unavailable("get", "stream", exc) from None
             if batch is None:
-                self._stream = None
-                raise StopAsyncIteration
-            self._batch, self._at = bytes(batch), 0
-            if not self._batch:
-                return await self.__anext__()
-        chunk = self._batch[self._at : self._at + self._chunk_size]
-        self._at += len(chunk)
-        return chunk
+                return b""
+            if batch:  # obstore may hand over an empty piece mid-stream
+                return bytes(batch)
+        return b""
 
-    async def aclose(self) -> None:
+    async def _release(self) -> None:
         self._stream = None  # obstore's stream (and its connection) goes with the last reference
-        self._batch = b""
 
 
 def _unquote(tag: str) -> str:

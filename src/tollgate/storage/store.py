@@ -80,6 +80,52 @@ class Blob:
         return len(self.data)
 
 
+class BatchedChunks(abc.ABC):
+    """A streamed read's chunks: batches fetched by `_next_batch` (a worker-thread call each),
+    handed out `chunk_size` bytes at a time. A provider says how a batch is read and how its
+    source is released (`_release`, on the end, on `aclose()`, or on a failure)."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self._chunk_size = chunk_size
+        self._batch = b""
+        self._at = 0
+        self._done = False
+
+    def __aiter__(self) -> BatchedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while self._at >= len(self._batch):
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                await self.aclose()
+                raise
+            if not batch:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._batch, self._at = batch, 0
+        chunk = self._batch[self._at : self._at + self._chunk_size]
+        self._at += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._batch = b""
+        if not self._done:
+            self._done = True
+            await self._release()
+
+    @abc.abstractmethod
+    async def _next_batch(self) -> bytes:
+        """The next bytes of the object; empty at its end. Raises `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def _release(self) -> None:
+        """Let go of the file or the connection."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamedObject:
     """An object being read: its metadata and an iterator of its bytes in bounded chunks.
