@@ -169,6 +169,7 @@ class Gateway:
             settings.raw,
             admins,
             max_upload_bytes=storage.max_uploaded_file_size,
+            max_body_bytes=settings.max_body_size,
             body_timeout_s=settings.body_read_timeout_s,
         )
         # `/metrics` on this port (for admins), unless it has a port of its own.

@@ -1,4 +1,5 @@
-"""DIAL's resource API: buckets and files (issue 14, in progress; compatibility C83, C84).
+"""DIAL's resource API: buckets, files and JSON resources (issue 14, in progress; compatibility
+C83-C86).
 
 `GET /v1/bucket` answers the caller's bucket name: DIAL's encryption of `Keys/<project>/` (and,
 for a per-request key, the application's bucket and its `appdata` folder in the caller's).
@@ -16,6 +17,16 @@ The Files API, on the resource store, for the caller's own bucket and `public`:
 - `GET /v1/metadata/files/{bucket}/{path}`: a file's metadata, or a folder's listing
   (`limit`, `token`, `recursive`, `permissions`), DIAL's shapes.
 
+JSON resources (compatibility C86), on the same store, with the same access and conditions:
+
+- `PUT /v1/{conversations|prompts|applications}/{bucket}/{path}`: a JSON object of at most
+  `resources.maxSize` bytes (413 `Request body is too large`), checked by `resources_json`
+  and stored as `application/json`; 200 with `ETag` and DIAL's ResourceItemMetadata.
+- `GET`: the stored JSON; `DELETE`: 200, or 404; a folder URL: 400 `Folder not allowed: <url>`.
+- `GET /v1/metadata/{type}/{bucket}/{path}`: the same listing as files' (`resources_common`),
+  with DIAL's ResourceController message for bad query parameters.
+Custom applications are stored, not yet callable as deployments (spec 6.4 is a later step).
+
 Conditions follow newest DIAL (spec 5.5) with unquoted ETags, as Tollgate's store gives them;
 quoted and weak (`W/"..."`) tags are accepted. Access (spec 7.1): the caller's own bucket
 (`user_location`) READ and WRITE; administrators (`access.admin.rules`, never a per-request
@@ -26,13 +37,10 @@ key) READ and WRITE everywhere; `public` READ for anyone; anything else 403
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -40,6 +48,25 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from tollgate.errors import GatewayError
+from tollgate.http.resources_common import (
+    ANY,
+    DEFAULT_LIMIT,
+    JSON,
+    MAX_LIMIT,
+    METADATA_MIME,
+    READ,
+    WRITE,
+    check_write,
+    condition_headers,
+    folder_listing,
+    guess_type,
+    item_metadata,
+    matches,
+    not_found,
+    store_unavailable,
+)
+from tollgate.http.resources_json import resource_body
+from tollgate.pipeline.forward import read_body
 from tollgate.resources.buckets import PUBLIC_LOCATION, bucket_answer, user_location
 from tollgate.resources.encryption import BucketCipher, bucket_cipher
 from tollgate.resources.paths import ResourcePath, parse_url
@@ -60,28 +87,18 @@ log = logging.getLogger("tollgate.resources")
 BUCKET = re.compile(r"/+v1/bucket")
 FILES = re.compile(r"/+v1/(files(?:/.*)?)")
 FILE_METADATA = re.compile(r"/+v1/metadata/(files(?:/.*)?)")
+_JSON_GROUPS = r"(?:conversations|prompts|applications)"
+RESOURCES = re.compile(rf"/+v1/({_JSON_GROUPS}(?:/.*)?)")
+RESOURCE_METADATA = re.compile(rf"/+v1/metadata/({_JSON_GROUPS}(?:/.*)?)")
 DEFAULT_MAX_UPLOAD = 536870912  # DIAL's `storage.maxUploadedFileSize`
+DEFAULT_MAX_BODY = 67108864  # DIAL's newest `resources.maxSize`
 DEFAULT_BODY_TIMEOUT_S = 60.0
 # What a multipart body may hold besides the file's bytes (boundaries, part headers) before a
 # declared Content-Length alone says that the file is too large.
 MULTIPART_SLACK = 65536
 READ_CHUNK = 262144
 DOWNLOAD_CHUNK = 262144
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
-METADATA_MIME = "application/vnd.dial.metadata+json"
-JSON = "application/json"
-OCTET_STREAM = "application/octet-stream"
-READ, WRITE = "READ", "WRITE"
-_ANY = "*"
-
-
-def store_unavailable() -> GatewayError:
-    return GatewayError(503, "Resource store is not available")
-
-
-def not_found(url: str) -> GatewayError:
-    return GatewayError(404, f"Not found: {url}")
+BAD_QUERY = "Bad query parameters. Limit must be in [0, 1000] range. Recursive must be true/false"
 
 
 def too_large(limit: int) -> GatewayError:
@@ -99,6 +116,7 @@ class ResourcesApi:
         admins: AdminRules | None = None,
         *,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         self.store = store
@@ -106,6 +124,7 @@ class ResourcesApi:
         self._cipher: BucketCipher | None = None
         self.admins = admins if admins is not None else AdminRules(())
         self.max_upload_bytes = max_upload_bytes
+        self.max_body_bytes = max_body_bytes
         self._body_timeout_s = body_timeout_s
 
     async def start(self) -> None:
@@ -128,35 +147,46 @@ class ResourcesApi:
 
     @staticmethod
     def handles(path: str) -> bool:
-        return (
-            BUCKET.fullmatch(path) is not None
-            or FILES.fullmatch(path) is not None
-            or FILE_METADATA.fullmatch(path) is not None
+        return any(
+            pattern.fullmatch(path) is not None
+            for pattern in (BUCKET, FILES, FILE_METADATA, RESOURCES, RESOURCE_METADATA)
         )
 
     async def handle(
         self, request: web.Request, principal: Principal, path: str
     ) -> web.StreamResponse:
-        match = FILE_METADATA.fullmatch(path)
+        method = request.method
+        match = FILE_METADATA.fullmatch(path) or RESOURCE_METADATA.fullmatch(path)
         if match is not None:
-            if request.method != "GET":
+            if method != "GET":
                 raise GatewayError(405, "Method is not allowed", headers={"Allow": "GET"})
             return await self._metadata(request, principal, match[1])
-        match = FILES.fullmatch(path)
+        files = FILES.fullmatch(path)
+        match = files or RESOURCES.fullmatch(path)
         if match is not None:
-            method = request.method
+            url = match[1]
             try:
-                if method == "GET":
-                    return await self._download(request, principal, match[1])
-                if method == "PUT":
-                    return await self._upload(request, principal, match[1])
-                if method == "DELETE":
-                    return await self._delete(request, principal, match[1])
+                if files is not None:
+                    if method == "GET":
+                        return await self._download(request, principal, url)
+                    if method == "PUT":
+                        return await self._upload(request, principal, url)
+                    if method == "DELETE":
+                        return await self._delete(request, principal, url, "Can't delete a folder")
+                else:
+                    if method == "GET":
+                        return await self._get_resource(request, principal, url)
+                    if method == "PUT":
+                        return await self._put_resource(request, principal, url)
+                    if method == "DELETE":
+                        return await self._delete(
+                            request, principal, url, "Folder not allowed: {url}"
+                        )
             except StorageError as exc:  # StoreUnavailable, or a key the store refused
-                log.warning("files %s: %s", method, exc)
+                log.warning("%s %s: %s", url.partition("/")[0], method, exc)
                 raise store_unavailable() from None
             raise GatewayError(405, "Method is not allowed", headers={"Allow": "GET, PUT, DELETE"})
-        if request.method != "GET":
+        if method != "GET":
             raise GatewayError(405, "Method is not allowed", headers={"Allow": "GET"})
         answer = bucket_answer(principal, await self.cipher())
         return web.Response(body=orjson.dumps(answer), content_type=JSON)
@@ -192,44 +222,92 @@ class ResourcesApi:
             raise too_large(limit)
         if not request.content_type.lower().startswith("multipart/form-data"):
             raise GatewayError(400, "Content-Type must be multipart/form-data")
-        key = resource.storage_key
-        if_match, if_none_match = _condition_headers(request)
-        current = await self.store.head(key) if if_match or if_none_match else None
-        store_if_match = _check_write(resource.url, current, if_match, if_none_match)
-        create_only = if_none_match == {_ANY}
+        store_if_match, create_only = await self._preconditions(request, resource)
         try:
             reader = await request.multipart()
             part = await self._file_part(reader)
             content_type = _part_type(part, resource.name)
-            info = await self.store.put_stream(
-                key,
+            info = await self._commit(
+                request,
+                resource,
                 self._chunks(part),
-                content_type=content_type,
-                if_match=store_if_match,
-                if_none_match=create_only,
-                max_bytes=limit,
+                content_type,
+                store_if_match,
+                create_only,
+                limit,
             )
         except TooLarge:
             raise too_large(limit) from None
-        except PreconditionFailed:
-            if create_only:
-                raise GatewayError(412, "Resource already exists") from None
-            latest = await self.store.head(key)
-            etag = latest.etag if latest is not None else request.headers.get("If-Match", "")
-            raise GatewayError(412, f"If-match condition is failed for etag: {etag}") from None
         except (ConnectionError, aiohttp.ClientError) as exc:  # the client went away
             log.info("files PUT %s: upload interrupted: %s", resource.url, exc)
             raise GatewayError(400, "Upload was interrupted") from None
         except (ValueError, AssertionError) as exc:  # a malformed multipart body
             log.info("files PUT: bad multipart body: %s", exc)
             raise GatewayError(400, "Invalid multipart body") from None
-        etag = info.etag or ""
-        body = _item(resource, info)
-        return web.Response(
-            body=orjson.dumps(body),
-            content_type=JSON,
-            headers={"ETag": etag, "Access-Control-Expose-Headers": "ETag"},
-        )
+        return _written(resource, info)
+
+    async def _put_resource(
+        self, request: web.Request, principal: Principal, url: str
+    ) -> web.Response:
+        """A conversation, prompt or application: a JSON object of at most `resources.maxSize`
+        bytes, stored as sent (an application with DIAL's overrides)."""
+        resource, _ = await self._resource(principal, url, WRITE, write=True)
+        if resource.is_folder:
+            raise GatewayError(400, f"Folder not allowed: {resource.url}")
+        limit = self.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise GatewayError(413, "Request body is too large")
+        store_if_match, create_only = await self._preconditions(request, resource)
+        data = await read_body(request, self._body_timeout_s)
+        if len(data) > limit:
+            raise GatewayError(413, "Request body is too large")
+        stored = resource_body(resource, data)
+        try:
+            info = await self._commit(
+                request, resource, _one(stored), JSON, store_if_match, create_only, None
+            )
+        except TooLarge:  # pragma: no cover - no bound is given
+            raise GatewayError(413, "Request body is too large") from None
+        return _written(resource, info)
+
+    async def _preconditions(
+        self, request: web.Request, resource: ResourcePath
+    ) -> tuple[str | None, bool]:
+        """The conditions checked before the body is read: the ETag the commit must find, and
+        whether it may only create."""
+        if_match, if_none_match = condition_headers(request)
+        current = await self.store.head(resource.storage_key) if if_match or if_none_match else None
+        store_if_match = check_write(resource.url, current, if_match, if_none_match)
+        return store_if_match, if_none_match == {ANY}
+
+    async def _commit(
+        self,
+        request: web.Request,
+        resource: ResourcePath,
+        chunks: AsyncIterator[bytes],
+        content_type: str,
+        store_if_match: str | None,
+        create_only: bool,
+        max_bytes: int | None,
+    ) -> ObjectInfo:
+        """The store's atomic write, the conditions checked again at its commit (412)."""
+        key = resource.storage_key
+        try:
+            return await self.store.put_stream(
+                key,
+                chunks,
+                content_type=content_type,
+                if_match=store_if_match,
+                if_none_match=create_only,
+                max_bytes=max_bytes,
+            )
+        except PreconditionFailed:
+            if create_only:
+                raise GatewayError(412, "Resource already exists") from None
+            latest = await self.store.head(key)
+            etag = latest.etag if latest is not None else request.headers.get("If-Match", "")
+            raise GatewayError(412, f"If-match condition is failed for etag: {etag}") from None
 
     async def _file_part(self, reader: Any) -> BodyPartReader:
         """The first part with a file name (form fields before it are skipped)."""
@@ -262,7 +340,22 @@ class ResourcesApi:
         resource, _ = await self._resource(principal, url, READ)
         if resource.is_folder:
             raise GatewayError(400, "Can't download a folder")
-        if_match, if_none_match = _condition_headers(request)
+        return await self._send(request, resource, None)
+
+    async def _get_resource(
+        self, request: web.Request, principal: Principal, url: str
+    ) -> web.StreamResponse:
+        resource, _ = await self._resource(principal, url, READ)
+        if resource.is_folder:
+            raise GatewayError(400, f"Folder not allowed: {resource.url}")
+        return await self._send(request, resource, JSON)
+
+    async def _send(
+        self, request: web.Request, resource: ResourcePath, content_type: str | None
+    ) -> web.StreamResponse:
+        """The stored bytes, streamed, with `content_type` (else the stored one) and `ETag`;
+        newest DIAL's conditions (304, 412)."""
+        if_match, if_none_match = condition_headers(request)
         obj = await self.store.get_stream(resource.storage_key, chunk_size=DOWNLOAD_CHUNK)
         if obj is None:
             if if_match:
@@ -275,12 +368,14 @@ class ResourcesApi:
                 "Access-Control-Allow-Origin": "*",
                 "Access-Control-Expose-Headers": "ETag",
             }
-            if if_match and not _matches(if_match, etag):
+            if if_match and not matches(if_match, etag):
                 raise GatewayError(412, f"If-match condition is failed for etag: {etag}")
-            if if_none_match and _matches(if_none_match, etag):
+            if if_none_match and matches(if_none_match, etag):
                 return web.Response(status=304, headers=headers)
             response = web.StreamResponse(status=200, headers=headers)
-            response.content_type = obj.info.content_type or _guess(resource.name)
+            response.content_type = (
+                content_type or obj.info.content_type or guess_type(resource.name)
+            )
             response.content_length = obj.size
             await response.prepare(request)
             try:
@@ -290,25 +385,27 @@ class ResourcesApi:
             except (ConnectionError, StorageError) as exc:
                 # The status is sent: the client sees a short body (Content-Length) and a
                 # closed connection, never another answer on the same stream.
-                log.info("files GET %s stopped: %s", resource.url, exc)
+                log.info("GET %s stopped: %s", resource.url, exc)
                 if request.transport is not None:
                     request.transport.close()
             return response
 
     # --- DELETE
 
-    async def _delete(self, request: web.Request, principal: Principal, url: str) -> web.Response:
+    async def _delete(
+        self, request: web.Request, principal: Principal, url: str, folder_message: str
+    ) -> web.Response:
         resource, _ = await self._resource(principal, url, WRITE)
         if resource.is_folder:
-            raise GatewayError(400, "Can't delete a folder")
+            raise GatewayError(400, folder_message.format(url=resource.url))
         key = resource.storage_key
-        if_match, if_none_match = _condition_headers(request)
+        if_match, if_none_match = condition_headers(request)
         store_if_match: str | None = None
         if if_match or if_none_match:
             current = await self.store.head(key)
             if current is None:
                 raise not_found(resource.url)
-            store_if_match = _check_write(resource.url, current, if_match, if_none_match)
+            store_if_match = check_write(resource.url, current, if_match, if_none_match)
         try:
             await self.store.delete(key, if_match=store_if_match)
         except NotFound:
@@ -325,20 +422,23 @@ class ResourcesApi:
     # --- metadata
 
     async def _metadata(self, request: web.Request, principal: Principal, url: str) -> web.Response:
+        """An item's metadata or a folder's listing (spec 6.3), for files and JSON resources
+        alike; only the message for bad query parameters differs."""
         resource, granted = await self._resource(principal, url, READ)
         query = request.query
-        limit = _limit(query.get("limit"))
-        recursive = query.get("recursive", "false").lower() == "true"
+        limit, recursive = _listing_query(resource, query.get("limit"), query.get("recursive"))
         with_permissions = query.get("permissions", "false").lower() == "true"
         permissions = sorted(granted) if with_permissions else None
         try:
             if resource.is_folder:
-                body = await self._folder(resource, limit, recursive, query.get("token"))
+                body = await folder_listing(
+                    self.store, resource, limit, recursive, query.get("token")
+                )
             else:
                 info = await self.store.head(resource.storage_key)
-                body = None if info is None else _item(resource, info)
+                body = None if info is None else item_metadata(resource, info)
         except StorageError as exc:
-            log.warning("files metadata: %s", exc)
+            log.warning("%s metadata: %s", resource.group, exc)
             raise store_unavailable() from None
         if body is None:
             raise not_found(resource.url)
@@ -350,134 +450,8 @@ class ResourcesApi:
         content_type = METADATA_MIME if METADATA_MIME in accept else JSON
         return web.Response(body=orjson.dumps(body), content_type=content_type)
 
-    async def _folder(
-        self, resource: ResourcePath, limit: int, recursive: bool, token: str | None
-    ) -> dict[str, Any] | None:
-        folder = resource.storage_key
-        after = _token_key(folder, token) if token else None
-        page = await self.store.list(folder, recursive=recursive, limit=max(limit, 1), token=after)
-        entries: list[tuple[str, ObjectInfo | None]] = [(o.key, o) for o in page.objects]
-        entries += [(name, None) for name in page.folders]
-        entries.sort(key=lambda entry: entry[0])
-        if not entries and not resource.is_root and after is None:
-            return None  # a folder is there only while something is in it
-        items: list[dict[str, Any]] = []
-        next_token = page.next_token
-        if limit == 0:
-            next_token = None
-        else:
-            for key, info in entries:
-                child = _child(resource, key[len(folder) :])
-                items.append(_folder_entry(child) if info is None else _item(child, info))
-        body: dict[str, Any] = {
-            "name": resource.name,
-            "parentPath": resource.parent_path,
-            "bucket": resource.bucket,
-            "url": resource.url,
-            "nodeType": "FOLDER",
-            "resourceType": resource.resource_type,
-            "items": items,
-        }
-        if next_token is not None:
-            body["nextToken"] = _make_token(folder, next_token)
-        return body
-
 
 # --- helpers
-
-
-def _condition_headers(request: web.Request) -> tuple[set[str] | None, set[str] | None]:
-    return _tags(request.headers.get("If-Match")), _tags(request.headers.get("If-None-Match"))
-
-
-def _tags(value: str | None) -> set[str] | None:
-    """A condition header's tags, quotes and `W/` stripped; `{"*"}` for any; None if absent
-    or empty (no condition)."""
-    if value is None:
-        return None
-    tags = set()
-    for raw in value.split(","):
-        tag = raw.strip()
-        if tag.startswith(("W/", "w/")):
-            tag = tag[2:]
-        tag = tag.strip().strip('"')
-        if tag:
-            tags.add(tag)
-    return tags or None
-
-
-def _matches(tags: set[str], etag: str) -> bool:
-    return _ANY in tags or etag in tags
-
-
-def _check_write(
-    url: str,
-    current: ObjectInfo | None,
-    if_match: set[str] | None,
-    if_none_match: set[str] | None,
-) -> str | None:
-    """Newest DIAL's conditions for a PUT or DELETE, checked against the current version; the
-    ETag the store's write must still find (None: no condition at commit)."""
-    if if_match:
-        if current is None:
-            raise GatewayError(412, "If-match condition is failed for etag: null")
-        etag = current.etag or ""
-        if not _matches(if_match, etag):
-            raise GatewayError(412, f"If-match condition is failed for etag: {etag}")
-        return current.etag
-    if if_none_match and current is not None:
-        etag = current.etag or ""
-        if _ANY in if_none_match:
-            raise GatewayError(412, "Resource already exists")
-        if etag in if_none_match:
-            raise GatewayError(412, f"if-none-match condition is failed for etag: {etag}")
-    return None
-
-
-def _limit(value: str | None) -> int:
-    if value is None:
-        return DEFAULT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = -1
-    if not 0 <= limit <= MAX_LIMIT:
-        raise GatewayError(400, f"Limit is out of allowed range: [0, {MAX_LIMIT}]")
-    return limit
-
-
-def _make_token(folder: str, key: str) -> str:
-    """An opaque page token: the last key, relative to the folder (the store's keys hold the
-    bucket's location, which bucket names are encrypted to hide)."""
-    relative = key[len(folder) :] if key.startswith(folder) else key
-    return base64.urlsafe_b64encode(relative.encode("utf-8")).decode("ascii").rstrip("=")
-
-
-def _token_key(folder: str, token: str) -> str:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        relative = base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
-    except (ValueError, binascii.Error, UnicodeError):
-        raise GatewayError(400, f"Invalid token: {token}") from None
-    return folder + relative
-
-
-def _child(parent: ResourcePath, relative: str) -> ResourcePath:
-    """The path of a listed key (relative to `parent`'s folder; a sub-folder ends in `/`)."""
-    is_folder = relative.endswith("/")
-    segments = tuple(segment for segment in relative.split("/") if segment)
-    return ResourcePath(
-        parent.group, parent.bucket, parent.location, parent.segments + segments, is_folder
-    )
-
-
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def _guess(name: str | None) -> str:
-    guessed = mimetypes.guess_type(name, strict=False)[0] if name else None
-    return guessed or OCTET_STREAM
 
 
 def _part_type(part: BodyPartReader, name: str | None) -> str:
@@ -485,40 +459,37 @@ def _part_type(part: BodyPartReader, name: str | None) -> str:
     if declared:
         return declared
     guessed = mimetypes.guess_type(part.filename, strict=False)[0] if part.filename else None
-    return guessed or _guess(name)
+    return guessed or guess_type(name)
 
 
-def _item(resource: ResourcePath, info: ObjectInfo) -> dict[str, Any]:
-    """DIAL's FileMetadata of an item: null fields other than name and parentPath omitted."""
-    body: dict[str, Any] = {
-        "name": resource.name,
-        "parentPath": resource.parent_path,
-        "bucket": resource.bucket,
-        "url": resource.url,
-        "nodeType": "ITEM",
-        "resourceType": resource.resource_type,
-    }
-    updated = _ms(info.last_modified)
-    if info.created_at is not None:
-        # The store stamps a new object's creation at its commit, a little after its mtime.
-        created = _ms(info.created_at)
-        updated = max(updated, created)
-        body["createdAt"] = created
-    body["updatedAt"] = updated
-    if info.etag is not None:
-        body["etag"] = info.etag
-    body["contentLength"] = info.size
-    body["contentType"] = info.content_type or _guess(resource.name)
-    return body
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
-def _folder_entry(resource: ResourcePath) -> dict[str, Any]:
-    return {
-        "name": resource.name,
-        "parentPath": resource.parent_path,
-        "bucket": resource.bucket,
-        "url": resource.url,
-        "nodeType": "FOLDER",
-        "resourceType": resource.resource_type,
-        "items": None,
-    }
+def _written(resource: ResourcePath, info: ObjectInfo) -> web.Response:
+    """A PUT's answer: 200, `ETag` and DIAL's metadata of the item."""
+    return web.Response(
+        body=orjson.dumps(item_metadata(resource, info)),
+        content_type=JSON,
+        headers={"ETag": info.etag or "", "Access-Control-Expose-Headers": "ETag"},
+    )
+
+
+def _listing_query(
+    resource: ResourcePath, limit_value: str | None, recursive_value: str | None
+) -> tuple[int, bool]:
+    """`limit` (0..1000, default 100) and `recursive`. Files: DIAL's FileMetadataController
+    (a bad limit has its message, `recursive` is true or else false); JSON resources: DIAL's
+    ResourceController (one message, `recursive` must be true or false)."""
+    try:
+        limit = DEFAULT_LIMIT if limit_value is None else int(limit_value)
+    except ValueError:
+        limit = -1
+    recursive = (recursive_value or "false").lower()
+    if resource.group == "files":
+        if not 0 <= limit <= MAX_LIMIT:
+            raise GatewayError(400, f"Limit is out of allowed range: [0, {MAX_LIMIT}]")
+        return limit, recursive == "true"
+    if not 0 <= limit <= MAX_LIMIT or recursive not in ("true", "false"):
+        raise GatewayError(400, BAD_QUERY)
+    return limit, recursive == "true"
