@@ -732,3 +732,25 @@ async def test_instances_on_one_folder_without_redis_catch_up_on_a_reload(
         await client.delete(f"{first.url}/v1/keys/platform/shared", headers=ADMIN)
         await client.post(f"{second.url}/v1/ops/config/reload", headers=ADMIN)
         assert error_of(await call(client, second, secret)) == (401, "Unknown api key")
+
+
+async def test_a_roles_share_limits_are_checked_on_put(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    """DIAL's `share` of a role (compatibility C87): both spellings, numbers or numeric
+    strings; a bad value is 400 with the schema's message and nothing is stored."""
+    gw = await start(gateways, afake, folder)
+    url = f"{gw.url}/v1/roles/platform/sharing"
+    async with httpx.AsyncClient() as client:
+        share = {"FILE": {"maxAcceptedUsers": "5", "invitation_ttl": 24}}
+        made = await client.put(url, headers=ADMIN, json={"share": share})
+        assert made.status_code == 200
+        assert (await client.get(url, headers=ADMIN)).json()["share"] == share
+        bad = await client.put(
+            f"{url}-bad", headers=ADMIN, json={"share": {"FILE": {"max_accepted_users": "lots"}}}
+        )
+        assert error_of(bad) == (
+            400,
+            "share.FILE.max_accepted_users: expected a whole number, got 'lots'",
+        )
+        assert (await client.get(f"{url}-bad", headers=ADMIN)).status_code == 404

@@ -563,3 +563,43 @@ def test_the_storage_settings_are_checked_as_serve_checks_them(tmp_path: Path) -
         "setting storage.provider: expected one of filesystem, s3, aws-s3, "
         "google-cloud-storage, azureblob, got 'ftp'"
     ]
+
+
+def test_share_limits_are_checked_and_unknown_type_names_warned_about(tmp_path: Path) -> None:
+    """`roles.<r>.share.<TYPE>` (compatibility C87): DIAL's upper-case type names, both field
+    spellings, numbers or numeric strings; a lower-case key, which DIAL ignores without a word
+    (how its own admin screen once shipped a bug), is a warning that names the fix."""
+    config = clean_config(
+        roles={
+            "basic": {
+                "share": {
+                    "conversation": {"max_accepted_users": "10"},
+                    "FILE": {"maxAcceptedUsers": 5, "invitationTtl": "24"},
+                    "PROMPT": {},
+                }
+            }
+        }
+    )
+    problems = check_files([write(tmp_path, "share.json", config)])
+    assert [(p.severity, p.message) for p in problems] == [
+        (
+            "warning",
+            'share type "conversation" is not one DIAL knows, and DIAL ignores it without a '
+            "word: did you mean CONVERSATION?",
+        )
+    ]
+    bad = clean_config(
+        roles={
+            "basic": {
+                "share": {
+                    "PROMPT": {"invitation_ttl": "soon"},
+                    "APPLICATION": {"max_accepted_users": -5},
+                }
+            }
+        }
+    )
+    messages = sorted(p.message for p in check_files([write(tmp_path, "bad.json", bad)]))
+    assert messages == [
+        "expected -1 (the type's default) or 0 to 2147483647, got -5",
+        "expected a whole number, got 'soon'",
+    ]

@@ -37,6 +37,7 @@ from tollgate.config.schema import (
     ANTHROPIC_MESSAGES,
     INTERFACE_TYPES,
     RESPONSES,
+    SHARE_TYPES,
     Config,
     Deployable,
     Model,
@@ -431,6 +432,22 @@ def role_problems(config: Config, admin_rules: Sequence[AdminRuleSetting] = ()) 
                         f'no deployment named "{deployment}": this limit applies to nothing',
                     )
                 )
+        for type_name in definition.share or {}:
+            if type_name in SHARE_TYPES:
+                continue
+            upper = type_name.upper()
+            hint = (
+                f"did you mean {upper}?"
+                if upper in SHARE_TYPES
+                else f"DIAL's types are {', '.join(SHARE_TYPES)}"
+            )
+            problems.append(
+                at(
+                    ("roles", role_name, "share", type_name),
+                    f'share type "{type_name}" is not one DIAL knows, and DIAL ignores it '
+                    f"without a word: {hint}",
+                )
+            )
     return problems
 
 

@@ -415,10 +415,49 @@ class CostLimit(DialModel):
     month: Decimal = UNLIMITED_COST
 
 
+# `roles.<r>.share.<TYPE>`: DIAL's resource types, matched by their upper-case names (newer
+# DIAL's share limits; compatibility C87). DIAL ignores any other key without a word.
+SHARE_TYPES = ("APPLICATION", "TOOL_SET", "CREDENTIALS", "SKILL", "CONVERSATION", "FILE", "PROMPT")
+
+
+def _share_number(value: Any) -> Any:
+    # DIAL: a number or a numeric string; null or absent is -1, the type's default.
+    if value is None:
+        return -1
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    return value
+
+
+def _share_range(value: int) -> int:
+    if value < -1 or value > 2147483647:
+        raise ValueError(f"expected -1 (the type's default) or 0 to 2147483647, got {value}")
+    return value
+
+
+ShareNumber = Annotated[int, BeforeValidator(_share_number), AfterValidator(_share_range)]
+
+
+class ShareLimit(DialModel):
+    """One resource type's share limit; both DIAL spellings of each field are read."""
+
+    max_accepted_users: ShareNumber = Field(
+        -1, validation_alias=AliasChoices("max_accepted_users", "maxAcceptedUsers")
+    )
+    invitation_ttl: ShareNumber = Field(  # hours
+        -1, validation_alias=AliasChoices("invitation_ttl", "invitationTtl")
+    )
+
+
 class Role(DialModel):
     limits: dict[str, Limit] = Field(default_factory=dict)
     cost_limit: CostLimit | None = None
-    share: Any = None
+    share: dict[str, ShareLimit] | None = None
 
 
 WEEKDAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
