@@ -14,7 +14,6 @@ is 404, then 403, then a bad name 400, then another method 405 with `Allow`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import re
@@ -41,6 +40,7 @@ from tollgate.managed.registry import (
     ManagedConfig,
     actor_of,
 )
+from tollgate.pipeline.forward import read_body
 from tollgate.security.admin import AdminRules
 from tollgate.security.principal import Principal
 
@@ -145,12 +145,8 @@ class ConfigApi:
             raise not_admin()
 
     async def _body(self, request: web.Request) -> bytes:
-        try:
-            return await asyncio.wait_for(request.read(), self._body_timeout_s)
-        except TimeoutError:
-            raise GatewayError(408, "Request body was not received in time") from None
-        except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(413, "Request body is too large") from None
+        # The call path's reader: 100-continue, the body timeout, 413, a client gone mid-body.
+        return await read_body(request, self._body_timeout_s)
 
     # --- one entity
 

@@ -1,6 +1,6 @@
 """API-managed keys and roles: names, request bodies, stored records (compatibility C81).
 
-A key's record in the store holds the SHA-256 of its secret, never the secret (DECISIONS 15):
+A key's record in the store holds the SHA-256 of its secret, never the secret (compatibility C81):
 `key` is write-only in the API, and a GET, a listing, a log or an error never shows it. A PUT
 without `key` on a new key makes a 256-bit secret, returned once, in that answer.
 

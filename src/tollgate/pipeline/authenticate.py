@@ -20,6 +20,7 @@ from tollgate.errors import (
     unauthorized_missing,
     unknown_api_key,
 )
+from tollgate.pipeline.admit import wall_clock_ms
 from tollgate.security.ip_ranges import client_address, forwarded_for
 from tollgate.security.keys import ProjectKey, digest_of
 from tollgate.security.per_request_keys import PerRequestKeys
@@ -38,10 +39,6 @@ class ManagedKeys(Protocol):
     """The API-managed keys (`managed.registry.ManagedConfig`): looked up after the files'."""
 
     def lookup(self, digest: bytes) -> ProjectKey | None: ...
-
-
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class KeyRefused(GatewayError):
@@ -86,7 +83,7 @@ class Authenticator:
         proxy_count: int,
         shared: SharedKeys | None = None,
         managed: ManagedKeys | None = None,
-        now_ms: Callable[[], int] = _wall_ms,
+        now_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._per_request = per_request_keys
         self._proxy_count = proxy_count

@@ -8,7 +8,7 @@ always has the same name, and any instance holding the pair can turn a name back
 location. Decryption is also the check that a name is genuine: a name nobody encrypted fails
 its padding or its UTF-8 and is refused.
 
-DIAL refuses to start without both settings; Tollgate needs neither (DECISIONS 10). Without
+DIAL refuses to start without both settings; Tollgate needs neither (compatibility C82). Without
 them, `load_or_create` reads a pair from the resource store (`platform/encryption.json`), or
 makes a random one and stores it, so one instance needs nothing and every instance on one store
 gives the same bucket names. An operator who wants the names DIAL gives (the same buckets seen

@@ -353,13 +353,8 @@ class FilesystemStore(ResourceStore):
             if content_type is not None:
                 _set_xattr(fd, XATTR_CONTENT_TYPE, content_type)
             with self._lock(key):
-                if if_none_match and os.path.lexists(path):
-                    raise PreconditionFailed(f"{key!r} already exists")
+                self._check_write(key, path, if_match, if_none_match)
                 created_at = self._replaced_created_at(path)
-                if if_match is not None:
-                    current = self._current_etag(path)
-                    if current is None or (if_match != "*" and current != if_match):
-                        raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
                 if created_at is None:
                     created_at = datetime.now(UTC)
                 _set_xattr(fd, XATTR_CREATED_AT, created_at.isoformat())
@@ -412,12 +407,7 @@ class FilesystemStore(ResourceStore):
             raise StoreUnavailable(f"cannot write {key!r}: {exc.strerror}") from None
         try:
             with self._lock(key):
-                if if_none_match and os.path.lexists(path):
-                    raise PreconditionFailed(f"{key!r} already exists")
-                if if_match is not None:
-                    current = self._current_etag(path)
-                    if current is None or (if_match != "*" and current != if_match):
-                        raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
+                self._check_write(key, path, if_match, if_none_match)
                 try:
                     os.replace(temp, path)
                 except IsADirectoryError:
@@ -462,6 +452,15 @@ class FilesystemStore(ResourceStore):
             raise
         os.close(fd)
         return temp
+
+    def _check_write(self, key: str, path: Path, if_match: str | None, if_none_match: bool) -> None:
+        """A write's conditions, under the key's lock: `PreconditionFailed` if one fails."""
+        if if_none_match and os.path.lexists(path):
+            raise PreconditionFailed(f"{key!r} already exists")
+        if if_match is not None:
+            current = self._current_etag(path)
+            if current is None or (if_match != "*" and current != if_match):
+                raise PreconditionFailed(f"{key!r} is not at ETag {if_match}")
 
     def _delete(self, key: str, path: Path, if_match: str | None) -> None:
         try:
