@@ -346,6 +346,7 @@ SECTIONS = (
     "access",
     "redis",
     "storage",
+    "invitations",
 )
 
 
@@ -377,6 +378,10 @@ class Settings(BaseModel):
     per_request_key_ttl_s: Number = Field(1800.0, validation_alias=_at("perRequestApiKey", "ttl"))
     proxy_count: Integer = Field(0, validation_alias=_at("apiKeyValidation", "proxyCount"))
     max_body_size: Integer = Field(67108864, validation_alias=_at("resources", "maxSize"))
+    # DIAL 2024's invitation TTL; when set, it is the types' default TTL (compatibility C88).
+    invitation_ttl_s: PositiveInteger | None = Field(
+        None, validation_alias=_at("invitations", "ttlInSeconds")
+    )
     connect_timeout_s: Seconds = Field(10.0, validation_alias=_at("upstream", "connectTimeout"))
     read_timeout_s: Seconds = Field(300.0, validation_alias=_at("upstream", "readTimeout"))
     # The upstream connection pool: in all, and to one upstream (host and port), so that calls

@@ -27,6 +27,7 @@ from tollgate.http.config_api import ConfigApi
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.openapi import openapi_response
 from tollgate.http.ops import Ops, metrics_app
+from tollgate.http.resource_ops import ResourceOps
 from tollgate.http.resources_api import ResourcesApi
 from tollgate.http.responses import error_response
 from tollgate.limits.ledger import Ask, Refusal
@@ -47,6 +48,7 @@ from tollgate.pipeline.response_items import ResponseItems
 from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import Settler
 from tollgate.pipeline.upstream_client import UpstreamClient
+from tollgate.resources.sharing import Sharing
 from tollgate.security.admin import AdminRules
 from tollgate.security.per_request_keys import PerRequestKeys
 from tollgate.security.principal import Principal
@@ -164,6 +166,7 @@ class Gateway:
         self.config_api = ConfigApi(
             self.managed, admins, settings.body_read_timeout_s, settings.max_body_size
         )
+        sharing = Sharing(self.resource_store, now_ms)
         self.resources_api = ResourcesApi(
             self.resource_store,
             settings.raw,
@@ -171,7 +174,19 @@ class Gateway:
             max_upload_bytes=storage.max_uploaded_file_size,
             max_body_bytes=settings.max_body_size,
             body_timeout_s=settings.body_read_timeout_s,
+            sharing=sharing,
         )
+        # Moves, copies, the Share API and invitations (compatibility C88).
+        self.resource_ops = ResourceOps(
+            self.resources_api,
+            sharing,
+            lambda: store.current.config.roles,
+            default_ttl_ms=(
+                None if settings.invitation_ttl_s is None else settings.invitation_ttl_s * 1000
+            ),
+            body_timeout_s=settings.body_read_timeout_s,
+        )
+        self.resources_api.on_delete = self.resource_ops.forget
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
@@ -388,6 +403,10 @@ class Gateway:
         if self.resources_api.handles(path):  # buckets (compatibility C83)
             return AsyncAnswer(
                 self.resources_api.handle(request, principal, path), f"{method} resources"
+            )
+        if self.resource_ops.handles(path):  # moves, sharing (compatibility C88)
+            return AsyncAnswer(
+                self.resource_ops.handle(request, principal, path), f"{method} resource ops"
             )
         if method in ("GET", "DELETE", "POST"):
             item = RESPONSE_ITEM.fullmatch(path)

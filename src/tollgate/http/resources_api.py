@@ -40,7 +40,7 @@ import asyncio
 import logging
 import mimetypes
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -67,9 +67,16 @@ from tollgate.http.resources_common import (
 )
 from tollgate.http.resources_json import resource_body
 from tollgate.pipeline.forward import read_body
-from tollgate.resources.buckets import PUBLIC_LOCATION, bucket_answer, user_location
+from tollgate.resources.buckets import (
+    PUBLIC_LOCATION,
+    bucket_answer,
+    in_appdata,
+    initiator_location,
+    user_location,
+)
 from tollgate.resources.encryption import BucketCipher, bucket_cipher
 from tollgate.resources.paths import ResourcePath, parse_url
+from tollgate.resources.sharing import Sharing
 from tollgate.security.admin import AdminRules
 from tollgate.security.principal import Principal
 from tollgate.settings import SettingsError
@@ -98,6 +105,9 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 MULTIPART_SLACK = 65536
 READ_CHUNK = 262144
 DOWNLOAD_CHUNK = 262144
+BOTH = frozenset((READ, WRITE))
+ONLY_READ = frozenset((READ,))
+NONE: frozenset[str] = frozenset()
 BAD_QUERY = "Bad query parameters. Limit must be in [0, 1000] range. Recursive must be true/false"
 
 
@@ -118,8 +128,12 @@ class ResourcesApi:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        sharing: Sharing | None = None,
     ) -> None:
         self.store = store
+        self.sharing = sharing
+        # Set by the app: what happens to a deleted resource's shares (ResourceOps.forget).
+        self.on_delete: Callable[[ResourcePath], Awaitable[None]] | None = None
         self._raw = raw_settings
         self._cipher: BucketCipher | None = None
         self.admins = admins if admins is not None else AdminRules(())
@@ -193,19 +207,28 @@ class ResourcesApi:
 
     # --- access
 
-    def permissions(self, principal: Principal, resource: ResourcePath) -> frozenset[str]:
-        """DIAL's rules 1 and 2 (own bucket, administrators) and public reads."""
+    async def permissions(self, principal: Principal, resource: ResourcePath) -> frozenset[str]:
+        """DIAL's rules (spec 7.1) in its order: the own bucket and administrators (READ and
+        WRITE); a per-request key's `appdata` folder in its root caller's bucket (READ and
+        WRITE); public reads; what the root caller was shared (rule 5, from the owner's
+        record: `tollgate.resources.sharing`)."""
         if resource.location == user_location(principal) or self.admins.allows(principal):
-            return frozenset((READ, WRITE))
+            return BOTH
         if resource.location == PUBLIC_LOCATION:
-            return frozenset((READ,))
-        return frozenset()
+            return ONLY_READ
+        initiator = initiator_location(principal)
+        if resource.location == initiator and in_appdata(principal, resource):
+            return BOTH
+        if self.sharing is None:
+            return NONE
+        granted = await self.sharing.granted(resource, initiator)
+        return frozenset(granted) if granted else NONE
 
     async def _resource(
         self, principal: Principal, url: str, needs: str, *, write: bool = False
     ) -> tuple[ResourcePath, frozenset[str]]:
         resource = parse_url(url, await self.cipher(), write=write)
-        granted = self.permissions(principal, resource)
+        granted = await self.permissions(principal, resource)
         if needs not in granted:
             raise GatewayError(403, f"You don't have an access to: {url}")
         return resource, granted
@@ -417,6 +440,8 @@ class ResourcesApi:
             raise GatewayError(
                 412, f"If-match condition is failed for etag: {latest.etag}"
             ) from None
+        if self.on_delete is not None:
+            await self.on_delete(resource)
         return web.Response(status=200)
 
     # --- metadata

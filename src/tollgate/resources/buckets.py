@@ -17,11 +17,15 @@ DIAL gives each request three buckets:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from tollgate.resources.encryption import BucketCipher
 from tollgate.security.principal import Principal
 from tollgate.storage.store import RESERVED_SEGMENT_PREFIX
+
+if TYPE_CHECKING:
+    from tollgate.resources.paths import ResourcePath
 
 PUBLIC_BUCKET = "public"  # both the name and, with `/`, the location of the public bucket
 PUBLIC_LOCATION = "public/"
@@ -62,6 +66,17 @@ def appdata_path(principal: Principal) -> str | None:
     if principal.source_deployment is None:
         return None
     return f"{APPDATA_FOLDER}/{encode_path(principal.source_deployment)}"
+
+
+def in_appdata(principal: Principal, resource: ResourcePath) -> bool:
+    """DIAL's rule 4: a per-request key's resource under `appdata/<deployment>/` (a resource
+    in its root caller's bucket: the caller checks the location)."""
+    if principal.source_deployment is None:
+        return False
+    folder = (APPDATA_FOLDER, *principal.source_deployment.split("/"))
+    return resource.segments[: len(folder)] == folder and (
+        len(resource.segments) > len(folder) or resource.is_folder
+    )
 
 
 def bucket_answer(principal: Principal, cipher: BucketCipher) -> dict[str, str]:
