@@ -219,7 +219,7 @@ class ResourceOps:
         ttl_ms = min(limit.ttl_ms for limit in limits.values())
         now = self.sharing.now_ms()
         name, invitation_id = self.sharing.new_invitation(owner, await self._cipher())
-        invitation = Invitation(
+        invitation = Invitation.new(
             invitation_id,
             [{"url": r.url, "permissions": p} for r, p in shared],
             now,
@@ -229,9 +229,9 @@ class ResourceOps:
         )
 
         def create(record: OwnerRecord) -> None:
-            record.invitations[name] = invitation
+            record.add_invitation(name, invitation)
             for resource, _ in shared:
-                entry = record.resources.setdefault(resource.url, Shared())
+                entry = record.share(resource.url)
                 # The limit as the owner's roles have it now; the latest share wins.
                 entry.limit = limits[resource.resource_type].max_accepted_users
 
@@ -245,7 +245,7 @@ class ResourceOps:
         record = await self.sharing.owner_record(owner)
         now = self.sharing.now_ms()
         listed = sorted(
-            (inv for inv in record.invitations.values() if inv.expire_at > now),
+            (inv for inv in record.invitations() if inv.expire_at > now),
             key=lambda inv: (inv.created_at, inv.id),
         )
         return _json({"invitations": [inv.answer(for_owner=True) for inv in listed]})
@@ -260,7 +260,7 @@ class ResourceOps:
         """Any caller may read an invitation whose id it has (DIAL does so)."""
         owner, name = await self._find(invitation_id)
         record = await self.sharing.owner_record(owner)
-        invitation = record.invitations.get(name)
+        invitation = record.invitation(name)
         if invitation is None or invitation.expire_at <= self.sharing.now_ms():
             raise _not_found(invitation_id)
         return _json(invitation.answer(for_owner=owner == initiator_location(principal)))
@@ -272,9 +272,10 @@ class ResourceOps:
         now = self.sharing.now_ms()
 
         def delete(record: OwnerRecord) -> None:
-            invitation = record.invitations.pop(name, None)
+            invitation = record.invitation(name)
             if invitation is None or invitation.expire_at <= now:
                 raise _not_found(invitation_id, spaced=False)
+            record.pop_invitation(name)
 
         # Access already granted stays (DIAL): only the invitation goes.
         await self.sharing.update_owner(owner, delete)
@@ -288,7 +289,7 @@ class ResourceOps:
         now = self.sharing.now_ms()
 
         def accept(record: OwnerRecord) -> list[dict[str, Any]]:
-            invitation = record.invitations.get(name)
+            invitation = record.invitation(name)
             if invitation is None or invitation.expire_at <= now:
                 raise _not_found(invitation_id)
             if owner == me:
@@ -303,14 +304,16 @@ class ResourceOps:
                 raise GatewayError(400, "The limit of maximum accepted invites is reached")
             for entry in invitation.resources:
                 url = entry["url"]
-                shared = record.resources.get(url) or Shared()
+                shared = record.shared(url)
+                if shared is None:
+                    shared = Shared({})
                 if me in shared.users:
                     continue  # accepted before: already counted
                 limit = shared.limit if shared.limit is not None else _default_users(url)
                 if len(shared.users) >= limit:
                     raise GatewayError(400, f"{LIMIT_EXCEEDED}{url}")
             for entry in invitation.resources:
-                shared = record.resources.setdefault(entry["url"], Shared())
+                shared = record.share(entry["url"])
                 shared.users[me] = merge(shared.users.get(me, ()), entry["permissions"])
             if me not in invitation.accepted:
                 invitation.accepted.append(me)
@@ -344,7 +347,7 @@ class ResourceOps:
         listed: list[dict[str, Any]] = []
         if body.get("with") == "others":
             record = await self.sharing.owner_record(me)
-            for url, shared in record.resources.items():
+            for url, shared in record.shared_items():
                 node = _node(url, cipher, wanted)
                 if node is None or not shared.users:
                     continue
@@ -396,7 +399,7 @@ class ResourceOps:
         def revoke(record: OwnerRecord) -> dict[str, dict[str, list[str]]]:
             left_to: dict[str, dict[str, list[str]]] = {}  # recipient → url → what is left
             for url, taken in revoked.items():
-                shared = record.resources.get(url)
+                shared = record.shared(url)
                 if shared is not None:
                     for user in list(shared.users):
                         left = [
@@ -445,7 +448,7 @@ class ResourceOps:
 
             def discard(record: OwnerRecord, urls: set[str] = urls) -> None:
                 for url in urls:
-                    shared = record.resources.get(url)
+                    shared = record.shared(url)
                     if shared is not None:
                         shared.users.pop(me, None)
 
@@ -477,10 +480,10 @@ class ResourceOps:
             raise GatewayError(400, f"destination resource {destination.url} dos not exists")
 
         def copy(record: OwnerRecord) -> dict[str, list[str]]:
-            shared = record.resources.get(source.url)
+            shared = record.shared(source.url)
             if shared is None or not shared.users:
                 return {}
-            target = record.resources.setdefault(destination.url, Shared())
+            target = record.share(destination.url)
             for user, permissions in shared.users.items():
                 target.users[user] = merge(target.users.get(user, ()), permissions)
             return dict(target.users)
@@ -513,14 +516,16 @@ class ResourceOps:
         """A resource moved within its bucket: its grants, limit and invitations move along."""
 
         def move(record: OwnerRecord) -> dict[str, list[str]]:
-            shared = record.resources.pop(source.url, None)
-            for invitation in record.invitations.values():
+            shared = record.pop_shared(source.url)
+            for invitation in record.invitations():
                 for entry in invitation.resources:
                     if entry["url"] == source.url:
                         entry["url"] = destination.url
             if shared is None:
                 return {}
-            target = record.resources.setdefault(destination.url, Shared(limit=shared.limit))
+            target = record.share(destination.url)
+            if target.limit is None:
+                target.limit = shared.limit
             for user, permissions in shared.users.items():
                 target.users[user] = merge(target.users.get(user, ()), permissions)
             return dict(shared.users)

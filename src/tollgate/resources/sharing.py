@@ -25,8 +25,8 @@ import asyncio
 import random
 import secrets
 import string
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -99,123 +99,181 @@ def effective_limit(
 # --- the records
 
 
-@dataclass(slots=True)
 class Shared:
-    """One shared resource in its owner's record."""
+    """One shared resource in its owner's record: a view of its JSON (`users`: location →
+    permissions; `maxAcceptedUsers`: the limit snapshotted at the last share)."""
 
-    users: dict[str, list[str]] = field(default_factory=dict)  # location → permissions
-    limit: int | None = None  # max accepted users, snapshotted at the last share
+    __slots__ = ("raw",)
 
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"users": self.users}
-        if self.limit is not None:
-            body["maxAcceptedUsers"] = self.limit
-        return body
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+
+    @property
+    def users(self) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = self.raw.setdefault("users", {})
+        return users
+
+    @property
+    def limit(self) -> int | None:
+        return self.raw.get("maxAcceptedUsers")
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self.raw["maxAcceptedUsers"] = value
+
+
+class Invitation:
+    """An invitation: a view of DIAL's Invitation JSON, as it is stored."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> Shared:
-        return cls(dict(body.get("users") or {}), body.get("maxAcceptedUsers"))
-
-
-@dataclass(slots=True)
-class Invitation:
-    id: str
-    resources: list[dict[str, Any]]  # {"url": ..., "permissions": [...]}
-    created_at: int
-    expire_at: int
-    author: str
-    max_accepted_users: int | None = None
-    accepted: list[str] = field(default_factory=list)  # recipients' locations
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "resources": self.resources,
-            "createdAt": self.created_at,
-            "expireAt": self.expire_at,
-            "author": self.author,
+    def new(
+        cls,
+        invitation_id: str,
+        resources: list[dict[str, Any]],
+        created_at: int,
+        expire_at: int,
+        author: str,
+        max_accepted_users: int | None,
+    ) -> Invitation:
+        raw: dict[str, Any] = {
+            "id": invitation_id,
+            "resources": resources,
+            "createdAt": created_at,
+            "expireAt": expire_at,
+            "author": author,
         }
-        if self.max_accepted_users is not None:
-            body["maxAcceptedUsers"] = self.max_accepted_users
-        body["acceptedUserLocations"] = self.accepted
-        return body
+        if max_accepted_users is not None:
+            raw["maxAcceptedUsers"] = max_accepted_users
+        raw["acceptedUserLocations"] = []
+        return cls(raw)
+
+    @property
+    def id(self) -> str:
+        return str(self.raw["id"])
+
+    @property
+    def resources(self) -> list[dict[str, Any]]:  # {"url": ..., "permissions": [...]}
+        resources: list[dict[str, Any]] = self.raw["resources"]
+        return resources
+
+    @resources.setter
+    def resources(self, value: list[dict[str, Any]]) -> None:
+        self.raw["resources"] = value
+
+    @property
+    def created_at(self) -> int:
+        return int(self.raw["createdAt"])
+
+    @property
+    def expire_at(self) -> int:
+        return int(self.raw["expireAt"])
+
+    @property
+    def max_accepted_users(self) -> int | None:
+        return self.raw.get("maxAcceptedUsers")
+
+    @property
+    def accepted(self) -> list[str]:  # the recipients' locations
+        accepted: list[str] = self.raw.setdefault("acceptedUserLocations", [])
+        return accepted
 
     def answer(self, for_owner: bool) -> dict[str, Any]:
         """DIAL's Invitation; who accepted it is the owner's to see (the locations name the
         recipients' projects)."""
-        body = self.to_json()
-        if not for_owner:
-            del body["acceptedUserLocations"]
-        return body
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> Invitation:
-        return cls(
-            body["id"],
-            list(body["resources"]),
-            body["createdAt"],
-            body["expireAt"],
-            body.get("author", ""),
-            body.get("maxAcceptedUsers"),
-            list(body.get("acceptedUserLocations") or ()),
-        )
+        if for_owner:
+            return self.raw
+        return {k: v for k, v in self.raw.items() if k != "acceptedUserLocations"}
 
 
-@dataclass(slots=True)
 class OwnerRecord:
-    resources: dict[str, Shared] = field(default_factory=dict)
-    invitations: dict[str, Invitation] = field(default_factory=dict)  # by the id's random part
+    """An owner's record, kept as the JSON it is stored as (read and written by orjson
+    alone: an owner with thousands of shares costs one parse and one dump per change)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, Any] | None = None) -> None:
+        self.raw = raw if raw is not None else {"resources": {}, "invitations": {}}
+        self.raw.setdefault("resources", {})
+        self.raw.setdefault("invitations", {})
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "resources": {url: shared.to_json() for url, shared in self.resources.items()},
-                "invitations": {
-                    name: invitation.to_json() for name, invitation in self.invitations.items()
-                },
-            }
-        )
+        return orjson.dumps(self.raw)
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> OwnerRecord:
-        if not data:
-            return cls()
-        body = orjson.loads(data)
-        return cls(
-            {url: Shared.from_json(item) for url, item in body.get("resources", {}).items()},
-            {
-                name: Invitation.from_json(item)
-                for name, item in body.get("invitations", {}).items()
-            },
-        )
+        return cls(orjson.loads(data) if data else None)
+
+    # --- resources
+
+    def shared(self, url: str) -> Shared | None:
+        raw = self.raw["resources"].get(url)
+        return None if raw is None else Shared(raw)
+
+    def share(self, url: str) -> Shared:
+        """The resource's entry, made if there is none."""
+        return Shared(self.raw["resources"].setdefault(url, {"users": {}}))
+
+    def pop_shared(self, url: str) -> Shared | None:
+        raw = self.raw["resources"].pop(url, None)
+        return None if raw is None else Shared(raw)
+
+    def shared_items(self) -> Iterator[tuple[str, Shared]]:
+        for url, raw in self.raw["resources"].items():
+            yield url, Shared(raw)
+
+    # --- invitations (by the random part of their id)
+
+    def invitation(self, name: str) -> Invitation | None:
+        raw = self.raw["invitations"].get(name)
+        return None if raw is None else Invitation(raw)
+
+    def add_invitation(self, name: str, invitation: Invitation) -> None:
+        self.raw["invitations"][name] = invitation.raw
+
+    def pop_invitation(self, name: str) -> Invitation | None:
+        raw = self.raw["invitations"].pop(name, None)
+        return None if raw is None else Invitation(raw)
+
+    def invitations(self) -> list[Invitation]:
+        return [Invitation(raw) for raw in self.raw["invitations"].values()]
+
+    # --- what changes them
 
     def granted(self, urls: Iterable[str], location: str) -> set[str]:
         """The permissions `location` holds on any of `urls` (a resource and its folders)."""
         held: set[str] = set()
+        resources = self.raw["resources"]
         for url in urls:
-            shared = self.resources.get(url)
-            if shared is not None:
-                held.update(shared.users.get(location, ()))
+            raw = resources.get(url)
+            if raw is not None:
+                held.update(raw.get("users", {}).get(location, ()))
         return held
 
     def drop_expired(self, now_ms: int) -> bool:
-        expired = [name for name, inv in self.invitations.items() if inv.expire_at <= now_ms]
+        invitations = self.raw["invitations"]
+        expired = [name for name, raw in invitations.items() if raw["expireAt"] <= now_ms]
         for name in expired:
-            del self.invitations[name]
+            del invitations[name]
         return bool(expired)
 
     def forget(self, url: str) -> set[str]:
         """Drop a resource (deleted or moved away): its grants and its place in invitations.
         Returns the recipients that held it."""
-        shared = self.resources.pop(url, None)
+        shared = self.pop_shared(url)
         self.revoke_in_invitations(url, None)
         return set() if shared is None else set(shared.users)
 
     def revoke_in_invitations(self, url: str, permissions: set[str] | None) -> None:
         """DIAL's `cleanUpPermissions`: the permissions (None: all) leave every invitation; an
         invitation left with no resource is deleted."""
-        for name in list(self.invitations):
-            invitation = self.invitations[name]
+        invitations = self.raw["invitations"]
+        for name in list(invitations):
+            invitation = Invitation(invitations[name])
             kept = []
             for entry in invitation.resources:
                 if entry["url"] == url:
@@ -231,7 +289,7 @@ class OwnerRecord:
             if kept:
                 invitation.resources = kept
             else:
-                del self.invitations[name]
+                del invitations[name]
 
 
 def merge(held: Iterable[str], added: Iterable[str]) -> list[str]:
@@ -261,6 +319,7 @@ class Sharing:
         self.now_ms = now_ms
         # One writer per record per instance at a time: instances race only with each other.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, list[tuple[Callable[[Any], Any], asyncio.Future[Any]]]] = {}
 
     # --- invitation ids
 
@@ -333,32 +392,89 @@ class Sharing:
         *,
         prune: bool,
     ) -> _T:
+        """Group commit: the changes that arrive while a write of `key` is under way wait, and
+        the next writer applies them all, in order, in one conditional write (a burst of
+        accepts on one invitation costs a write per batch, not per accept). A change that
+        refuses (a GatewayError) must do so before it changes anything: the others of its
+        batch still go in."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
+            self._pending[key] = []
+        pending = self._pending[key]
+        pending.append((change, future))
         try:
             async with lock:
-                for attempt in range(WRITE_RETRIES):
-                    blob = await self.store.get(key)
-                    data = None if blob is None else blob.data
-                    record = load(data)
-                    before = dump(record)
-                    if prune:
-                        record.drop_expired(self.now_ms())
-                    result = change(record)
-                    after = dump(record)
-                    if after == before:
-                        return result  # nothing changed: nothing to write
+                if not future.done():
+                    batch = pending[:]
+                    pending.clear()
+                    await self._commit(key, load, dump, batch, prune)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        finally:
+            if not lock.locked() and not pending:
+                self._locks.pop(key, None)  # a new lock for a later writer costs nothing
+                self._pending.pop(key, None)
+        return future.result()  # type: ignore[no-any-return]
+
+    async def _commit(
+        self,
+        key: str,
+        load: Callable[[bytes | None], Any],
+        dump: Callable[[Any], bytes],
+        batch: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]],
+        prune: bool,
+    ) -> None:
+        try:
+            for attempt in range(WRITE_RETRIES):
+                blob = await self.store.get(key)
+                data = None if blob is None else blob.data
+                record = load(data)
+                # What the stored bytes would be unchanged (they are `dump`'s own).
+                before = data if data is not None else dump(record)
+                if prune:
+                    record.drop_expired(self.now_ms())
+                outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+                for change, future in batch:
+                    if future.done():  # its caller went away before it was applied
+                        continue
+                    try:
+                        outcomes.append((future, True, change(record)))
+                    except GatewayError as exc:
+                        outcomes.append((future, False, exc))
+                after = dump(record)
+                if after != before:
                     try:
                         if blob is None:
                             await self.store.put(key, after, if_none_match=True)
                         else:
                             await self.store.put(key, after, if_match=blob.etag)
-                        return result
                     except PreconditionFailed:
-                        # Another instance wrote it meanwhile: back off a little, read again.
+                        # Another instance wrote it meanwhile: back off a little, read again,
+                        # and apply the whole batch again to what it wrote.
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
-        finally:
-            if not lock.locked():
-                self._locks.pop(key, None)  # a new lock for a later writer costs nothing
-        raise GatewayError(409, "The sharing record changed too often meanwhile; try again")
+                        continue
+                for future, ok, value in outcomes:
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                return
+            failure: Exception = GatewayError(
+                409, "The sharing record changed too often meanwhile; try again"
+            )
+        except asyncio.CancelledError:
+            # This writer's caller went away: the rest of its batch waits for the next writer
+            # (each change may be applied twice if the write landed: they are idempotent).
+            self._pending.setdefault(key, [])[:0] = [e for e in batch if not e[1].done()]
+            raise
+        except Exception as exc:  # the store failed, or a change did not refuse cleanly
+            failure = exc
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(failure)
