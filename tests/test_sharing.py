@@ -756,3 +756,27 @@ async def test_per_request_keys_get_dials_403_on_the_share_api(
         ("/v1/ops/resource/share/list", 403, message),
         ("/v1/invitations", 403, message),
     ]
+
+
+async def test_an_owner_has_a_bounded_number_of_open_invitations(
+    gw: InProcessGateway, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tollgate.http import resource_ops
+
+    monkeypatch.setattr(resource_ops, "MAX_INVITATIONS", 3)
+    url = f"conversations/{MINE}/many"
+    await put(http, url)
+    made = [await share(http, [{"url": url}]) for _ in range(3)]
+    answer = await http.post(
+        "/v1/ops/resource/share/create", headers=OWNER, json={"resources": [{"url": url}]}
+    )
+    assert refusal(answer) == (
+        400,
+        "Too many invitations: at most 3 may be open at once; delete some or let them expire",
+    )
+    # Deleting one, or letting them expire, makes room again.
+    assert (await http.delete(f"/v1/invitations/{made[0]}", headers=OWNER)).status_code == 200
+    await share(http, [{"url": url}])
+    gw.clock.advance(73 * HOUR_MS)
+    for _ in range(3):
+        await share(http, [{"url": url}])

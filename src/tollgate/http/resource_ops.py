@@ -56,6 +56,8 @@ SHARE_ONLY = (
 )
 LIMIT_EXCEEDED = "Limit is exceeded on the number of accepted users for the resource: "
 COPY_CHUNK = 262144
+# Open invitations per owner: every change of the owner's record reads and writes all of them.
+MAX_INVITATIONS = 10000
 TYPE_OF_NAME = {name: group for group, name in RESOURCE_TYPES.items()}
 
 
@@ -229,6 +231,12 @@ class ResourceOps:
         )
 
         def create(record: OwnerRecord) -> None:
+            if record.invitation_count() >= MAX_INVITATIONS:
+                raise GatewayError(
+                    400,
+                    f"Too many invitations: at most {MAX_INVITATIONS} may be open at once; "
+                    "delete some or let them expire",
+                )
             record.add_invitation(name, invitation)
             for resource, _ in shared:
                 entry = record.share(resource.url)

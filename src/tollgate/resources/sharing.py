@@ -239,6 +239,9 @@ class OwnerRecord:
         raw = self.raw["invitations"].pop(name, None)
         return None if raw is None else Invitation(raw)
 
+    def invitation_count(self) -> int:
+        return len(self.raw["invitations"])
+
     def invitations(self) -> list[Invitation]:
         return [Invitation(raw) for raw in self.raw["invitations"].values()]
 
