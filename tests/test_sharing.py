@@ -780,3 +780,20 @@ async def test_an_owner_has_a_bounded_number_of_open_invitations(
     gw.clock.advance(73 * HOUR_MS)
     for _ in range(3):
         await share(http, [{"url": url}])
+
+
+async def test_a_retried_delete_finishes_the_clean_up_of_shares(
+    gw: InProcessGateway, http: httpx.AsyncClient
+) -> None:
+    """A delete whose share clean-up did not happen (the object is gone, the owner's record
+    still grants it): the retried DELETE answers 404 and drops the grants, so a resource made
+    again at the URL is not shared."""
+    url = f"conversations/{MINE}/half-deleted"
+    await put(http, url)
+    invitation = await share(http, [{"url": url}])
+    assert (await accept(http, invitation, OTHER)).status_code == 200
+    await gw.gateway.resource_store.delete("Keys/EPM-RTC-GPT/conversations/half-deleted")
+    assert (await http.delete(f"/v1/{url}", headers=OWNER)).status_code == 404
+    await put(http, url)
+    assert (await http.get(f"/v1/{url}", headers=OTHER)).status_code == 403
+    assert (await http.get("/v1/invitations", headers=OWNER)).json() == {"invitations": []}

@@ -432,6 +432,10 @@ class ResourcesApi:
         try:
             await self.store.delete(key, if_match=store_if_match)
         except NotFound:
+            # Its shares go all the same: a delete whose share clean-up failed (503) is
+            # retried, and a resource made again at the URL must not inherit old grants.
+            if self.on_delete is not None:
+                await self.on_delete(resource)
             raise not_found(resource.url) from None
         except PreconditionFailed:
             latest = await self.store.head(key)
