@@ -797,3 +797,21 @@ async def test_a_retried_delete_finishes_the_clean_up_of_shares(
     await put(http, url)
     assert (await http.get(f"/v1/{url}", headers=OTHER)).status_code == 403
     assert (await http.get("/v1/invitations", headers=OWNER)).json() == {"invitations": []}
+
+
+async def test_a_moved_application_is_named_by_its_new_url(http: httpx.AsyncClient) -> None:
+    source, target = f"applications/{MINE}/app", f"applications/{MINE}/apps/renamed"
+    await put(http, source, {"endpoint": "http://127.0.0.1:9/v1/chat/completions"})
+    reference = (await http.get(f"/v1/{source}", headers=OWNER)).json()["reference"]
+    for operation, destination in (("copy", f"{target}-copy"), ("move", target)):
+        answer = await http.post(
+            f"/v1/ops/resource/{operation}",
+            headers=OWNER,
+            json={"sourceUrl": source, "destinationUrl": destination},
+        )
+        assert answer.status_code == 200, answer.text
+        moved = (await http.get(f"/v1/{destination}", headers=OWNER)).json()
+        assert moved["name"] == destination
+        assert moved["endpoint"] == "http://127.0.0.1:9/v1/chat/completions"
+        assert moved["reference"] == reference
+    assert (await http.get(f"/v1/{source}", headers=OWNER)).status_code == 404

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from tollgate.errors import GatewayError
 from tollgate.http.resources_common import JSON, folder_entry, store_unavailable
+from tollgate.http.resources_json import resource_body
 from tollgate.pipeline.forward import read_body
 from tollgate.resources.buckets import KEYS_PREFIX, PUBLIC_LOCATION, initiator_location
 from tollgate.resources.encryption import BucketCipher
@@ -577,10 +578,15 @@ class ResourceOps:
         if obj is None:
             raise GatewayError(400, f"Source resource {source.url} does not exist")
         async with obj:
+            chunks: AsyncIterator[bytes] = aiter(obj)
+            if source.group == "applications":
+                # A custom application's `name` is its URL (DIAL's override): set it anew.
+                stored = b"".join([chunk async for chunk in obj])
+                chunks = _one(resource_body(destination, stored))
             try:
                 await self.store.put_stream(
                     destination.storage_key,
-                    obj,
+                    chunks,
                     content_type=obj.info.content_type,
                     if_none_match=not overwrite,
                 )
@@ -609,6 +615,10 @@ class ResourceOps:
 
 
 # --- helpers
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _only(method: str, allowed: str) -> None:
