@@ -235,13 +235,14 @@ async def test_applications_are_validated(gw: InProcessGateway) -> None:
         assert stored["forward_auth_token"] is False and stored["user_roles"] is None
         assert "forwardAuthToken" not in stored and "userRoles" not in stored
         assert stored["reference"] == "r"
-        # Stored, not callable as a deployment yet (spec 6.4 is a later step).
+        # Callable as a deployment (compatibility C92, tests/test_custom_apps.py): its
+        # endpoint, `http://application1`, is tried and cannot be reached.
         call = await client.post(
             f"{gw.url}/openai/deployments/{url}/chat/completions",
             headers=ME,
             json={"messages": [{"role": "user", "content": "hi"}]},
         )
-        assert call.status_code in (403, 404)
+        assert call.status_code == 502
 
 
 async def test_size_limit(gateways: Gateways, tmp_path: Path) -> None:

@@ -347,6 +347,7 @@ SECTIONS = (
     "redis",
     "storage",
     "invitations",
+    "applications",
 )
 
 
@@ -381,6 +382,10 @@ class Settings(BaseModel):
     # DIAL 2024's invitation TTL; when set, it is the types' default TTL (compatibility C88).
     invitation_ttl_s: PositiveInteger | None = Field(
         None, validation_alias=_at("invitations", "ttlInSeconds")
+    )
+    # Custom applications (resources) in `GET /openai/applications` (compatibility C92).
+    include_custom_apps: Boolean = Field(
+        False, validation_alias=_at("applications", "includeCustomApps")
     )
     connect_timeout_s: Seconds = Field(10.0, validation_alias=_at("upstream", "connectTimeout"))
     read_timeout_s: Seconds = Field(300.0, validation_alias=_at("upstream", "readTimeout"))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import enum
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from yarl import URL
 
 from tollgate import listings
 from tollgate.config import chunked
-from tollgate.config.schema import Assistant, Config, Deployable, Model
+from tollgate.config.schema import Application, Assistant, Config, Deployable, Model
 from tollgate.limits.cost import Prices
 from tollgate.limits.policy import LimitPolicy
 from tollgate.limits.windows import Clock, Schedule
@@ -98,6 +98,9 @@ class Deployment:
     # Endpoint URLs with a client query string appended, by query: clients repeat the same few
     # (`api-version=...`), so each is parsed once. Bounded in forward.upstream_url.
     urls_by_query: dict[str, URL] = field(default_factory=dict, compare=False, repr=False)
+    # A custom application's own balancer (compatibility C92): it is in no snapshot's
+    # `balancers`. None for every deployment of the config.
+    balancer: DeploymentBalancer | None = field(default=None, compare=False, repr=False)
 
 
 def _deployment(
@@ -146,6 +149,21 @@ def _deployment(
         targets=interfaces.targets(spec),
         default_headers=tuple(spec.default_headers.items()),
         anonymous_upstreams=model is not None and any(u.id is None for u in model.upstreams),
+    )
+
+
+def custom_application(
+    name: str, spec: Application, global_interceptors: tuple[str, ...]
+) -> Deployment:
+    """A custom application stored as a resource, callable as `name` (its resource URL,
+    `applications/<bucket>/<path>`; compatibility C92): a config application's deployment with
+    a balancer of its own, and at most `MAX_ATTEMPTS` attempts per call whatever its
+    `maxRetryAttempts` says (its author is any caller, not the operator)."""
+    deployment = _deployment(name, Kind.APPLICATION, spec, spec.endpoint, global_interceptors)
+    return replace(
+        deployment,
+        max_attempts=min(deployment.max_attempts, MAX_ATTEMPTS),
+        balancer=DeploymentBalancer(name, UpstreamSet.of(spec, spec.endpoint)),
     )
 
 

@@ -24,6 +24,7 @@ from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError, no_route
 from tollgate.http import anthropic, catalog, protocol_errors
 from tollgate.http.config_api import ConfigApi
+from tollgate.http.custom_apps import CustomApplications
 from tollgate.http.limits_api import LimitsApi
 from tollgate.http.openapi import openapi_response
 from tollgate.http.ops import Ops, metrics_app
@@ -187,6 +188,10 @@ class Gateway:
             body_timeout_s=settings.body_read_timeout_s,
         )
         self.resources_api.on_delete = self.resource_ops.forget
+        # Custom applications callable as deployments, and listed (compatibility C92).
+        self.custom_apps = CustomApplications(
+            self.resources_api, include_in_listing=settings.include_custom_apps
+        )
         # `/metrics` on this port (for admins), unless it has a port of its own.
         self._metrics_here = self.metrics is not None and settings.metrics_port is None
         self._metrics_runner: web.AppRunner | None = None
@@ -210,6 +215,7 @@ class Gateway:
             self.settler,
             body_timeout_s=body_timeout_s,
             enforce_during_stream=settings.enforce_during_stream,
+            custom=self.custom_apps.resolve,
         )
         self.features = features.FeatureCalls(self.engine, keys, body_timeout_s)
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)
@@ -431,11 +437,11 @@ class Gateway:
                         (feature.name, "" if known is None else known.name, principal.project),
                     )
         if method == "GET":
-            for pattern, async_handler in ASYNC_ROUTES:
+            for pattern, async_handler, span in ASYNC_ROUTES:
                 match = pattern.fullmatch(path)
                 if match is not None:
                     return AsyncAnswer(
-                        async_handler(self, request, principal, snapshot, match), "GET limits"
+                        async_handler(self, request, principal, snapshot, match), span
                     )
         for route_method, pattern, handler in ROUTES:
             if route_method == method:
@@ -507,19 +513,33 @@ FEATURE_ROUTES: tuple[tuple[str, re.Pattern[str], features.Feature], ...] = (
     ("GET", re.compile(r"/+v1/deployments/(.+?)/configuration"), features.CONFIGURATION),
 )
 
-# Checked before ROUTES: these paths would otherwise match `/v1/deployments/(.+?)`.
-ASYNC_ROUTES: tuple[tuple[re.Pattern[str], AsyncHandler], ...] = (
+# Checked before ROUTES: these paths would otherwise match `/v1/deployments/(.+?)`; the
+# applications' listings may read custom applications from the store (compatibility C92).
+ASYNC_ROUTES: tuple[tuple[re.Pattern[str], AsyncHandler, str], ...] = (
     (
         re.compile(r"/+v1/deployments/(.+?)/limits"),
         lambda g, r, p, s, m: g.limits_api.deployment(s, p, m[1]),
+        "GET limits",
     ),
     (
         re.compile(r"/+v1/user/limits"),
         lambda g, r, p, s, m: g.limits_api.user(r, s, p, used_only=False),
+        "GET limits",
     ),
     (
         re.compile(r"/+v1/user/usage"),
         lambda g, r, p, s, m: g.limits_api.user(r, s, p, used_only=True),
+        "GET limits",
+    ),
+    (
+        re.compile(r"/+openai/applications"),
+        lambda g, r, p, s, m: g.custom_apps.listing(p, s),
+        "GET applications",
+    ),
+    (
+        re.compile(r"/+openai/applications/(.+?)"),
+        lambda g, r, p, s, m: g.custom_apps.item(p, s, m[1]),
+        "GET applications",
     ),
 )
 
@@ -540,8 +560,6 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
     ),
     _get(r"/+openai/models", lambda r, p, s, m: catalog.listing(s.models, p)),
     _get(r"/+openai/models/(.+?)", lambda r, p, s, m: catalog.single(s.models, p, m[1], "Model")),
-    _get(r"/+openai/applications", lambda r, p, s, m: catalog.listing(s.applications, p)),
-    _get(r"/+openai/applications/(.+?)", lambda r, p, s, m: catalog.application(s, p, m[1])),
     _get(r"/+openai/assistants", lambda r, p, s, m: catalog.listing(s.assistants, p)),
     _get(
         r"/+openai/assistants/(.+?)",

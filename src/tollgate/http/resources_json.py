@@ -7,7 +7,8 @@ application's body must be a valid DIAL application definition (spec 6.2), check
 `tollgate.config.schema.Application` as a config file's application is (an absolute http(s)
 `endpoint`); it is stored with DIAL's overrides (`prepareApplication`): `name` = the
 resource's URL, `user_roles` null, `forward_auth_token` false, a `reference` when absent.
-Custom applications are not callable as deployments yet (spec 6.4 is a later step).
+What is stored is callable as a deployment (`tollgate.resources.applications`, compatibility
+C92), which applies the overrides again whoever wrote the object.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from tollgate.pipeline.hop import DEPLOYMENT, HopEngine, Outbound
 from tollgate.pipeline.hop_keys import HopKeys
 from tollgate.pipeline.include_usage import ask_for_usage
 from tollgate.pipeline.interceptors import INTERCEPTOR_ID, Interceptors
-from tollgate.pipeline.resolve import resolve
+from tollgate.pipeline.resolve import CustomApplications, custom_application, decode_id
 from tollgate.pipeline.response_ids import IdRewrite, ResponseRef
 from tollgate.pipeline.settle import Settler
 from tollgate.routing.interfaces import INTERFACE_OF, Target
@@ -103,6 +103,7 @@ class DeploymentCalls:
     __slots__ = (
         "_admission",
         "_body_timeout_s",
+        "_custom",
         "_enforce_during_stream",
         "_engine",
         "_keys",
@@ -119,13 +120,17 @@ class DeploymentCalls:
         *,
         body_timeout_s: float,
         enforce_during_stream: bool = False,
+        custom: CustomApplications | None = None,
     ) -> None:
+        """`custom`: the custom applications' resolver (compatibility C92); None: an id the
+        config does not know is 404."""
         self._engine = engine
         self._keys = keys
         self._admission = admission
         self._settler = settler
         self._body_timeout_s = body_timeout_s
         self._enforce_during_stream = enforce_during_stream  # compatibility C79
+        self._custom = custom
         self.interceptors = Interceptors(engine, keys, body_timeout_s, finish=self.run)
 
     async def observed(self, call: Call, observer: Observer) -> web.StreamResponse:
@@ -155,10 +160,16 @@ class DeploymentCalls:
             return await self._typed(call)
         if call.raw_id == INTERCEPTOR_ID:  # an interceptor's callback (compatibility C40)
             return await self.interceptors.next(call)
-        deployment = call.deployment = resolve(call.snapshot, call.raw_id)
+        deployment_id = decode_id(call.raw_id)
+        deployment = call.snapshot.resolve(deployment_id)
         note = call.note
-        if note is not None:
+        if deployment is None:  # a custom application, or 404 (compatibility C92)
+            deployment = await custom_application(call, deployment_id, self._custom)
+            # Its name is made by a caller: metrics count it under "" (a label per name would
+            # grow without bound); the access log and the trace name it by the id.
+        elif note is not None:
             note.deployment = deployment.name
+        call.deployment = deployment
         authorize(call.principal, deployment)
         target = deployment.targets.get(INTERFACE_OF[call.api]) if deployment.targets else None
         if target is None and deployment.endpoint_url is None:
@@ -292,9 +303,11 @@ class DeploymentCalls:
                     body,
                     self._engine.timeouts.of(deployment),
                     DEPLOYMENT if charged else UNCHARGED,
-                    snapshot.balancers[deployment.name].plan(
-                        deployment.max_attempts, snapshot.retriable
-                    ),
+                    (
+                        snapshot.balancers[deployment.name]
+                        if deployment.balancer is None
+                        else deployment.balancer  # a custom application's (C92)
+                    ).plan(deployment.max_attempts, snapshot.retriable),
                     per_upstream,
                     deployment.name,
                     hide_usage=hide_usage,
