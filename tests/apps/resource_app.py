@@ -23,6 +23,7 @@ key itself is never put in an answer.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -155,11 +156,16 @@ class ResourceApp:
         await self.runner.cleanup()
 
 
-async def start_resource_app(dial_url: str) -> ResourceApp:
+async def start_resource_app(dial_url: str, sock: socket.socket | None = None) -> ResourceApp:
+    """The app calling Tollgate at `dial_url`, on `sock` (a listening socket whose port a
+    config names before Tollgate starts: `inprocess.listening_socket`) or a free port."""
     app = build_app(dial_url)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port: int = runner.addresses[0][1]
+    if sock is None:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port: int = runner.addresses[0][1]
+    else:
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
     return ResourceApp(app, runner, port)

@@ -23,6 +23,7 @@ from tollgate import __version__
 from tollgate.config_store import ConfigStore
 from tollgate.errors import GatewayError, no_route
 from tollgate.http import anthropic, catalog, protocol_errors
+from tollgate.http.attachments import AttachmentAccess
 from tollgate.http.config_api import ConfigApi
 from tollgate.http.custom_apps import CustomApplications
 from tollgate.http.limits_api import LimitsApi
@@ -216,6 +217,8 @@ class Gateway:
             body_timeout_s=body_timeout_s,
             enforce_during_stream=settings.enforce_during_stream,
             custom=self.custom_apps.resolve,
+            # What a request attaches, checked and given to the hop's key (compatibility C93).
+            attachments=AttachmentAccess(self.resources_api),
         )
         self.features = features.FeatureCalls(self.engine, keys, body_timeout_s)
         self.routes = RouteCalls(self.engine, self.admission, body_timeout_s)

@@ -209,19 +209,24 @@ class ResourcesApi:
 
     async def permissions(self, principal: Principal, resource: ResourcePath) -> frozenset[str]:
         """DIAL's rules (spec 7.1) in its order: the own bucket and administrators (READ and
-        WRITE); a per-request key's `appdata` folder in its root caller's bucket (READ and
-        WRITE); public reads; what the root caller was shared (rule 5, from the owner's
-        record: `tollgate.resources.sharing`)."""
+        WRITE); a per-request key's attachments, and what lies below an attached folder (READ;
+        rule 3, compatibility C93); a per-request key's `appdata` folder in its root caller's
+        bucket (READ and WRITE); public reads; what the root caller was shared (rule 5, from
+        the owner's record: `tollgate.resources.sharing`)."""
         if resource.location == user_location(principal) or self.admins.allows(principal):
             return BOTH
         if resource.location == PUBLIC_LOCATION:
             return ONLY_READ
+        attachments = principal.attachments
+        attached = attachments is not None and resource.covered_by(attachments)
         initiator = initiator_location(principal)
         if resource.location == initiator and in_appdata(principal, resource):
             return BOTH
         if self.sharing is None:
-            return NONE
+            return ONLY_READ if attached else NONE
         granted = await self.sharing.granted(resource, initiator)
+        if attached:
+            return ONLY_READ.union(granted)
         return frozenset(granted) if granted else NONE
 
     async def _resource(

@@ -23,6 +23,7 @@ from tollgate.limits.api_usage import ANTHROPIC, OPENAI, RESPONSES
 from tollgate.observability.calls import Observer
 from tollgate.pipeline.admit import Admission
 from tollgate.pipeline.assistants import addon_headers, assistant_request
+from tollgate.pipeline.attachments import SCANNED_APIS, AttachmentCheck, attached_urls
 from tollgate.pipeline.authorize import authorize
 from tollgate.pipeline.budget import stream_budget
 from tollgate.pipeline.call import Call
@@ -102,6 +103,7 @@ class DeploymentCalls:
 
     __slots__ = (
         "_admission",
+        "_attachments",
         "_body_timeout_s",
         "_custom",
         "_enforce_during_stream",
@@ -121,9 +123,11 @@ class DeploymentCalls:
         body_timeout_s: float,
         enforce_during_stream: bool = False,
         custom: CustomApplications | None = None,
+        attachments: AttachmentCheck | None = None,
     ) -> None:
         """`custom`: the custom applications' resolver (compatibility C92); None: an id the
-        config does not know is 404."""
+        config does not know is 404. `attachments`: the check of what a request attaches
+        (compatibility C93); None: nothing is checked, and keys may read no attachment."""
         self._engine = engine
         self._keys = keys
         self._admission = admission
@@ -131,7 +135,10 @@ class DeploymentCalls:
         self._body_timeout_s = body_timeout_s
         self._enforce_during_stream = enforce_during_stream  # compatibility C79
         self._custom = custom
-        self.interceptors = Interceptors(engine, keys, body_timeout_s, finish=self.run)
+        self._attachments = attachments
+        self.interceptors = Interceptors(
+            engine, keys, body_timeout_s, finish=self.run, attachments=attachments
+        )
 
     async def observed(self, call: Call, observer: Observer) -> web.StreamResponse:
         """`run`, recorded in the metrics, the access log and its span (each when on) once it
@@ -225,8 +232,14 @@ class DeploymentCalls:
         api = call.api
         # `count_tokens` is neither limited nor charged (compatibility C76).
         charged = api != "anthropic/messages/count_tokens"
+        attached = None
+        check = self._attachments
+        if check is not None and api in SCANNED_APIS:
+            urls = attached_urls(parsed)
+            if urls:  # refused before anything is forwarded or charged (compatibility C93)
+                attached = await check(call.principal, urls)
         keys = self._keys
-        hop_key = keys.open(call.principal.via(deployment.name))
+        hop_key = keys.open(call.principal.via(deployment.name, attached))
         ticket = None
         try:
             if charged:

@@ -29,6 +29,7 @@ from typing import Final
 from aiohttp import web
 
 from tollgate.errors import GatewayError
+from tollgate.pipeline.attachments import SCANNED_APIS, AttachmentCheck, attached_urls
 from tollgate.pipeline.call import Call
 from tollgate.pipeline.forward import (
     client_headers,
@@ -63,7 +64,7 @@ def not_mid_chain(principal: Principal) -> GatewayError:
 class Interceptors:
     """The interceptor steps of the request path."""
 
-    __slots__ = ("_body_timeout_s", "_engine", "_finish", "_keys")
+    __slots__ = ("_attachments", "_body_timeout_s", "_engine", "_finish", "_keys")
 
     def __init__(
         self,
@@ -72,11 +73,13 @@ class Interceptors:
         body_timeout_s: float,
         *,
         finish: Callable[[Call], Awaitable[web.StreamResponse]],
+        attachments: AttachmentCheck | None = None,
     ) -> None:
         self._engine = engine
         self._keys = keys
         self._body_timeout_s = body_timeout_s
         self._finish = finish  # the deployment call at the chain's end
+        self._attachments = attachments  # what a request attaches, checked (C93)
 
     async def enter(self, call: Call) -> web.StreamResponse:
         """The client's call of a deployment with a chain: to the chain's first interceptor.
@@ -127,7 +130,12 @@ class Interceptors:
             raise GatewayError(503, f"Interceptor has no endpoint: {name}")
         request = call.request
         body = await read_body(request, self._body_timeout_s)
-        parse_body(body)  # DIAL parses the request before any hop: invalid JSON is 400
+        parsed = parse_body(body)  # DIAL parses the request before any hop: invalid JSON is 400
+        check = self._attachments
+        if check is not None and step.api in SCANNED_APIS:
+            urls = attached_urls(parsed)
+            if urls:  # the interceptor's key may read what the caller attached (C93)
+                principal = principal._replace(attachments=await check(call.principal, urls))
         keys = self._keys
         # The callback may reach another instance: the key carries the chain step there.
         hop_key = keys.open(principal)

@@ -95,6 +95,20 @@ class ResourcePath:
         """The last segment, decoded; None for the root folder (DIAL's `name: null`)."""
         return self.segments[-1] if self.segments else None
 
+    def covered_by(self, urls: frozenset[str]) -> bool:
+        """Whether `urls` (canonical URLs, a folder's with its trailing `/`) holds this
+        resource's URL or that of a folder above it, up to the bucket's root."""
+        if self.url in urls:
+            return True
+        prefix = f"{self.group}/{self.bucket}/"
+        if prefix in urls:
+            return True
+        for count in range(1, len(self.segments)):
+            folder = "".join(f"{encode_segment(s)}/" for s in self.segments[:count])
+            if prefix + folder in urls:
+                return True
+        return False
+
     @property
     def parent_path(self) -> str | None:
         """The parent folders, decoded and joined by `/`; None at the root and for its

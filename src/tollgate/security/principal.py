@@ -32,6 +32,10 @@ class Principal(NamedTuple):
     the key, and is `None` for a call made with a project key. `chain` is set only for a key
     given to an interceptor. (A named tuple: one is built for every hop, and tuples are the
     cheapest immutable objects to build.)
+
+    `attachments`: for a per-request key, the resource URLs attached to the request that made
+    it, which it may read (DIAL's `attachedFiles` and `attachedFolders`, a folder's URL ending
+    in `/`; compatibility C93); None when nothing was attached, as for every other caller.
     """
 
     project: str
@@ -41,9 +45,11 @@ class Principal(NamedTuple):
     secured: bool = False
     source_deployment: str | None = None
     chain: ChainStep | None = None
+    attachments: frozenset[str] | None = None
 
-    def via(self, deployment: str) -> Principal:
-        """The same root caller, acting through a per-request key given to `deployment`."""
+    def via(self, deployment: str, attachments: frozenset[str] | None = None) -> Principal:
+        """The same root caller, acting through a per-request key given to `deployment`, which
+        may read `attachments` (compatibility C93)."""
         # Built as a plain tuple: a named tuple's own constructor, with its defaults, costs
         # about twice as much, and this runs on every hop.
         return _tuple_new(
@@ -56,10 +62,13 @@ class Principal(NamedTuple):
                 self.secured,
                 deployment,
                 None,
+                attachments,
             ),
         )
 
-    def via_interceptor(self, step: ChainStep) -> Principal:
+    def via_interceptor(
+        self, step: ChainStep, attachments: frozenset[str] | None = None
+    ) -> Principal:
         """The same root caller, acting through the key given to the interceptor of `step`."""
         return Principal(
             self.project,
@@ -69,4 +78,5 @@ class Principal(NamedTuple):
             self.secured,
             step.interceptors[step.position],
             step,
+            attachments,
         )

@@ -99,6 +99,7 @@ class SharedKeys:
         # An interceptor's key carries its chain step (compatibility C40), so that the interceptor's
         # callback may land on any instance; other keys store `null` there.
         chain = principal.chain
+        attachments = principal.attachments
         value = orjson.dumps(
             [
                 principal.project,
@@ -109,6 +110,8 @@ class SharedKeys:
                 None
                 if chain is None
                 else [chain.interceptors, chain.position, chain.deployment, chain.api],
+                # What the request attached, which the key may read (compatibility C93).
+                None if attachments is None else sorted(attachments),
             ]
         )
         try:
@@ -131,7 +134,9 @@ class SharedKeys:
             return None
         project, roles, fingerprint, secured, source, *rest = orjson.loads(value)
         # Five fields: published by a Tollgate from before interceptor chains; no chain then.
+        # Six: from before attachments; none then.
         chain = rest[0] if rest else None
+        attachments = rest[1] if len(rest) > 1 else None
         return Principal(
             project,
             tuple(roles),
@@ -140,6 +145,7 @@ class SharedKeys:
             secured,
             source,
             None if chain is None else ChainStep(tuple(chain[0]), chain[1], chain[2], chain[3]),
+            None if attachments is None else frozenset(attachments),
         )
 
     def revoke(self, digest: bytes) -> None:
