@@ -815,3 +815,33 @@ async def test_a_moved_application_is_named_by_its_new_url(http: httpx.AsyncClie
         assert moved["endpoint"] == "http://127.0.0.1:9/v1/chat/completions"
         assert moved["reference"] == reference
     assert (await http.get(f"/v1/{source}", headers=OWNER)).status_code == 404
+
+
+async def test_a_reader_of_a_custom_application_gets_its_application_data(
+    http: httpx.AsyncClient,
+) -> None:
+    """Spec 6.2: the definition (its endpoint) is for those who may write it; a caller that
+    may only read it, by a share or in `public`, gets DIAL's ApplicationData."""
+    url = f"applications/{MINE}/shared-app"
+    endpoint = "http://10.1.2.3:8080/secret-path/v1/chat/completions"
+    await put(http, url, {"endpoint": endpoint, "displayName": "Shared app"})
+    full = (await http.get(f"/v1/{url}", headers=OWNER)).json()
+    assert full["endpoint"] == endpoint and full["name"] == url
+    invitation = await share(http, [{"url": url}])
+    assert (await accept(http, invitation, OTHER)).status_code == 200
+    seen = await http.get(f"/v1/{url}", headers=OTHER)
+    assert seen.status_code == 200, seen.text
+    data = seen.json()
+    assert data["id"] == url and data["application"] == url
+    assert data["display_name"] == "Shared app"
+    assert "endpoint" not in data and "secret-path" not in seen.text
+    # With WRITE as well, the recipient sees the definition.
+    both = await share(http, [{"url": url, "permissions": ["READ", "WRITE"]}])
+    assert (await accept(http, both, OTHER)).status_code == 200
+    assert (await http.get(f"/v1/{url}", headers=OTHER)).json()["endpoint"] == endpoint
+    # Public: administrators write it, everyone else reads its ApplicationData.
+    public = "applications/public/team-app"
+    await put(http, public, {"endpoint": endpoint}, who=ADMIN)
+    assert (await http.get(f"/v1/{public}", headers=ADMIN)).json()["endpoint"] == endpoint
+    seen = await http.get(f"/v1/{public}", headers=THIRD)
+    assert seen.status_code == 200 and "endpoint" not in seen.json()

@@ -1,5 +1,5 @@
-"""DIAL's resource API: buckets, files and JSON resources (issue 14, in progress; compatibility
-C83-C86).
+"""DIAL's resource API: buckets, files and JSON resources (compatibility C83-C86, C88, C92,
+C93).
 
 `GET /v1/bucket` answers the caller's bucket name: DIAL's encryption of `Keys/<project>/` (and,
 for a per-request key, the application's bucket and its `appdata` folder in the caller's).
@@ -22,16 +22,18 @@ JSON resources (compatibility C86), on the same store, with the same access and 
 - `PUT /v1/{conversations|prompts|applications}/{bucket}/{path}`: a JSON object of at most
   `resources.maxSize` bytes (413 `Request body is too large`), checked by `resources_json`
   and stored as `application/json`; 200 with `ETag` and DIAL's ResourceItemMetadata.
-- `GET`: the stored JSON; `DELETE`: 200, or 404; a folder URL: 400 `Folder not allowed: <url>`.
+- `GET`: the stored JSON (a custom application, to a caller that may only read it: its
+  ApplicationData); `DELETE`: 200, or 404; a folder URL: 400 `Folder not allowed: <url>`.
 - `GET /v1/metadata/{type}/{bucket}/{path}`: the same listing as files' (`resources_common`),
   with DIAL's ResourceController message for bad query parameters.
-Custom applications are stored, not yet callable as deployments (spec 6.4 is a later step).
+Custom applications are callable as deployments (`http/custom_apps.py`, compatibility C92).
 
 Conditions follow newest DIAL (spec 5.5) with unquoted ETags, as Tollgate's store gives them;
-quoted and weak (`W/"..."`) tags are accepted. Access (spec 7.1): the caller's own bucket
-(`user_location`) READ and WRITE; administrators (`access.admin.rules`, never a per-request
-key) READ and WRITE everywhere; `public` READ for anyone; anything else 403
-`You don't have an access to: <url>`.
+quoted and weak (`W/"..."`) tags are accepted. Access (spec 7.1) is `permissions`: the
+caller's own bucket (`user_location`) and administrators (`access.admin.rules`, never a
+per-request key) READ and WRITE; `public` READ for anyone (WRITE for administrators); a
+per-request key's attachments READ and its `appdata` folder READ and WRITE (C93); what was
+shared with the root caller (C88); anything else 403 `You don't have an access to: <url>`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from tollgate.http.resources_common import (
 )
 from tollgate.http.resources_json import resource_body
 from tollgate.pipeline.forward import read_body
+from tollgate.resources.applications import application_data
 from tollgate.resources.buckets import (
     PUBLIC_LOCATION,
     bucket_answer,
@@ -373,10 +376,23 @@ class ResourcesApi:
     async def _get_resource(
         self, request: web.Request, principal: Principal, url: str
     ) -> web.StreamResponse:
-        resource, _ = await self._resource(principal, url, READ)
+        resource, granted = await self._resource(principal, url, READ)
         if resource.is_folder:
             raise GatewayError(400, f"Folder not allowed: {resource.url}")
+        if resource.group == "applications" and WRITE not in granted:
+            return await self._application_data(resource)
         return await self._send(request, resource, JSON)
+
+    async def _application_data(self, resource: ResourcePath) -> web.Response:
+        """DIAL's `getApplicationData` (spec 6.2): a caller that may only read a custom
+        application gets its ApplicationData, as the listing shows it, not the definition."""
+        blob = await self.store.get(resource.storage_key)
+        body = None if blob is None else application_data(resource, blob.data)
+        if blob is None or body is None:
+            raise not_found(resource.url)
+        return web.Response(
+            body=orjson.dumps(body), content_type=JSON, headers={"ETag": blob.etag or ""}
+        )
 
     async def _send(
         self, request: web.Request, resource: ResourcePath, content_type: str | None

@@ -88,22 +88,37 @@ class CustomApps:
 def _compile(
     resource: ResourcePath, data: bytes, global_interceptors: tuple[str, ...]
 ) -> CustomApp | None:
+    spec = definition(resource, data)
+    if spec is None:
+        return None
+    name = resource.url
+    return CustomApp(
+        custom_application(name, spec, global_interceptors),
+        listings.application_item(name, spec),
+    )
+
+
+def definition(resource: ResourcePath, data: bytes) -> Application | None:
     """DIAL's `ApplicationService.getApplication`: the stored JSON as a config application,
     named by the URL it is stored at (not by its stored `name`, which a move leaves behind),
     with DIAL's overrides applied again (no `userRoles`, no `forwardAuthToken`) whoever wrote
-    the object."""
-    name = resource.url
+    the object; None (logged) when it is not a definition."""
     try:
         document = orjson.loads(data)
         if not isinstance(document, dict):
             raise ValueError("not a JSON object")
         for field in ("userRoles", "user_roles", "forwardAuthToken", "forward_auth_token"):
             document.pop(field, None)
-        spec = Application.model_validate(document)
+        return Application.model_validate(document)
     except (ValueError, ValidationError) as exc:  # orjson's error is a ValueError
-        log.warning("custom application %s cannot be used: %s", name, str(exc).splitlines()[0])
+        log.warning(
+            "custom application %s cannot be used: %s", resource.url, str(exc).splitlines()[0]
+        )
         return None
-    return CustomApp(
-        custom_application(name, spec, global_interceptors),
-        listings.application_item(name, spec),
-    )
+
+
+def application_data(resource: ResourcePath, data: bytes) -> dict[str, Any] | None:
+    """What a caller that may read but not write a custom application sees of it: DIAL's
+    ApplicationData (the listing's item), never the stored definition (its endpoint)."""
+    spec = definition(resource, data)
+    return None if spec is None else listings.application_item(resource.url, spec)
