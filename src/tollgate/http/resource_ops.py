@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from tollgate.errors import GatewayError
-from tollgate.http.resources_common import JSON, folder_entry, store_unavailable
+from tollgate.http.resources_common import JSON, node, store_unavailable
 from tollgate.http.resources_json import resource_body
 from tollgate.pipeline.forward import read_body
 from tollgate.resources.buckets import KEYS_PREFIX, PUBLIC_LOCATION, initiator_location
@@ -644,13 +644,4 @@ def _node(url: str, cipher: BucketCipher, types: set[str]) -> dict[str, Any] | N
         return None
     if resource.resource_type not in types:
         return None
-    if resource.is_folder:
-        return folder_entry(resource)
-    return {
-        "name": resource.name,
-        "parentPath": resource.parent_path,
-        "bucket": resource.bucket,
-        "url": resource.url,
-        "nodeType": "ITEM",
-        "resourceType": resource.resource_type,
-    }
+    return node(resource)

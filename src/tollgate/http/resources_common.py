@@ -101,14 +101,7 @@ def item_metadata(
     """DIAL's metadata of an item: FileMetadata for a file, ResourceItemMetadata for a JSON
     resource (no size, no type; no `etag` in a listing); null fields other than name and
     parentPath omitted."""
-    body: dict[str, Any] = {
-        "name": resource.name,
-        "parentPath": resource.parent_path,
-        "bucket": resource.bucket,
-        "url": resource.url,
-        "nodeType": "ITEM",
-        "resourceType": resource.resource_type,
-    }
+    body = node(resource)
     updated = ms(info.last_modified)
     if info.created_at is not None:
         # The store stamps a new object's creation at its commit, a little after its mtime.
@@ -125,16 +118,19 @@ def item_metadata(
     return body
 
 
-def folder_entry(resource: ResourcePath) -> dict[str, Any]:
-    return {
+def node(resource: ResourcePath) -> dict[str, Any]:
+    """What every metadata node of DIAL starts with, in its order; a folder's `items` null."""
+    body: dict[str, Any] = {
         "name": resource.name,
         "parentPath": resource.parent_path,
         "bucket": resource.bucket,
         "url": resource.url,
-        "nodeType": "FOLDER",
+        "nodeType": "FOLDER" if resource.is_folder else "ITEM",
         "resourceType": resource.resource_type,
-        "items": None,
     }
+    if resource.is_folder:
+        body["items"] = None
+    return body
 
 
 def child_of(parent: ResourcePath, relative: str) -> ResourcePath:
@@ -168,18 +164,11 @@ async def folder_listing(
         for key, info in entries:
             child = child_of(resource, key[len(folder) :])
             if info is None:
-                items.append(folder_entry(child))
+                items.append(node(child))
             else:
                 items.append(item_metadata(child, info, listed=True))
-    body: dict[str, Any] = {
-        "name": resource.name,
-        "parentPath": resource.parent_path,
-        "bucket": resource.bucket,
-        "url": resource.url,
-        "nodeType": "FOLDER",
-        "resourceType": resource.resource_type,
-        "items": items,
-    }
+    body = node(resource)
+    body["items"] = items
     if next_token is not None:
         body["nextToken"] = make_token(folder, next_token)
     return body
