@@ -845,3 +845,13 @@ async def test_a_reader_of_a_custom_application_gets_its_application_data(
     assert (await http.get(f"/v1/{public}", headers=ADMIN)).json()["endpoint"] == endpoint
     seen = await http.get(f"/v1/{public}", headers=THIRD)
     assert seen.status_code == 200 and "endpoint" not in seen.json()
+
+
+async def test_one_request_names_a_bounded_number_of_resources(http: httpx.AsyncClient) -> None:
+    many = [{"url": f"files/{MINE}/f{i}"} for i in range(5001)]
+    for action in ("create", "revoke", "discard"):
+        answer = await http.post(
+            f"/v1/ops/resource/share/{action}", headers=OWNER, json={"resources": many}
+        )
+        assert refusal(answer) == (400, "Too many resources: at most 5000 in one request")
+    assert await share(http, many[:5000])  # the bound itself is allowed

@@ -57,6 +57,9 @@ SHARE_ONLY = (
 )
 LIMIT_EXCEEDED = "Limit is exceeded on the number of accepted users for the resource: "
 COPY_CHUNK = 262144
+# Resources named by one share, revoke or discard request (DIAL Chat's folder share names the
+# folder and each attachment of its conversations).
+MAX_RESOURCES_PER_REQUEST = 5000
 # Open invitations per owner: every change of the owner's record reads and writes all of them.
 MAX_INVITATIONS = 10000
 TYPE_OF_NAME = {name: group for group, name in RESOURCE_TYPES.items()}
@@ -152,6 +155,10 @@ class ResourceOps:
             raise GatewayError(400, message)
         if not entries:
             raise GatewayError(400, "No resources provided")
+        if len(entries) > MAX_RESOURCES_PER_REQUEST:
+            raise GatewayError(
+                400, f"Too many resources: at most {MAX_RESOURCES_PER_REQUEST} in one request"
+            )
         return entries
 
     async def _cipher(self) -> BucketCipher:
