@@ -252,7 +252,15 @@ async def test_create_checks_its_body_as_dial(http: httpx.AsyncClient) -> None:
         ({"resources": [{"link": mine}]}, incorrect),
         ({"resources": [{"url": mine}], "invitationType": "pigeon"}, incorrect),
         ({"resources": []}, "No resources provided"),
-        ({"resources": [{"url": theirs}]}, f"Resource {theirs} does not belong to the user"),
+        # Newest DIAL: another's resource may be shared only with SHARE on it (re-sharing).
+        (
+            {"resources": [{"url": theirs}]},
+            f"Resource {theirs} is not allowed to be shared by the user",
+        ),
+        (
+            {"resources": [{"url": mine}, {"url": theirs}]},
+            "You're not allowed to share resources of different owners in a single request",
+        ),
         ({"resources": [{"url": dotted}]}, f"Incorrect resource link provided {dotted}"),
         ({"resources": [{"url": public}]}, f"Incorrect resource link provided {public}"),
         ({"resources": [{"url": "nothing"}]}, "Incorrect resource link provided nothing"),
@@ -855,3 +863,86 @@ async def test_one_request_names_a_bounded_number_of_resources(http: httpx.Async
         )
         assert refusal(answer) == (400, "Too many resources: at most 5000 in one request")
     assert await share(http, many[:5000])  # the bound itself is allowed
+
+
+# --- re-sharing (newest DIAL) -------------------------------------------------------------
+
+
+async def test_a_recipient_with_share_re_shares_read_only(
+    gateways: Gateways, tmp_path: Path
+) -> None:
+    roles = {"basic": {"share": {"CONVERSATION": {"max_accepted_users": 3}}}}
+    gw = await start_with_roles(gateways, tmp_path, roles)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        folder, url = f"conversations/{MINE}/team/", f"conversations/{MINE}/team/plan"
+        await put(http, url)
+        first = await share(http, [{"url": folder, "permissions": ["READ", "SHARE"]}])
+        assert (await accept(http, first, OTHER)).status_code == 200
+        # The owner's own share of the conversation snapshots its limit (3); a re-share
+        # snapshots none, and a URL never shared by its owner has the type's default (DIAL).
+        await share(http, [{"url": url}])
+        meta = await http.get(f"/v1/metadata/{url}", params={"permissions": "true"}, headers=OTHER)
+        assert meta.json()["permissions"] == ["READ", "SHARE"]
+
+        # The recipient re-shares a conversation under the folder: READ only.
+        create = "/v1/ops/resource/share/create"
+        answer = await http.post(
+            create,
+            headers=OTHER,
+            json={"resources": [{"url": url, "permissions": ["READ", "WRITE"]}]},
+        )
+        assert refusal(answer) == (
+            400,
+            f"Re-shared resource {url} is not allowed to be shared with the permission WRITE",
+        )
+        again = await share(http, [{"url": url}], who=OTHER)
+        seen = (await http.get(f"/v1/invitations/{again}", headers=OTHER)).json()
+        assert seen["author"] == "EPM-RTC-RAIL"
+        assert seen["resources"] == [
+            {
+                "url": url,
+                "permissions": ["READ"],
+                "author": "EPM-RTC-GPT",
+                "sharedBy": "EPM-RTC-RAIL",
+            }
+        ]
+        assert "createdBy" not in seen
+        # It is the re-sharer's invitation: listed and deletable by it, not by the owner's list.
+        mine = (await http.get("/v1/invitations", headers=OTHER)).json()["invitations"]
+        assert [inv["id"] for inv in mine] == [again]
+        owned = (await http.get("/v1/invitations", headers=OWNER)).json()["invitations"]
+        assert first in [inv["id"] for inv in owned] and again not in [inv["id"] for inv in owned]
+
+        assert (await accept(http, again, THIRD)).status_code == 200
+        assert (await http.get(f"/v1/{url}", headers=THIRD)).status_code == 200
+        assert (await http.put(f"/v1/{url}", headers=THIRD, json={})).status_code == 403
+        # Without SHARE, no further re-share.
+        answer = await http.post(create, headers=THIRD, json={"resources": [{"url": url}]})
+        assert refusal(answer) == (400, f"Resource {url} is not allowed to be shared by the user")
+        # The owner's limit counts every recipient of the URL, however they came (OTHER holds
+        # the folder, another URL: THIRD and two more fill the conversation's 3).
+        assert (await accept(http, again, {"Api-Key": crowd_key(0)})).status_code == 200
+        assert (await accept(http, again, {"Api-Key": crowd_key(1)})).status_code == 200
+        assert refusal(await accept(http, again, {"Api-Key": crowd_key(2)})) == (
+            400,
+            f"{LIMIT_EXCEEDED}{url}",
+        )
+        assert refusal(await http.delete(f"/v1/invitations/{again}", headers=THIRD)) == (
+            403,
+            "You are not invitation owner",
+        )
+
+        # The owner takes SHARE back: the re-share can no longer be accepted, and the
+        # re-sharer deletes it.
+        revoke = await http.post(
+            "/v1/ops/resource/share/revoke",
+            headers=OWNER,
+            json={"resources": [{"url": folder, "permissions": ["SHARE"]}]},
+        )
+        assert revoke.status_code == 200
+        assert (await http.get(f"/v1/{url}", headers=OTHER)).status_code == 200  # READ stays
+        assert (await accept(http, again, {"Api-Key": crowd_key(3)})).status_code == 404
+        assert (await http.delete(f"/v1/invitations/{again}", headers=OTHER)).status_code == 200
+        assert (await http.get("/v1/invitations", headers=OTHER)).json() == {"invitations": []}
+        answer = await http.post(create, headers=OTHER, json={"resources": [{"url": url}]})
+        assert refusal(answer) == (400, f"Resource {url} is not allowed to be shared by the user")

@@ -31,11 +31,13 @@ from tollgate.resources.sharing import (
     DEFAULT_LIMITS,
     PERMISSIONS,
     READ,
+    SHARE,
     WRITE,
     Invitation,
     OwnerRecord,
     Shared,
     Sharing,
+    covering_urls,
     effective_limit,
     merge,
 )
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollgate.resources")
 
 OPERATION = re.compile(r"/+v1/ops/resource/(move|copy)")
-SHARE = re.compile(r"/+v1/ops/resource/share/(create|list|revoke|discard|copy)")
+SHARE_API = re.compile(r"/+v1/ops/resource/share/(create|list|revoke|discard|copy)")
 INVITATIONS = re.compile(r"/+v1/invitations(?:/([^/]*))?")
 PER_REQUEST_REFUSED = "The Share API is not allowed for per-request keys"
 SHARE_ONLY = (
@@ -97,7 +99,7 @@ class ResourceOps:
     @staticmethod
     def handles(path: str) -> bool:
         return any(
-            pattern.fullmatch(path) is not None for pattern in (OPERATION, SHARE, INVITATIONS)
+            pattern.fullmatch(path) is not None for pattern in (OPERATION, SHARE_API, INVITATIONS)
         )
 
     async def handle(
@@ -111,7 +113,7 @@ class ResourceOps:
                 return await self._move_or_copy(request, principal, match[1] == "move")
             if principal.source_deployment is not None:
                 raise GatewayError(403, PER_REQUEST_REFUSED)
-            match = SHARE.fullmatch(path)
+            match = SHARE_API.fullmatch(path)
             if match is not None:
                 _only(method, "POST")
                 action = getattr(self, f"_share_{match[1]}")
@@ -184,12 +186,6 @@ class ResourceOps:
         wanted = {p.upper() for p in value}
         if not wanted:
             return default
-        if "SHARE" in wanted:
-            if wanted == {"SHARE"}:
-                raise GatewayError(400, SHARE_ONLY)
-            raise GatewayError(
-                400, "Re-sharing is not supported: share with READ and/or WRITE only"
-            )
         if not wanted <= set(PERMISSIONS):
             raise GatewayError(400, message)
         return [p for p in PERMISSIONS if p in wanted]
@@ -206,19 +202,28 @@ class ResourceOps:
         cap = body.get("maxAcceptedUsers")
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise GatewayError(400, "maxAcceptedUsers must be a positive integer")
-        owner = initiator_location(principal)
+        me = initiator_location(principal)
         shared: list[tuple[ResourcePath, list[str]]] = []
         seen: set[str] = set()
         for entry in entries:
             resource = await self._shared_url(entry["url"])
-            if resource.location != owner:
-                raise GatewayError(400, f"Resource {entry['url']} does not belong to the user")
             if resource.url in seen:
                 raise GatewayError(400, f"Duplicated resource: {resource.url}")
             seen.add(resource.url)
             permissions = self._permissions(entry.get("permissions"), message, default=[READ])
             assert permissions is not None
+            if permissions == [SHARE]:
+                raise GatewayError(400, SHARE_ONLY)
             shared.append((resource, permissions))
+        owner = shared[0][0].location
+        if any(resource.location != owner for resource, _ in shared):
+            raise GatewayError(
+                400,
+                "You're not allowed to share resources of different owners in a single request",
+            )
+        reshare = owner != me
+        if reshare:  # checked here for the message, and again in the write (a revoke may race)
+            self._check_reshare(await self.sharing.owner_record(owner), shared, me)
         roles = self._roles_of()
         limits = {
             resource.resource_type: effective_limit(
@@ -229,40 +234,86 @@ class ResourceOps:
         ttl_ms = min(limit.ttl_ms for limit in limits.values())
         now = self.sharing.now_ms()
         name, invitation_id = self.sharing.new_invitation(owner, await self._cipher())
+        listed: list[dict[str, Any]] = []
+        for resource, permissions in shared:
+            item: dict[str, Any] = {"url": resource.url, "permissions": permissions}
+            if reshare:  # the original author is kept (newest DIAL)
+                item["author"], item["sharedBy"] = display_name(owner), principal.project
+            listed.append(item)
         invitation = Invitation.new(
             invitation_id,
-            [{"url": r.url, "permissions": p} for r, p in shared],
+            listed,
             now,
             now + ttl_ms,
             principal.project,
             cap,
+            created_by=me if reshare else None,
         )
 
         def create(record: OwnerRecord) -> None:
-            if record.invitation_count() >= MAX_INVITATIONS:
-                raise GatewayError(
-                    400,
-                    f"Too many invitations: at most {MAX_INVITATIONS} may be open at once; "
-                    "delete some or let them expire",
-                )
+            if not reshare:
+                _check_room(record)
+            else:
+                self._check_reshare(record, shared, me)
             record.add_invitation(name, invitation)
+            if reshare:
+                return  # the owner's limits stay as the owner last shared
             for resource, _ in shared:
                 entry = record.share(resource.url)
                 # The limit as the owner's roles have it now; the latest share wins.
                 entry.limit = limits[resource.resource_type].max_accepted_users
 
+        if reshare:
+            # The re-sharer's own record lists it (GET /v1/invitations), within its bound.
+            def note(record: OwnerRecord) -> None:
+                _check_room(record)
+                record.reshared()[invitation_id] = invitation.expire_at
+
+            await self.sharing.update_owner(me, note)
         await self.sharing.update_owner(owner, create)
         return _json({"invitationLink": f"/v1/invitations/{invitation_id}"})
+
+    @staticmethod
+    def _check_reshare(
+        record: OwnerRecord, shared: list[tuple[ResourcePath, list[str]]], me: str
+    ) -> None:
+        """Newest DIAL's re-sharing: what a recipient holds SHARE on (itself or a folder above
+        it) it may share on, READ (and SHARE) only."""
+        for resource, permissions in shared:
+            if SHARE not in record.granted(covering_urls(resource), me):
+                raise GatewayError(
+                    400, f"Resource {resource.url} is not allowed to be shared by the user"
+                )
+            if WRITE in permissions:
+                raise GatewayError(
+                    400,
+                    f"Re-shared resource {resource.url} is not allowed to be shared "
+                    "with the permission WRITE",
+                )
 
     # --- invitations
 
     async def _invitations(self, principal: Principal) -> web.Response:
-        owner = initiator_location(principal)
-        record = await self.sharing.owner_record(owner)
+        """The caller's invitations: those of its own resources it made, and its re-shares
+        (kept in their owners' records)."""
+        me = initiator_location(principal)
+        record = await self.sharing.owner_record(me)
         now = self.sharing.now_ms()
+        found = [inv for inv in record.invitations() if inv.made_by(me, me)]
+        cipher = await self._cipher()
+        owners: dict[str, OwnerRecord] = {}
+        for invitation_id in record.reshared():
+            parsed = self.sharing.parse_invitation(invitation_id, cipher)
+            if parsed is None:
+                continue
+            owner, name = parsed
+            if owner not in owners:
+                owners[owner] = await self.sharing.owner_record(owner)
+            invitation = owners[owner].invitation(name)
+            if invitation is not None and invitation.made_by(me, owner):
+                found.append(invitation)
         listed = sorted(
-            (inv for inv in record.invitations() if inv.expire_at > now),
-            key=lambda inv: (inv.created_at, inv.id),
+            (inv for inv in found if inv.expire_at > now), key=lambda inv: (inv.created_at, inv.id)
         )
         return _json({"invitations": [inv.answer(for_owner=True) for inv in listed]})
 
@@ -279,22 +330,34 @@ class ResourceOps:
         invitation = record.invitation(name)
         if invitation is None or invitation.expire_at <= self.sharing.now_ms():
             raise _not_found(invitation_id)
-        return _json(invitation.answer(for_owner=owner == initiator_location(principal)))
+        mine = invitation.made_by(initiator_location(principal), owner)
+        return _json(invitation.answer(for_owner=mine))
 
     async def _delete_invitation(self, principal: Principal, invitation_id: str) -> web.Response:
         owner, name = await self._find(invitation_id, spaced=False)
-        if owner != initiator_location(principal):
-            raise GatewayError(403, "You are not invitation owner")
+        me = initiator_location(principal)
+        if owner != me:  # a re-share's maker may delete it too
+            made = (await self.sharing.owner_record(owner)).invitation(name)
+            if made is None or not made.made_by(me, owner):
+                raise GatewayError(403, "You are not invitation owner")
         now = self.sharing.now_ms()
 
-        def delete(record: OwnerRecord) -> None:
+        def delete(record: OwnerRecord) -> Invitation:
             invitation = record.invitation(name)
             if invitation is None or invitation.expire_at <= now:
                 raise _not_found(invitation_id, spaced=False)
+            if not (invitation.made_by(me, owner) or owner == me):
+                raise GatewayError(403, "You are not invitation owner")
             record.pop_invitation(name)
+            return invitation
 
         # Access already granted stays (DIAL): only the invitation goes.
-        await self.sharing.update_owner(owner, delete)
+        deleted = await self.sharing.update_owner(owner, delete)
+        maker = deleted.created_by
+        if maker is not None:
+            await self.sharing.update_owner(
+                maker, lambda record: record.reshared().pop(invitation_id, None)
+            )
         return web.Response(status=200)
 
     async def _accept(self, principal: Principal, invitation_id: str) -> web.Response:
@@ -303,11 +366,18 @@ class ResourceOps:
         owner, name = await self._find(invitation_id)
         me = initiator_location(principal)
         now = self.sharing.now_ms()
+        cipher = await self._cipher()
 
         def accept(record: OwnerRecord) -> list[dict[str, Any]]:
             invitation = record.invitation(name)
             if invitation is None or invitation.expire_at <= now:
                 raise _not_found(invitation_id)
+            maker = invitation.created_by
+            if maker is not None and not all(
+                SHARE in record.granted(covering_urls(parse_url(e["url"], cipher)), maker)
+                for e in invitation.resources
+            ):
+                raise _not_found(invitation_id)  # its maker may no longer share it
             if owner == me:
                 url = invitation.resources[0]["url"]
                 raise GatewayError(400, f"Resource {url} already belong to you")
@@ -622,6 +692,15 @@ class ResourceOps:
 
 
 # --- helpers
+
+
+def _check_room(record: OwnerRecord) -> None:
+    if record.invitation_count() >= MAX_INVITATIONS:
+        raise GatewayError(
+            400,
+            f"Too many invitations: at most {MAX_INVITATIONS} may be open at once; "
+            "delete some or let them expire",
+        )
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -37,8 +37,8 @@ from tollgate.resources.encryption import BucketCipher
 from tollgate.resources.paths import ResourcePath
 from tollgate.storage.store import PreconditionFailed, ResourceStore
 
-READ, WRITE = "READ", "WRITE"
-PERMISSIONS = (READ, WRITE)
+READ, WRITE, SHARE = "READ", "WRITE", "SHARE"
+PERMISSIONS = (READ, WRITE, SHARE)
 OWNER_KEY = "shared_by_me/share"
 INDEX_KEY = "shared_with_me/share"
 INVITATIONS = "invitations"
@@ -139,6 +139,7 @@ class Invitation:
         expire_at: int,
         author: str,
         max_accepted_users: int | None,
+        created_by: str | None = None,
     ) -> Invitation:
         raw: dict[str, Any] = {
             "id": invitation_id,
@@ -150,6 +151,8 @@ class Invitation:
         if max_accepted_users is not None:
             raw["maxAcceptedUsers"] = max_accepted_users
         raw["acceptedUserLocations"] = []
+        if created_by is not None:
+            raw["createdBy"] = created_by  # a re-share: who made it (kept, never shown)
         return cls(raw)
 
     @property
@@ -178,6 +181,14 @@ class Invitation:
         return self.raw.get("maxAcceptedUsers")
 
     @property
+    def created_by(self) -> str | None:
+        """For a re-share, the location of the recipient that made it; None: the owner's."""
+        return self.raw.get("createdBy")
+
+    def made_by(self, location: str, owner: str) -> bool:
+        return (self.created_by or owner) == location
+
+    @property
     def accepted(self) -> list[str]:  # the recipients' locations
         accepted: list[str] = self.raw.setdefault("acceptedUserLocations", [])
         return accepted
@@ -185,9 +196,8 @@ class Invitation:
     def answer(self, for_owner: bool) -> dict[str, Any]:
         """DIAL's Invitation; who accepted it is the owner's to see (the locations name the
         recipients' projects)."""
-        if for_owner:
-            return self.raw
-        return {k: v for k, v in self.raw.items() if k != "acceptedUserLocations"}
+        hidden = ("createdBy",) if for_owner else ("createdBy", "acceptedUserLocations")
+        return {k: v for k, v in self.raw.items() if k not in hidden}
 
 
 class OwnerRecord:
@@ -240,7 +250,13 @@ class OwnerRecord:
         return None if raw is None else Invitation(raw)
 
     def invitation_count(self) -> int:
-        return len(self.raw["invitations"])
+        return len(self.raw["invitations"]) + len(self.raw.get("reshared", ()))
+
+    # --- invitations this location made in other owners' records (re-shares): id → expireAt
+
+    def reshared(self) -> dict[str, int]:
+        reshared: dict[str, int] = self.raw.setdefault("reshared", {})
+        return reshared
 
     def invitations(self) -> list[Invitation]:
         return [Invitation(raw) for raw in self.raw["invitations"].values()]
@@ -262,7 +278,11 @@ class OwnerRecord:
         expired = [name for name, raw in invitations.items() if raw["expireAt"] <= now_ms]
         for name in expired:
             del invitations[name]
-        return bool(expired)
+        reshared: dict[str, int] = self.raw.get("reshared") or {}
+        gone = [invitation_id for invitation_id, at in reshared.items() if at <= now_ms]
+        for invitation_id in gone:
+            del reshared[invitation_id]
+        return bool(expired or gone)
 
     def forget(self, url: str) -> set[str]:
         """Drop a resource (deleted or moved away): its grants and its place in invitations.
