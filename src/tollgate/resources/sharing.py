@@ -6,7 +6,9 @@ across any number of instances on one store):
 
 - the owner's record, `<owner>shared_by_me/share`: for each shared resource URL the recipients
   (`Keys/<project>/` locations) with their permissions, the share limit snapshotted when the
-  resource was last shared, and the owner's invitations;
+  resource was last shared, and the invitations of its resources (re-shares by recipients
+  holding SHARE included, so that their accepts count against the same limits); and, for a
+  re-sharer, the ids of the invitations it made in other owners' records;
 - the recipient's index, `<recipient>shared_with_me/share`: the URLs it accepted, so that
   "shared with me" can be listed without reading every owner's record.
 
