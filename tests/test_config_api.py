@@ -120,6 +120,7 @@ async def test_only_administrators_reach_the_api(
             ("GET", "/v1/keys/platform/x"),
             ("DELETE", "/v1/roles/platform/x"),
             ("GET", "/v1/metadata/keys/platform/"),
+            ("POST", "/v1/metadata/roles/platform/"),  # the caller first, then the method
             ("POST", "/v1/ops/keys/x/rotate"),
             ("GET", "/v1/admin/audit"),
             ("POST", "/v1/admin/apply"),
@@ -414,6 +415,13 @@ async def test_every_change_is_audited_without_secrets(
             params={"limit": 10, "token": paged.json()["nextToken"]},
         )
         assert [e["action"] for e in rest.json()["items"]] == ["update", "create"]
+        # A bad `since` is a 400 with its reason, also in digits `int()` does not take.
+        for since in ("²", "yesterday"):
+            bad = await client.get(
+                f"{gw.url}/v1/admin/audit", headers=ADMIN, params={"since": since}
+            )
+            status, message = error_of(bad)
+            assert status == 400 and message.startswith("since: "), (since, message)
 
 
 async def test_keys_survive_a_restart_and_a_file_reload_keeps_them(

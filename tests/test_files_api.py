@@ -498,6 +498,7 @@ async def test_metadata(gateways: Gateways, afake: InProcessFake, tmp_path: Path
             "resourceType": "FILE",
             "items": None,
         }
+        assert "etag" not in items[1]  # listing items carry none (spec 6.3)
         assert items[1]["contentLength"] == 3
         assert items[1]["contentType"] == "text/plain"  # a listing's type: from the name
         assert "etag" not in items[1]

@@ -220,6 +220,7 @@ STORE_FAMILIES: dict[str, set[str]] = {
     # Moves, copies and sharing (C88, C89)
     "/v1/ops/resource/move": {"post"},
     "/v1/ops/resource/copy": {"post"},
+    "/v1/ops/resource/subscribe": {"post"},  # C94
     **{
         f"/v1/ops/resource/share/{action}": {"post"}
         for action in ("create", "list", "revoke", "discard", "copy")

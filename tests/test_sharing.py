@@ -843,6 +843,11 @@ async def test_a_reader_of_a_custom_application_gets_its_application_data(
     assert data["id"] == url and data["application"] == url
     assert data["display_name"] == "Shared app"
     assert "endpoint" not in data and "secret-path" not in seen.text
+    etag = seen.headers["ETag"]
+    again = await http.get(f"/v1/{url}", headers={**OTHER, "If-None-Match": etag})
+    assert again.status_code == 304 and again.headers["ETag"] == etag
+    stale = await http.get(f"/v1/{url}", headers={**OTHER, "If-Match": "other"})
+    assert refusal(stale) == (412, f"If-match condition is failed for etag: {etag}")
     # With WRITE as well, the recipient sees the definition.
     both = await share(http, [{"url": url, "permissions": ["READ", "WRITE"]}])
     assert (await accept(http, both, OTHER)).status_code == 200
@@ -946,3 +951,10 @@ async def test_a_recipient_with_share_re_shares_read_only(
         assert (await http.get("/v1/invitations", headers=OTHER)).json() == {"invitations": []}
         answer = await http.post(create, headers=OTHER, json={"resources": [{"url": url}]})
         assert refusal(answer) == (400, f"Resource {url} is not allowed to be shared by the user")
+
+
+async def test_a_rate_call_is_never_taken_for_a_resource(http: httpx.AsyncClient) -> None:
+    """`POST /v1/<id>/rate` is the feature endpoint whatever the id starts with."""
+    for deployment in ("files", f"applications/{MINE}/app", "conversations/x"):
+        answer = await http.post(f"/v1/{deployment}/rate", headers=OWNER, json={"responseId": "r"})
+        assert refusal(answer) == (404, f"Unknown application: {deployment}"), deployment

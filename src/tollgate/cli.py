@@ -134,6 +134,7 @@ async def _run(gateway: Gateway) -> int:
         )
         await stopping.wait()
         log.info("shutting down: new connections refused, calls in flight finishing")
+        await gateway.closing()
     finally:
         await runner.cleanup()
         await gateway.stop()

@@ -379,6 +379,10 @@ class Settings(BaseModel):
     per_request_key_ttl_s: Number = Field(1800.0, validation_alias=_at("perRequestApiKey", "ttl"))
     proxy_count: Integer = Field(0, validation_alias=_at("apiKeyValidation", "proxyCount"))
     max_body_size: Integer = Field(67108864, validation_alias=_at("resources", "maxSize"))
+    # The comment line a resource subscription sends when it has had nothing to send (C94).
+    heartbeat_ms: PositiveInteger = Field(
+        60000, validation_alias=_at("resources", "heartbeatPeriod")
+    )
     # DIAL 2024's invitation TTL; when set, it is the types' default TTL (compatibility C88).
     invitation_ttl_s: PositiveInteger | None = Field(
         None, validation_alias=_at("invitations", "ttlInSeconds")

@@ -50,6 +50,7 @@ from tollgate.pipeline.response_items import ResponseItems
 from tollgate.pipeline.route_call import RouteCalls
 from tollgate.pipeline.settle import Settler
 from tollgate.pipeline.upstream_client import UpstreamClient
+from tollgate.resources.events import ResourceEvents
 from tollgate.resources.sharing import Sharing
 from tollgate.security.admin import AdminRules
 from tollgate.security.per_request_keys import PerRequestKeys
@@ -187,8 +188,12 @@ class Gateway:
                 None if settings.invitation_ttl_s is None else settings.invitation_ttl_s * 1000
             ),
             body_timeout_s=settings.body_read_timeout_s,
+            heartbeat_s=settings.heartbeat_ms / 1000,
         )
         self.resources_api.on_delete = self.resource_ops.forget
+        # Resource change events for subscribers, over the same notices as keys (C94).
+        self.resource_events = ResourceEvents(self.managed.notices)
+        self.resources_api.events = self.resource_ops.events = self.resource_events
         # Custom applications callable as deployments, and listed (compatibility C92).
         self.custom_apps = CustomApplications(
             self.resources_api, include_in_listing=settings.include_custom_apps
@@ -247,7 +252,13 @@ class Gateway:
             host = self.settings.metrics_host or self.settings.host
             await web.TCPSite(self._metrics_runner, host, port).start()
 
+    async def closing(self) -> None:
+        """The server is about to stop: end the streams that would otherwise run until the
+        grace period cuts them (resource subscriptions)."""
+        await self.resource_events.close()
+
     async def stop(self) -> None:
+        await self.resource_events.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         await self.store.stop()
@@ -389,6 +400,28 @@ class Gateway:
                 return openapi_response()
         return None
 
+    def _feature(
+        self,
+        request: web.Request,
+        principal: Principal,
+        snapshot: Snapshot,
+        method: str,
+        path: str,
+    ) -> AsyncAnswer | None:
+        """A feature endpoint's call (compatibility C43), or None if `path` is none."""
+        for route_method, pattern, feature in FEATURE_ROUTES:
+            if route_method == method:
+                match = pattern.fullmatch(path)
+                if match is not None:
+                    # Labelled by a deployment the config names, never an id a client made up.
+                    known = snapshot.resolve(decode_id(match[1]))
+                    return AsyncAnswer(
+                        self.features.call(Call(request, principal, snapshot, match[1]), feature),
+                        f"{method} {feature.name}",
+                        (feature.name, "" if known is None else known.name, principal.project),
+                    )
+        return None
+
     def _route(
         self, request: web.Request, principal: Principal, snapshot: Snapshot
     ) -> web.StreamResponse | Call | AsyncAnswer:
@@ -405,6 +438,12 @@ class Gateway:
                 return Call(request, principal, snapshot, "", TYPED_APIS[typed[1]])
             if OPS_RELOAD.fullmatch(path):  # administrators only (compatibility C53)
                 return AsyncAnswer(self.ops.reload(principal), "POST config reload")
+            if path.endswith("/rate"):
+                # Before the resource routes: `/v1/<id>/rate` is a deployment's feature even
+                # when its id starts with `files`, `conversations` or `applications`.
+                feature = self._feature(request, principal, snapshot, method, path)
+                if feature is not None:
+                    return feature
         elif method == "GET" and path == "/metrics" and self._metrics_here:
             return self.ops.metrics_for(principal)  # administrators only: see http/ops.py
         if self.config_api.handles(path):  # keys and roles at run time (compatibility C81)
@@ -428,17 +467,9 @@ class Gateway:
                         ),
                         f"{method} response",
                     )
-        for route_method, pattern, feature in FEATURE_ROUTES:
-            if route_method == method:
-                match = pattern.fullmatch(path)
-                if match is not None:
-                    # Labelled by a deployment the config names, never an id a client made up.
-                    known = snapshot.resolve(decode_id(match[1]))
-                    return AsyncAnswer(
-                        self.features.call(Call(request, principal, snapshot, match[1]), feature),
-                        f"{method} {feature.name}",
-                        (feature.name, "" if known is None else known.name, principal.project),
-                    )
+        routed = self._feature(request, principal, snapshot, method, path)
+        if routed is not None:
+            return routed
         if method == "GET":
             for pattern, async_handler, span in ASYNC_ROUTES:
                 match = pattern.fullmatch(path)

@@ -209,9 +209,9 @@ class ConfigApi:
     ) -> web.Response:
         if bucket != BUCKET:
             raise not_found()
+        self._admin(principal)  # DIAL's order: the caller, then the method
         if request.method not in ("GET", "HEAD"):
             raise not_implemented("GET")
-        self._admin(principal)
         query = request.query
         try:
             limit = int(query.get("limit", "100"))
@@ -313,7 +313,8 @@ class ConfigApi:
         since_text = query.get("since")
         since = None
         if since_text is not None:
-            since = parse_time(int(since_text) if since_text.isdigit() else since_text, "since")
+            digits = since_text.isascii() and since_text.isdigit()  # not `²`: int() refuses it
+            since = parse_time(int(since_text) if digits else since_text, "since")
         kind = query.get("type")
         if kind is not None and kind not in ("key", "role"):
             raise GatewayError(400, "type: expected key or role")

@@ -12,9 +12,11 @@ The records and the atomic accept are `tollgate.resources.sharing`'s.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +28,7 @@ from tollgate.http.resources_json import resource_body
 from tollgate.pipeline.forward import read_body
 from tollgate.resources.buckets import KEYS_PREFIX, PUBLIC_LOCATION, initiator_location
 from tollgate.resources.encryption import BucketCipher
+from tollgate.resources.events import ResourceEvents
 from tollgate.resources.paths import RESOURCE_TYPES, ResourcePath, parse_url
 from tollgate.resources.sharing import (
     DEFAULT_LIMITS,
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tollgate.resources")
 
-OPERATION = re.compile(r"/+v1/ops/resource/(move|copy)")
+OPERATION = re.compile(r"/+v1/ops/resource/(move|copy|subscribe)")
 SHARE_API = re.compile(r"/+v1/ops/resource/share/(create|list|revoke|discard|copy)")
 INVITATIONS = re.compile(r"/+v1/invitations(?:/([^/]*))?")
 PER_REQUEST_REFUSED = "The Share API is not allowed for per-request keys"
@@ -88,6 +91,8 @@ class ResourceOps:
         *,
         default_ttl_ms: int | None,
         body_timeout_s: float,
+        events: ResourceEvents | None = None,
+        heartbeat_s: float = 60.0,
     ) -> None:
         self.resources = resources
         self.sharing = sharing
@@ -95,6 +100,8 @@ class ResourceOps:
         self._roles_of = roles_of
         self._default_ttl_ms = default_ttl_ms
         self._body_timeout_s = body_timeout_s
+        self.events = events
+        self._heartbeat_s = heartbeat_s
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -110,6 +117,8 @@ class ResourceOps:
             match = OPERATION.fullmatch(path)
             if match is not None:
                 _only(method, "POST")
+                if match[1] == "subscribe":
+                    return await self._subscribe(request, principal)
                 return await self._move_or_copy(request, principal, match[1] == "move")
             if principal.source_deployment is not None:
                 raise GatewayError(403, PER_REQUEST_REFUSED)
@@ -585,6 +594,66 @@ class ResourceOps:
             return bool(page.objects)
         return await self.store.head(resource.storage_key) is not None
 
+    # --- subscriptions (C94)
+
+    async def _subscribe(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """DIAL's `POST /v1/ops/resource/subscribe`: an event stream of the changes of the
+        listed items, each sent only while the caller may still read it; a heartbeat comment
+        every `resources.heartbeatPeriod`."""
+        message = "resources list must be provided"
+        body = await self._body(request, message)
+        entries = body.get("resources")
+        if not isinstance(entries, list) or not entries:
+            raise GatewayError(400, message)
+        if not all(isinstance(e, dict) and isinstance(e.get("url"), str) for e in entries):
+            raise GatewayError(400, message)
+        if len(entries) > MAX_RESOURCES_PER_REQUEST:
+            raise GatewayError(
+                400, f"Too many resources: at most {MAX_RESOURCES_PER_REQUEST} in one request"
+            )
+        cipher = await self._cipher()
+        watched: dict[str, ResourcePath] = {}
+        for entry in entries:
+            resource = parse_url(entry["url"], cipher)
+            if resource.is_folder:
+                raise GatewayError(400, f"resource folder is not supported: {entry['url']}")
+            if READ not in await self.resources.permissions(principal, resource):
+                raise GatewayError(403, f"Resource is not allowed: {entry['url']}")
+            watched[resource.storage_key] = resource
+        if self.events is None:
+            raise GatewayError(503, "Resource events are not available")
+        listener = await self.events.listen(watched)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    change = await asyncio.wait_for(listener.queue.get(), self._heartbeat_s)
+                except TimeoutError:
+                    await response.write(b": heartbeat\n\n")
+                    continue
+                if change is None:  # stopping, or the client fell too far behind
+                    break
+                resource = watched[change.key]
+                if READ not in await self.resources.permissions(principal, resource):
+                    continue  # no longer shared with the caller: its changes are not its own
+                event: dict[str, Any] = {
+                    "url": resource.url,
+                    "action": change.action,
+                    "timestamp": change.timestamp_ms,
+                }
+                if change.action != "DELETE" and change.etag is not None:
+                    event["etag"] = change.etag
+                await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            await response.write_eof()
+        except (ConnectionError, StorageError) as exc:
+            log.info("subscription ended: %s", exc)
+        finally:
+            self.events.forget(listener)
+        return response
+
     # --- deletes and moves: shares follow the resource
 
     async def forget(self, resource: ResourcePath) -> None:
@@ -660,8 +729,9 @@ class ResourceOps:
                 # A custom application's `name` is its URL (DIAL's override): set it anew.
                 stored = b"".join([chunk async for chunk in obj])
                 chunks = _one(resource_body(destination, stored))
+            started = datetime.now(UTC)
             try:
-                await self.store.put_stream(
+                written = await self.store.put_stream(
                     destination.storage_key,
                     chunks,
                     content_type=obj.info.content_type,
@@ -674,6 +744,9 @@ class ResourceOps:
                     "because destination resource already exists",
                 ) from None
             source_etag = obj.etag
+        if self.events is not None:
+            action = self.events.written(written.created_at, started)
+            await self.events.publish(destination.storage_key, action, written.etag)
         if not is_move:
             return web.Response(status=200)
         try:
@@ -684,6 +757,8 @@ class ResourceOps:
             raise GatewayError(
                 409, f"Source resource {source.url} changed during the move; it was copied"
             ) from None
+        if self.events is not None:
+            await self.events.publish(source.storage_key, "DELETE")
         if source.location == destination.location:
             await self._follow(source, destination)
         else:

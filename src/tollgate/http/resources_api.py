@@ -43,6 +43,7 @@ import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -78,6 +79,7 @@ from tollgate.resources.buckets import (
     user_location,
 )
 from tollgate.resources.encryption import BucketCipher, bucket_cipher
+from tollgate.resources.events import ResourceEvents
 from tollgate.resources.paths import ResourcePath, parse_url
 from tollgate.resources.sharing import Sharing
 from tollgate.security.admin import AdminRules
@@ -137,6 +139,8 @@ class ResourcesApi:
         self.sharing = sharing
         # Set by the app: what happens to a deleted resource's shares (ResourceOps.forget).
         self.on_delete: Callable[[ResourcePath], Awaitable[None]] | None = None
+        # Set by the app: where writes are announced to subscribers (C94).
+        self.events: ResourceEvents | None = None
         self._raw = raw_settings
         self._cipher: BucketCipher | None = None
         self.admins = admins if admins is not None else AdminRules(())
@@ -322,10 +326,12 @@ class ResourcesApi:
         create_only: bool,
         max_bytes: int | None,
     ) -> ObjectInfo:
-        """The store's atomic write, the conditions checked again at its commit (412)."""
+        """The store's atomic write, the conditions checked again at its commit (412); then
+        its event for subscribers (C94)."""
         key = resource.storage_key
+        started = datetime.now(UTC)
         try:
-            return await self.store.put_stream(
+            info = await self.store.put_stream(
                 key,
                 chunks,
                 content_type=content_type,
@@ -333,6 +339,10 @@ class ResourcesApi:
                 if_none_match=create_only,
                 max_bytes=max_bytes,
             )
+            if self.events is not None:
+                action = self.events.written(info.created_at, started)
+                await self.events.publish(key, action, info.etag)
+            return info
         except PreconditionFailed:
             if create_only:
                 raise GatewayError(412, "Resource already exists") from None
@@ -380,19 +390,27 @@ class ResourcesApi:
         if resource.is_folder:
             raise GatewayError(400, f"Folder not allowed: {resource.url}")
         if resource.group == "applications" and WRITE not in granted:
-            return await self._application_data(resource)
+            return await self._application_data(request, resource)
         return await self._send(request, resource, JSON)
 
-    async def _application_data(self, resource: ResourcePath) -> web.Response:
+    async def _application_data(self, request: web.Request, resource: ResourcePath) -> web.Response:
         """DIAL's `getApplicationData` (spec 6.2): a caller that may only read a custom
-        application gets its ApplicationData, as the listing shows it, not the definition."""
+        application gets its ApplicationData, as the listing shows it, not the definition
+        (with the stored version's ETag and conditions, as `_send`)."""
+        if_match, if_none_match = condition_headers(request)
         blob = await self.store.get(resource.storage_key)
         body = None if blob is None else application_data(resource, blob.data)
         if blob is None or body is None:
+            if if_match:
+                raise GatewayError(412, "If-match condition is failed for etag: null")
             raise not_found(resource.url)
-        return web.Response(
-            body=orjson.dumps(body), content_type=JSON, headers={"ETag": blob.etag or ""}
-        )
+        etag = blob.etag or ""
+        headers = {"ETag": etag, "Access-Control-Expose-Headers": "ETag"}
+        if if_match and not matches(if_match, etag):
+            raise GatewayError(412, f"If-match condition is failed for etag: {etag}")
+        if if_none_match and matches(if_none_match, etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=orjson.dumps(body), content_type=JSON, headers=headers)
 
     async def _send(
         self, request: web.Request, resource: ResourcePath, content_type: str | None
@@ -465,6 +483,8 @@ class ResourcesApi:
             raise GatewayError(
                 412, f"If-match condition is failed for etag: {latest.etag}"
             ) from None
+        if self.events is not None:
+            await self.events.publish(key, "DELETE")
         if self.on_delete is not None:
             await self.on_delete(resource)
         return web.Response(status=200)

@@ -110,7 +110,7 @@ def item_metadata(
         body["createdAt"] = created
     body["updatedAt"] = updated
     is_file = resource.group == "files"
-    if info.etag is not None and (is_file or not listed):
+    if info.etag is not None and not listed:  # listing items carry none (spec 6.3)
         body["etag"] = info.etag
     if is_file:
         body["contentLength"] = info.size
