@@ -192,8 +192,7 @@ async def test_a_recipient_hears_changes_only_while_it_may_read(gw: InProcessGat
             )
             assert revoked.status_code == 200
             await http.put(f"/v1/{url}", headers=OWNER, json={"v": 2})
-            # A marker the recipient may still see: its own resource, listed too? No — a second
-            # subscription of the owner proves the event was published.
+            # The owner's own subscription proves the changes were published meanwhile.
             async for mine in _one(subscribe(http, [url])):
                 await http.put(f"/v1/{url}", headers=OWNER, json={"v": 3})
                 assert (await mine.next_event())["action"] == "UPDATE"
