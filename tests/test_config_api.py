@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from gateway_config import chat, error_of
@@ -762,3 +763,27 @@ async def test_a_roles_share_limits_are_checked_on_put(
             "share.FILE.max_accepted_users: expected a whole number, got 'lots'",
         )
         assert (await client.get(f"{url}-bad", headers=ADMIN)).status_code == 404
+
+
+async def test_a_condition_that_is_not_utf8_is_refused_with_its_bytes_escaped(
+    gateways: Gateways, afake: InProcessFake, folder: Path
+) -> None:
+    """`If-Match: \\x98` (found by the schema fuzzer): the 412 echoes it escaped, never a 500."""
+    gw = await start(gateways, afake, folder)
+    async with httpx.AsyncClient() as client:
+        made = await client.put(
+            f"{gw.url}/v1/keys/platform/odd", headers=ADMIN, json={"project": "p", "role": "basic"}
+        )
+        assert made.status_code == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /v1/ops/keys/odd/rotate HTTP/1.1\r\nHost: t\r\nIf-Match: \x98\r\n"
+        + f"Api-Key: {ADMIN_KEY}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 412 "), answer
+    assert orjson.loads(body) == {"error": {"message": "ETag \\udc98 is rejected", "code": "412"}}

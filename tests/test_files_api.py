@@ -795,3 +795,24 @@ async def test_an_upload_larger_than_resources_max_size_is_bounded_by_the_file_l
             f"{gw.url}/openai/deployments/m/chat/completions", headers=ME, content=b"x" * 5_000
         )
         assert error_of(too_big) == (413, "Request body is too large")
+
+
+async def test_a_form_with_a_broken_part_header_is_a_400(
+    gateways: Gateways, afake: InProcessFake, tmp_path: Path
+) -> None:
+    """A NUL in a part's header (found by the schema fuzzer): 400, not a server error."""
+    gw = await start(gateways, afake, tmp_path / "s")
+    body = (
+        b'--b0\r\nContent-Disposition: form-data; name="a\x00b"\r\n\r\n{}\r\n'
+        b'--b0\r\nContent-Disposition: form-data; name="file"; filename="f.png"\r\n\r\nPNG\r\n'
+        b"--b0--\r\n"
+    )
+    async with httpx.AsyncClient() as client:
+        answer = await client.put(
+            f"{gw.url}/v1/files/{MINE}/f.png",
+            headers={**ME, "Content-Type": "multipart/form-data; boundary=b0"},
+            content=body,
+        )
+        assert error_of(answer) == (400, "Invalid multipart body")
+        missing = await client.get(f"{gw.url}/v1/files/{MINE}/f.png", headers=ME)
+        assert missing.status_code == 404  # nothing was written

@@ -35,7 +35,16 @@ class GatewayError(Exception):
             error["display_message"] = self.display_message
         if self.kind is not None:
             error["type"] = self.kind
-        return orjson.dumps({"error": error})
+        try:
+            return orjson.dumps({"error": error})
+        except TypeError:
+            # A message that echoes what a client sent may hold lone surrogates (aiohttp
+            # decodes bytes that are not UTF-8 in headers and paths that way): shown escaped.
+            return orjson.dumps({"error": {k: _printable(v) for k, v in error.items()}})
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unauthorized_missing() -> GatewayError:

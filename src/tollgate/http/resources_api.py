@@ -49,6 +49,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tollgate.errors import GatewayError
 from tollgate.http.resources_common import (
@@ -276,7 +277,7 @@ class ResourcesApi:
         except (ConnectionError, aiohttp.ClientError) as exc:  # the client went away
             log.info("files PUT %s: upload interrupted: %s", resource.url, exc)
             raise GatewayError(400, "Upload was interrupted") from None
-        except (ValueError, AssertionError) as exc:  # a malformed multipart body
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed form
             log.info("files PUT: bad multipart body: %s", exc)
             raise GatewayError(400, "Invalid multipart body") from None
         return _written(resource, info)
