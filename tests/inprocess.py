@@ -250,8 +250,10 @@ class InProcessGateway:
         return clock
 
     async def stop(self) -> None:
-        """What `tollgate serve` does on SIGTERM: stop serving, then stop the gateway."""
+        """What `tollgate serve` does on SIGTERM: end the held streams, stop serving, then stop
+        the gateway."""
         try:
+            await self.gateway.closing()
             await self.runner.cleanup()
         finally:
             await self.gateway.stop()

@@ -19,7 +19,7 @@ import pytest
 
 from gateway_config import error_of
 from harness import start_gateway, stop
-from inprocess import Gateways, InProcessGateway
+from inprocess import Gateways, InProcessGateway, eventually_async
 from redis_server import redis_server_binary, start_redis_server, stop_redis_server
 
 OWNER_KEY = "events-owner-key-0123456789abcdef"
@@ -239,3 +239,13 @@ async def test_a_subscription_ends_when_the_server_stops(tmp_path: Path) -> None
         assert await asyncio.to_thread(gateway.process.wait, 30) == 0
     finally:
         stop(gateway.process)
+
+
+async def test_a_subscriber_that_leaves_holds_nothing(gw: InProcessGateway) -> None:
+    """aiohttp does not cancel a handler whose client left: the stream looks for itself, so
+    the listener is released (well before a heartbeat of 60 s would have found out)."""
+    events = gw.gateway.resource_events
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        async for _ in _one(subscribe(http, [f"prompts/{MINE}/left"])):
+            assert events.listening() == 1
+    await eventually_async(lambda: events.listening() == 0, timeout=WAIT_S)

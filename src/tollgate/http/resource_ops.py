@@ -62,6 +62,7 @@ SHARE_ONLY = (
 )
 LIMIT_EXCEEDED = "Limit is exceeded on the number of accepted users for the resource: "
 COPY_CHUNK = 262144
+DISCONNECT_CHECK_S = 1.0  # how often an idle subscription looks whether its client left
 # Resources named by one share, revoke or discard request (DIAL Chat's folder share names the
 # folder and each attachment of its conversations).
 MAX_RESOURCES_PER_REQUEST = 5000
@@ -628,12 +629,24 @@ class ResourceOps:
         )
         try:
             await response.prepare(request)
+            idle_s = 0.0
             while True:
+                # Woken at least every second to see whether the client is gone (aiohttp does
+                # not cancel a handler whose client left): a subscriber that left holds
+                # nothing for long.
+                wait_s = min(self._heartbeat_s - idle_s, DISCONNECT_CHECK_S)
                 try:
-                    change = await asyncio.wait_for(listener.queue.get(), self._heartbeat_s)
+                    change = await asyncio.wait_for(listener.queue.get(), wait_s)
                 except TimeoutError:
-                    await response.write(b": heartbeat\n\n")
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        break
+                    idle_s += wait_s
+                    if idle_s >= self._heartbeat_s:
+                        await response.write(b": heartbeat\n\n")
+                        idle_s = 0.0
                     continue
+                idle_s = 0.0
                 if change is None:  # stopping, or the client fell too far behind
                     break
                 resource = watched[change.key]
@@ -647,7 +660,8 @@ class ResourceOps:
                 if change.action != "DELETE" and change.etag is not None:
                     event["etag"] = change.etag
                 await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
-            await response.write_eof()
+            if request.transport is not None and not request.transport.is_closing():
+                await response.write_eof()
         except (ConnectionError, StorageError) as exc:
             log.info("subscription ended: %s", exc)
         finally:

@@ -88,6 +88,10 @@ class ResourceEvents:
             self._hub = asyncio.create_task(self._run(subscription), name="resource-events")
         return listener
 
+    def listening(self) -> int:
+        """How many subscribers are listening (for `/health` and tests)."""
+        return len({listener for listeners in self._by_key.values() for listener in listeners})
+
     def forget(self, listener: Listener) -> None:
         for key in listener.keys:
             listeners = self._by_key.get(key)
