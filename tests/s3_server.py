@@ -23,8 +23,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -52,6 +54,19 @@ class S3Server:
         response = httpx.put(f"{self.endpoint}/{name}", timeout=10)
         if response.status_code not in (200, 409):
             raise RuntimeError(f"CreateBucket {name}: {response.status_code} {response.text}")
+
+    def new_bucket_storage(self) -> dict[str, Any]:
+        """A fresh bucket, and the `storage.*` settings of Tollgate's S3 provider on it."""
+        bucket = f"tg-{uuid.uuid4().hex[:16]}"
+        self.create_bucket(bucket)
+        return {
+            "provider": "s3",
+            "bucket": bucket,
+            "endpoint": self.endpoint,
+            "identity": ACCESS_KEY,
+            "credential": SECRET_KEY,
+            "overrides": {"jclouds.regions": REGION},
+        }
 
 
 def _listening(port: int) -> bool:

@@ -474,16 +474,8 @@ async def test_the_api_on_s3_keeps_keys_across_a_restart_and_no_secret_in_the_bu
     fake = start_fake_model(tmp_path)
     gateway: Gateway | None = None
     try:
-        bucket = f"tg-{uuid.uuid4().hex[:16]}"
-        s3.create_bucket(bucket)
-        storage = {
-            "provider": "s3",
-            "bucket": bucket,
-            "endpoint": s3.endpoint,
-            "identity": ACCESS_KEY,
-            "credential": SECRET_KEY,
-            "overrides": {"jclouds.regions": REGION},
-        }
+        storage = s3.new_bucket_storage()
+        bucket = storage["bucket"]
         tree = settings(tmp_path / "unused", storage=storage)
         tree["storage"] = storage
         gateway = started(tmp_path, [config(fake)], tree)

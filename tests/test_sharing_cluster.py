@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 
 from harness import Gateway, start_gateway, stop
 from redis_server import redis_server_binary, start_redis_server, stop_redis_server
-from s3_server import ACCESS_KEY, REGION, SECRET_KEY, start_s3_server, stop_s3_server
+from s3_server import start_s3_server, stop_s3_server
 
 pytestmark = [
     pytest.mark.e2e,
@@ -151,16 +150,7 @@ async def test_three_instances_on_one_s3_bucket_admit_exactly_the_limit(work: Pa
     s3 = start_s3_server(work / "s3")
     gateways: list[Gateway] = []
     try:
-        bucket = f"tg-{uuid.uuid4().hex[:16]}"
-        s3.create_bucket(bucket)
-        storage = {
-            "provider": "s3",
-            "bucket": bucket,
-            "endpoint": s3.endpoint,
-            "identity": ACCESS_KEY,
-            "credential": SECRET_KEY,
-            "overrides": {"jclouds.regions": REGION},
-        }
+        storage = s3.new_bucket_storage()
         for _ in range(3):
             gateways.append(start_gateway(work, [config()], settings=settings(storage)))
         await burst(gateways, f"conversations/{MINE}/on-s3")
